@@ -1,0 +1,65 @@
+"""``eimis-relay check-config``: everything that can be checked without starting.
+
+The config is parsed in full (every problem listed, not just the first),
+then each certificate is checked against its key, the national CA and the
+domain it must carry, and its expiry is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ssl
+import tomllib
+from pathlib import Path
+
+from . import pki
+from .config import ConfigError, HubConfig, RelayConfig, load_hub_config, load_relay_config
+from .paths import default_config
+from .tls import local_server_context
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("check-config", help="validate a relay's or the hub's configuration")
+    parser.add_argument("--config", type=Path, default=None, metavar="PATH",
+                        help="config file (default: relay.toml in the configuration directory)")
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    path = args.config or default_config("relay.toml")
+    try:
+        config = load_hub_config(path) if _is_hub(path) else load_relay_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}")
+        print(f"{path}: {len(exc.problems)} problem(s)")
+        return 1
+    findings = check_files(config)
+    for finding in findings:
+        print(f"{finding.level}: {finding.message}")
+    errors = sum(f.level == "error" for f in findings)
+    print(f"{path}: {'valid' if not errors else f'{errors} problem(s)'}")
+    return 1 if errors else 0
+
+
+def check_files(config: RelayConfig | HubConfig) -> list[pki.Finding]:
+    if isinstance(config, HubConfig):
+        return pki.check_identity(config.cert_file, config.key_file, config.ca_file, config.name)
+    up = config.uplink
+    findings = pki.check_identity(up.cert_file, up.key_file, up.ca_file, config.domain)
+    local = config.local_api
+    if local.tls_cert_file is not None:
+        try:
+            local_server_context(local.tls_cert_file, local.tls_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            findings.append(pki.Finding("error", f"[local_api] TLS certificate and key do not load: {exc}"))
+    return findings
+
+
+def _is_hub(path: Path) -> bool:
+    """A hub's file has a [hub] table; anything unreadable goes to the relay
+    loader, whose error names the problem."""
+    try:
+        return "hub" in tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False

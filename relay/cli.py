@@ -1,0 +1,77 @@
+"""The ``eimis-relay`` command: one entry point, a sub-command per job."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import trio
+
+from . import __version__, check_config, demo, pki_cli
+from .config import ConfigError, load_hub_config, load_relay_config
+from .daemon import run_hub, run_relay
+from .paths import default_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="eimis-relay", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"eimis-relay {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the relay daemon")
+    run.add_argument("--config", type=Path, default=None, metavar="PATH",
+                     help="config file (default: relay.toml in the configuration directory)")
+    run.set_defaults(func=_run)
+
+    hub = commands.add_parser("hub", help="run the reference national hub")
+    hub.add_argument("--config", type=Path, default=None, metavar="PATH",
+                     help="config file (default: hub.toml in the configuration directory)")
+    hub.set_defaults(func=_hub)
+
+    check_config.register(commands)
+    demo.register(commands)
+    pki_cli.register(commands)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    path = args.config or default_config("relay.toml")
+    try:
+        config = load_relay_config(path)
+    except ConfigError as exc:
+        return _config_failed(path, exc)
+    _setup_logging(config.log_level)
+    trio.run(run_relay, config)
+    return 0
+
+
+def _hub(args: argparse.Namespace) -> int:
+    path = args.config or default_config("hub.toml")
+    try:
+        config = load_hub_config(path)
+    except ConfigError as exc:
+        return _config_failed(path, exc)
+    _setup_logging(config.log_level)
+    trio.run(run_hub, config)
+    return 0
+
+
+def _config_failed(path: Path, exc: ConfigError) -> int:
+    print(f"eimis-relay: cannot start, the configuration {path} is not valid:", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
+    print(f"Fix it (see config.example.toml), then check it with: eimis-relay check-config --config {path}",
+          file=sys.stderr)
+    return 1
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )

@@ -1,0 +1,588 @@
+"""HTTP/2 on trio: a thin shell around the sans-I/O `h2` state machine.
+
+Theory of operation
+-------------------
+One `Http2Connection` owns one `h2.connection.H2Connection` and one byte
+stream (TLS or plain TCP).  Only this object touches the h2 state machine;
+every other task goes through its methods, which change h2's state
+synchronously and then wake the connection's single *writer* task.  That
+writer is the only code that awaits ``send_all``: a caller that is cancelled
+never leaves half a frame on the wire, and a write that fails or is cancelled
+kills the whole connection, which is never reused (h11's ``send_failed()``
+rule).  A single *reader* task feeds received bytes to h2 and dispatches the
+events to per-stream `H2Stream` objects.
+
+Flow control (RFC 9113 §5.2, §6.9): outgoing DATA is cut into chunks of at
+most ``min(stream window, max frame size)``; a sender whose window is empty
+parks until a WINDOW_UPDATE (stream or connection) or a SETTINGS change wakes
+it.  Incoming DATA is acknowledged when the application consumes it, so a
+slow consumer pushes back on its peer instead of buffering without bound.
+Both windows start well above h2's 64 KiB default: with the default, a
+hundred concurrent uploads on one connection stall for seconds.
+
+Liveness: the connection sends a PING every ``keepalive_interval`` seconds
+and declares the peer dead if no acknowledgement comes within
+``keepalive_timeout``; a half-open TCP connection (no FIN, no RST) is found
+that way.
+
+GOAWAY (§6.8): h2 (up to 4.x at least) moves its whole connection to CLOSED
+as soon as a GOAWAY is sent or received, after which it refuses every frame.
+So a graceful shutdown writes the GOAWAY frame itself, behind h2's back:
+the peer learns that no new stream will be served while the in-flight ones
+still get their responses.  A GOAWAY *received* ends the connection at
+once: streams above the peer's ``last_stream_id`` fail with
+`StreamRefused` (never processed, safe to retry), the others with
+`ConnectionClosed` (outcome unknown), which is why the national protocol
+makes every request idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import hyperframe.frame
+import trio
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[bytes, bytes]]
+
+# 16 MiB: enough for a hundred concurrent uploads in flight without
+# stalling on connection-level flow control, small enough to bound memory.
+CONNECTION_WINDOW = 16 * 1024 * 1024
+# 1 MiB per stream: a typical message body arrives in a single round trip.
+STREAM_WINDOW = 1024 * 1024
+MAX_FRAME_SIZE = 64 * 1024
+READ_CHUNK = 64 * 1024
+
+
+class ConnectionClosed(Exception):
+    """The HTTP/2 connection is gone; nothing more can be sent or received on it."""
+
+
+class StreamReset(Exception):
+    """The peer reset this stream (RST_STREAM); its outcome is unknown."""
+
+
+class StreamRefused(ConnectionClosed):
+    """The peer's GOAWAY says this stream was never processed: safe to retry."""
+
+
+class BodyTooLarge(Exception):
+    """A request or response body exceeded the limit given to `read_body`."""
+
+
+@dataclass(frozen=True)
+class Http2Settings:
+    """Tunables of one connection; the defaults suit both hub and relay."""
+
+    max_concurrent_streams: int = 100
+    max_header_list_size: int = 16 * 1024
+    keepalive_interval: float | None = 20.0
+    keepalive_timeout: float = 10.0
+    # How long a graceful close waits for in-flight streams.
+    drain_timeout: float = 10.0
+
+
+class H2Stream:
+    """One HTTP/2 stream, as seen by the application.
+
+    Received DATA is buffered here and credited back to the peer only when
+    `receive_some` hands it to the application.
+    """
+
+    def __init__(self, conn: Http2Connection, stream_id: int) -> None:
+        self._conn = conn
+        self.id = stream_id
+        self.headers: Headers | None = None
+        self._headers_ready = trio.Event()
+        self._chunks: deque[tuple[bytes, int]] = deque()
+        self._ended = False
+        self._error: Exception | None = None
+        self._data_ready = trio.Event()
+        self._window_open = trio.Event()
+
+    # -- receiving ---------------------------------------------------------
+
+    async def receive_headers(self) -> Headers:
+        """Wait for the peer's headers (the response, on a client stream)."""
+        await self._headers_ready.wait()
+        if self.headers is None:
+            assert self._error is not None
+            raise self._error
+        return self.headers
+
+    async def receive_some(self) -> bytes:
+        """Next chunk of the body; ``b""`` once the peer ended the stream."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._ended:
+                return b""
+            self._data_ready = trio.Event()
+            await self._data_ready.wait()
+        data, flow_len = self._chunks.popleft()
+        self._conn._credit(self.id, flow_len)
+        return data
+
+    async def read_body(self, limit: int) -> bytes:
+        """The whole body, refusing (and resetting the stream) past ``limit`` bytes."""
+        body = bytearray()
+        while chunk := await self.receive_some():
+            body += chunk
+            if len(body) > limit:
+                self.reset(h2.errors.ErrorCodes.REFUSED_STREAM)
+                raise BodyTooLarge(f"body larger than {limit} bytes")
+        return bytes(body)
+
+    # -- sending -----------------------------------------------------------
+
+    def send_headers(self, headers: Headers, *, end_stream: bool = False) -> None:
+        self._conn._send_headers(self.id, headers, end_stream)
+
+    async def send_data(self, data: bytes, *, end_stream: bool = False) -> None:
+        """Send ``data``, waiting for flow-control credit as needed."""
+        view = memoryview(data)
+        while True:
+            window = self._conn._send_window(self.id)
+            if window > 0 or not view:
+                chunk, view = view[:window], view[window:]
+                self._conn._send_data(self.id, bytes(chunk), end_stream and not view)
+                if not view:
+                    return
+            if self._error is not None:
+                raise self._error
+            self._window_open = trio.Event()
+            await self._window_open.wait()
+            if self._error is not None:
+                raise self._error
+
+    async def send_response(self, status: int, headers: Headers, body: bytes) -> None:
+        self.send_headers([(b":status", str(status).encode()), *headers], end_stream=not body)
+        if body:
+            await self.send_data(body, end_stream=True)
+
+    def reset(self, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        """Abandon the stream; safe to call more than once."""
+        if self._error is None:
+            self._fail(StreamReset(f"stream {self.id} reset locally"))
+            self._conn._reset(self.id, code)
+
+    # -- called by the connection --------------------------------------------
+
+    def _fail(self, error: Exception) -> None:
+        if self._error is None:
+            self._error = error
+        self._headers_ready.set()
+        self._data_ready.set()
+        self._window_open.set()
+
+
+Handler = Callable[[H2Stream], Awaitable[None]]
+
+
+class Http2Connection:
+    """One HTTP/2 connection, client or server side, over a trio stream.
+
+    Resource handling: `run` owns the byte stream and closes it on the way
+    out.  Error handling: when the connection dies, every open stream fails
+    with `ConnectionClosed` (or `StreamRefused`) and `run` returns; a
+    protocol error from the peer is answered with the GOAWAY h2 queued.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        client: bool,
+        settings: Http2Settings = Http2Settings(),
+        initial_data: bytes = b"",
+        name: str = "peer",
+    ) -> None:
+        self._stream = stream
+        self._client = client
+        self._settings = settings
+        self._initial_data = initial_data
+        self.name = name
+        config = h2.config.H2Configuration(client_side=client, header_encoding=None)
+        self._h2 = h2.connection.H2Connection(config=config)
+        self._streams: dict[int, H2Stream] = {}
+        self._writer_wakeup = trio.Event()
+        self._outbound = bytearray()  # frames written behind h2's back: GOAWAY
+        self._pong = trio.Event()
+        self._closed: ConnectionClosed | None = None
+        self._goaway_sent = False
+        self._no_streams = trio.Event()
+        self._no_streams.set()
+        self._cancel_scope: trio.CancelScope | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._closed is None and not self._goaway_sent
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    async def run(
+        self,
+        handler: Handler | None = None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Drive the connection until it closes; serve requests with ``handler``.
+
+        ``handler`` is required on the server side: it is started once per
+        incoming stream, in a nursery that dies with the connection.
+        """
+        self._h2.local_settings = h2.settings.Settings(
+            client=self._client,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self._settings.max_concurrent_streams,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self._settings.max_header_list_size,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        self._h2.initiate_connection()
+        self._h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        try:
+            async with trio.open_nursery(strict_exception_groups=True) as nursery:
+                self._cancel_scope = nursery.cancel_scope
+                self._handler_nursery = nursery
+                self._handler = handler
+                nursery.start_soon(self._writer)
+                if self._settings.keepalive_interval:
+                    nursery.start_soon(self._keepalive)
+                task_status.started()
+                await self._reader()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._die(ConnectionClosed(f"connection to {self.name} closed"))
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self._stream.aclose()
+
+    # -- client side -----------------------------------------------------------
+
+    def open_stream(self, headers: Headers, *, end_stream: bool = False) -> H2Stream:
+        """Start a request; the caller sends its body and reads the response."""
+        if self._closed is not None:
+            raise self._closed
+        if not self.is_open:
+            raise StreamRefused(f"connection to {self.name} is shutting down")
+        stream_id = self._h2.get_next_available_stream_id()
+        stream = self._track(stream_id)
+        self._send_headers(stream_id, headers, end_stream)
+        return stream
+
+    async def request(
+        self, method: str, path: str, body: bytes, *, authority: str, content_type: bytes, limit: int
+    ) -> tuple[int, bytes]:
+        """A whole request/response exchange: the usual case for the uplink."""
+        stream = self.open_stream(
+            [
+                (b":method", method.encode()),
+                (b":scheme", b"https"),
+                (b":authority", authority.encode()),
+                (b":path", path.encode()),
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+            ],
+            end_stream=not body,
+        )
+        try:
+            if body:
+                await stream.send_data(body, end_stream=True)
+            headers = await stream.receive_headers()
+            return status_of(headers), await stream.read_body(limit)
+        finally:
+            stream.reset()  # no-op when the stream completed
+
+    # -- shutdown ----------------------------------------------------------------
+
+    def send_goaway(self) -> None:
+        """Refuse new streams from now on (GOAWAY); the ones in flight go on.
+
+        The frame is written without telling h2, which would otherwise
+        refuse to send the in-flight responses (see the module docstring)."""
+        if self._closed is None and not self._goaway_sent:
+            self._goaway_sent = True
+            frame = hyperframe.frame.GoAwayFrame(0)
+            frame.last_stream_id = self._h2.highest_inbound_stream_id
+            frame.error_code = h2.errors.ErrorCodes.NO_ERROR
+            self._outbound += self._h2.data_to_send() + frame.serialize()
+            self._kick()
+
+    async def aclose_gracefully(self) -> None:
+        """GOAWAY, let in-flight streams finish (bounded), then close."""
+        self.send_goaway()
+        with trio.move_on_after(self._settings.drain_timeout):
+            await self._no_streams.wait()
+        self.abort()
+
+    def abort(self) -> None:
+        """Close now: `run` returns and every open stream fails."""
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+        self._die(ConnectionClosed(f"connection to {self.name} closed"))
+
+    # -- the two tasks -------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        while True:
+            data = bytes(self._outbound) + self._h2.data_to_send()
+            self._outbound.clear()
+            if data:
+                try:
+                    await self._stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self._die(ConnectionClosed(f"connection to {self.name} lost: {exc}"))
+                    self._cancel_scope.cancel()
+                    return
+            else:
+                self._writer_wakeup = trio.Event()
+                await self._writer_wakeup.wait()
+
+    async def _reader(self) -> None:
+        data = self._initial_data
+        while True:
+            if data:
+                try:
+                    events = self._h2.receive_data(data)
+                except h2.exceptions.ProtocolError as exc:
+                    log.warning("HTTP/2 protocol error from %s: %s", self.name, exc)
+                    await self._flush_then_stop()
+                    return
+                for event in events:
+                    self._dispatch(event)
+                self._kick()
+                if self._closed is not None:
+                    return
+            try:
+                data = await self._stream.receive_some(READ_CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._die(ConnectionClosed(f"connection to {self.name} lost: {exc}"))
+                return
+            if not data:
+                self._die(ConnectionClosed(f"{self.name} closed the connection"))
+                return
+
+    async def _keepalive(self) -> None:
+        interval = self._settings.keepalive_interval
+        while True:
+            await trio.sleep(interval)
+            self._pong = trio.Event()
+            self._h2.ping(os.urandom(8))
+            self._kick()
+            with trio.move_on_after(self._settings.keepalive_timeout):
+                await self._pong.wait()
+            if not self._pong.is_set():
+                log.warning(
+                    "no PING answer from %s within %.1f s: connection presumed dead",
+                    self.name,
+                    self._settings.keepalive_timeout,
+                )
+                self.abort()
+                return
+
+    async def _flush_then_stop(self) -> None:
+        data = self._h2.data_to_send()
+        if data:
+            with trio.move_on_after(1):
+                try:
+                    await self._stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        self._die(ConnectionClosed(f"protocol error on connection to {self.name}"))
+
+    # -- event dispatch ----------------------------------------------------------
+
+    def _dispatch(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            self._on_request(event)
+        elif isinstance(event, h2.events.ResponseReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream.headers = list(event.headers)
+                stream._headers_ready.set()
+        elif isinstance(event, h2.events.DataReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is None or stream._error is not None:
+                self._credit(event.stream_id, event.flow_controlled_length)
+            else:
+                stream._chunks.append((event.data, event.flow_controlled_length))
+                stream._data_ready.set()
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream._ended = True
+                stream._data_ready.set()
+                self._maybe_forget(stream)
+        elif isinstance(event, h2.events.StreamReset):
+            stream = self._streams.pop(event.stream_id, None)
+            if stream is not None:
+                stream._fail(StreamReset(f"stream {event.stream_id} reset by {self.name} ({event.error_code!r})"))
+                self._update_no_streams()
+        elif isinstance(event, h2.events.WindowUpdated):
+            if event.stream_id == 0:
+                self._open_all_windows()
+            elif (stream := self._streams.get(event.stream_id)) is not None:
+                stream._window_open.set()
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self._open_all_windows()
+        elif isinstance(event, h2.events.PingAckReceived):
+            self._pong.set()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._on_goaway(event)
+
+    def _on_request(self, event: h2.events.RequestReceived) -> None:
+        stream = self._track(event.stream_id)
+        stream.headers = list(event.headers)
+        stream._headers_ready.set()
+        if self._handler is None or self._goaway_sent:
+            stream.reset(h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        self._handler_nursery.start_soon(self._serve_stream, stream)
+
+    async def _serve_stream(self, stream: H2Stream) -> None:
+        try:
+            await self._handler(stream)
+        except (StreamReset, ConnectionClosed):
+            pass
+        except Exception:
+            log.exception("request handler failed on stream %d from %s", stream.id, self.name)
+            stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+        finally:
+            self._forget_if_done(stream)
+
+    def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
+        if event.error_code:
+            log.warning("%s sent GOAWAY with error %r", self.name, event.error_code)
+        last = event.last_stream_id or 0
+        for stream_id, stream in list(self._streams.items()):
+            if stream_id > last:
+                stream._fail(StreamRefused(f"stream {stream_id} refused by {self.name}'s GOAWAY"))
+        self._die(ConnectionClosed(f"{self.name} closed the connection (GOAWAY)"))
+
+    # -- helpers used by H2Stream ------------------------------------------------
+
+    def _track(self, stream_id: int) -> H2Stream:
+        stream = H2Stream(self, stream_id)
+        self._streams[stream_id] = stream
+        self._no_streams = trio.Event()
+        return stream
+
+    def _send_headers(self, stream_id: int, headers: Headers, end_stream: bool) -> None:
+        self._check_open()
+        self._h2.send_headers(stream_id, headers, end_stream=end_stream)
+        self._kick()
+        if end_stream:
+            self._forget_if_done(self._streams.get(stream_id))
+
+    def _send_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        self._check_open()
+        self._h2.send_data(stream_id, data, end_stream=end_stream)
+        self._kick()
+        if end_stream:
+            self._forget_if_done(self._streams.get(stream_id))
+
+    def _send_window(self, stream_id: int) -> int:
+        self._check_open()
+        try:
+            window = self._h2.local_flow_control_window(stream_id)
+        except (h2.exceptions.StreamClosedError, KeyError):
+            raise StreamReset(f"stream {stream_id} is closed") from None
+        return min(window, self._h2.max_outbound_frame_size)
+
+    def _reset(self, stream_id: int, code: int) -> None:
+        self._streams.pop(stream_id, None)
+        self._update_no_streams()
+        if self._closed is None:
+            try:
+                self._h2.reset_stream(stream_id, error_code=code)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                return  # already closed, or the whole connection is
+            self._kick()
+
+    def _credit(self, stream_id: int, flow_len: int) -> None:
+        if flow_len and self._closed is None:
+            try:
+                self._h2.acknowledge_received_data(flow_len, stream_id)
+            except h2.exceptions.StreamClosedError:
+                self._h2.increment_flow_control_window(flow_len)
+            self._kick()
+
+    def _forget_if_done(self, stream: H2Stream | None) -> None:
+        if stream is not None and stream._ended:
+            self._maybe_forget(stream)
+
+    def _maybe_forget(self, stream: H2Stream) -> None:
+        state = self._h2.streams.get(stream.id)
+        if state is None or state.closed:
+            self._streams.pop(stream.id, None)
+            self._update_no_streams()
+
+    def _update_no_streams(self) -> None:
+        if not self._streams:
+            self._no_streams.set()
+
+    def _open_all_windows(self) -> None:
+        for stream in self._streams.values():
+            stream._window_open.set()
+
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            raise self._closed
+
+    def _kick(self) -> None:
+        self._writer_wakeup.set()
+
+    def _die(self, error: ConnectionClosed) -> None:
+        if self._closed is None:
+            self._closed = error
+            for stream in self._streams.values():
+                stream._fail(error)
+            self._streams.clear()
+            self._no_streams.set()
+            if self._cancel_scope is not None and not self._cancel_scope.cancel_called:
+                # Let the reader notice; the writer stops with the nursery.
+                self._cancel_scope.cancel()
+
+
+def status_of(headers: Headers) -> int:
+    for name, value in headers:
+        if name == b":status":
+            return int(value)
+    raise ValueError("response without :status")
+
+
+def header(headers: Headers, name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+__all__ = [
+    "BodyTooLarge",
+    "ConnectionClosed",
+    "H2Stream",
+    "Headers",
+    "Http2Connection",
+    "Http2Settings",
+    "StreamRefused",
+    "StreamReset",
+    "header",
+    "status_of",
+]

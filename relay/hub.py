@@ -1,0 +1,269 @@
+"""The reference national hub: routes envelopes between relays.
+
+Theory of operation
+-------------------
+Relays dial in over mutual TLS; the domain a relay speaks for is the first
+DNS name of its certificate's subjectAltName, verified against the national
+CA.  Each connection is one `Http2Connection` whose streams are served by
+`HubConnection`:
+
+* ``POST /v1/transactions/{id}``: a batch of envelopes.  One store unit
+  checks each envelope (sender of the connection's domain, destination
+  known, well-formed), drops the ones already queued, queues the rest for
+  their destination, and records the answer under the transaction id, all
+  in one commit.  Only then does the relay get its answer.
+* ``GET /v1/inbox``: a long-lived stream of the domain's queue, urgent lane
+  first.  At most `INBOX_WINDOW` items are in flight unacknowledged; a new
+  inbox stream for the same domain replaces the old one and starts again
+  from the oldest unacknowledged item.
+* ``POST /v1/ack``: positions the relay has durably taken.  They leave the
+  queue and each message's origin gets a ``delivered`` (or ``failed``)
+  receipt, in the same commit.
+
+Offline domains simply accumulate: store-and-forward is the queue itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from dataclasses import dataclass, field
+
+import trio
+
+from . import hub_store, protocol
+from .config import HubConfig
+from .http2 import BodyTooLarge, H2Stream, Http2Connection, Http2Settings, header
+from .pki import peer_identity
+from .protocol import ProtocolViolation
+from .store import Store, StoreUnavailable
+from .tls import hub_server_context
+from .wakeup import Signal
+
+log = logging.getLogger(__name__)
+
+# Items sent on an inbox stream and not yet acknowledged: enough to keep a
+# relay busy between two acks, bounded so a stuck relay costs little memory.
+INBOX_WINDOW = 2000
+INBOX_FETCH = 200
+HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass
+class DomainLink:
+    """The hub's view of one destination domain's relay."""
+
+    changed: Signal = field(default_factory=Signal)
+    inbox_scope: trio.CancelScope | None = None
+    unacked: set[int] = field(default_factory=set)
+    connected: int = 0
+
+
+class Hub:
+    def __init__(self, config: HubConfig, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.links: dict[str, DomainLink] = {}
+        self._ssl = hub_server_context(config.cert_file, config.key_file, config.ca_file)
+        self._known: set[str] = set()
+        self._connections: set[Http2Connection] = set()
+
+    def link(self, domain: str) -> DomainLink:
+        return self.links.setdefault(domain, DomainLink())
+
+    async def serve(self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.store.run("register_configured_domains",
+                             lambda c: hub_store.register_domains(c, self.config.domains, learnt=False))
+        self._known = await self.store.run("known_domains", hub_store.known_domains)
+        listen = self.config.listen
+        listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+        async with trio.open_nursery(strict_exception_groups=True) as nursery:
+            for listener in listeners:
+                nursery.start_soon(trio.serve_listeners, self._on_tcp, [listener])
+            log.info("hub %s listening on %s", self.config.name,
+                     ", ".join(_sockname(l) for l in listeners))
+            task_status.started(listeners)
+
+    async def shutdown(self) -> None:
+        """Graceful stop: GOAWAY on every connection, in-flight requests finish.
+
+        Inbox streams never finish by themselves: they are ended once no new
+        stream can replace them; relays resume them from their last ack."""
+        for conn in self._connections:
+            conn.send_goaway()
+        for link in self.links.values():
+            if link.inbox_scope is not None:
+                link.inbox_scope.cancel()
+        async with trio.open_nursery(strict_exception_groups=True) as nursery:
+            for conn in list(self._connections):
+                nursery.start_soon(conn.aclose_gracefully)
+
+    async def _on_tcp(self, tcp: trio.SocketStream) -> None:
+        stream = trio.SSLStream(tcp, self._ssl, server_side=True)
+        peer = _peer(tcp)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await stream.do_handshake()
+        except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as exc:
+            log.warning("TLS handshake with %s failed: %s", peer, _reason(exc))
+            await trio.aclose_forcefully(stream)
+            return
+        if stream.selected_alpn_protocol() != protocol.ALPN:
+            log.warning("%s did not negotiate ALPN h2; closing", peer)
+            await trio.aclose_forcefully(stream)
+            return
+        identity = peer_identity(stream.getpeercert(binary_form=True))
+        domain = identity.dns_names[0] if identity.dns_names else ""
+        if not await self._admit(domain):
+            log.warning("refused %s: certificate for %r is not a registered domain", peer, domain)
+            await trio.aclose_forcefully(stream)
+            return
+        settings = Http2Settings(
+            max_concurrent_streams=self.config.max_concurrent_streams,
+            keepalive_interval=self.config.keepalive_interval,
+            keepalive_timeout=self.config.keepalive_timeout,
+        )
+        conn = Http2Connection(stream, client=False, settings=settings, name=f"{domain} ({peer})")
+        link = self.link(domain)
+        link.connected += 1
+        self._connections.add(conn)
+        log.info("relay %s connected from %s (org %s)", domain, peer, identity.org_id or "-")
+        try:
+            await conn.run(HubConnection(self, domain, conn).handle)
+        finally:
+            self._connections.discard(conn)
+            link.connected -= 1
+            log.info("relay %s disconnected", domain)
+
+    async def _admit(self, domain: str) -> bool:
+        if domain in self._known:
+            return True
+        if not domain or not self.config.learn_domains:
+            return False
+        await self.store.run("learn_domain", lambda c: hub_store.register_domains(c, frozenset([domain]), learnt=True))
+        self._known.add(domain)
+        log.info("learnt new domain %s", domain)
+        return True
+
+
+class HubConnection:
+    """Serves the streams of one authenticated relay connection."""
+
+    def __init__(self, hub: Hub, domain: str, conn: Http2Connection) -> None:
+        self.hub = hub
+        self.domain = domain
+        self.conn = conn
+
+    async def handle(self, stream: H2Stream) -> None:
+        headers = stream.headers or []
+        method = header(headers, b":method")
+        path = (header(headers, b":path") or b"").decode("ascii", "replace")
+        try:
+            if method == b"POST" and path.startswith(protocol.PATH_TRANSACTION):
+                await self._transaction(stream, path[len(protocol.PATH_TRANSACTION):])
+            elif method == b"GET" and path == protocol.PATH_INBOX:
+                await self._inbox(stream)
+            elif method == b"POST" and path == protocol.PATH_ACK:
+                await self._ack(stream)
+            else:
+                await _answer(stream, 404, protocol.encode_error("not_found", f"no route for {path}"))
+        except ProtocolViolation as exc:
+            log.warning("refused request from %s: %s", self.domain, exc)
+            await _answer(stream, 400, protocol.encode_error("bad_request", str(exc)))
+        except BodyTooLarge as exc:
+            log.warning("refused request from %s: %s", self.domain, exc)
+        except StoreUnavailable as exc:
+            await _answer(stream, 503, protocol.encode_error("unavailable", str(exc)))
+
+    async def _transaction(self, stream: H2Stream, txn_id: str) -> None:
+        if not protocol.is_token(txn_id):
+            raise ProtocolViolation("transaction id: expected 8-64 characters of [A-Za-z0-9_-]")
+        body = await stream.read_body(protocol.MAX_TRANSACTION_BYTES)
+        raw = protocol.decode_transaction(body)
+        outcomes, woken = await self.hub.store.run(
+            "accept_transaction", lambda c: hub_store.accept_transaction(c, self.domain, txn_id, raw)
+        )
+        for outcome in outcomes:
+            if outcome.reason == protocol.SENDER_NOT_AUTHENTICATED:
+                log.warning("relay %s sent an envelope with a sender of another domain: refused", self.domain)
+        for dest in woken:
+            self.hub.link(dest).changed.fire()
+        await _answer(stream, 200, protocol.encode_outcomes(outcomes))
+
+    async def _ack(self, stream: H2Stream) -> None:
+        seqs, failures = protocol.decode_ack(await stream.read_body(4 * 1024 * 1024))
+        woken = await self.hub.store.run(
+            "apply_ack", lambda c: hub_store.apply_ack(c, self.domain, seqs, failures)
+        )
+        link = self.hub.link(self.domain)
+        link.unacked.difference_update(seqs)
+        link.changed.fire()
+        for origin in woken:
+            self.hub.link(origin).changed.fire()
+        await _answer(stream, 200, protocol.pack({"v": protocol.VERSION}))
+
+    async def _inbox(self, stream: H2Stream) -> None:
+        link = self.hub.link(self.domain)
+        if link.inbox_scope is not None:
+            link.inbox_scope.cancel()  # a newer stream replaces a stale one
+        with trio.CancelScope() as scope:
+            link.inbox_scope = scope
+            link.unacked.clear()
+            stream.send_headers([(b":status", b"200"), (b"content-type", protocol.MSGPACK)])
+            sent = {hub_store.URGENT: 0, hub_store.NORMAL: 0}
+            while True:
+                changed = link.changed.watch()
+                room = INBOX_WINDOW - len(link.unacked)
+                rows = []
+                if room > 0:
+                    rows = await self.hub.store.run(
+                        "fetch_inbox",
+                        lambda c: hub_store.fetch_inbox(c, self.domain, sent, min(room, INBOX_FETCH)),
+                    )
+                if not rows:
+                    await changed.wait()
+                    continue
+                chunk = bytearray()
+                for seq, lane, kind, payload in rows:
+                    chunk += _inbox_item(seq, kind, payload)
+                    sent[lane] = max(sent[lane], seq)
+                    link.unacked.add(seq)
+                await stream.send_data(bytes(chunk))
+        if link.inbox_scope is scope:
+            link.inbox_scope = None
+        stream.reset()
+
+
+def _inbox_item(seq: int, kind: str, payload: bytes) -> bytes:
+    """One inbox frame, built around the stored payload without decoding it."""
+    return b"".join(
+        (
+            b"\x83",  # a msgpack map of three entries
+            protocol.pack("seq"), protocol.pack(seq),
+            protocol.pack("kind"), protocol.pack(kind),
+            protocol.pack("envelope" if kind == "message" else "receipt"), payload,
+        )
+    )
+
+
+async def _answer(stream: H2Stream, status: int, body: bytes) -> None:
+    await stream.send_response(status, [(b"content-type", protocol.MSGPACK)], body)
+
+
+def _peer(tcp: trio.SocketStream) -> str:
+    try:
+        host, port, *_ = tcp.socket.getpeername()
+        return f"{host}:{port}"
+    except OSError:
+        return "?"
+
+
+def _sockname(listener: trio.SocketListener) -> str:
+    host, port, *_ = listener.socket.getsockname()
+    return f"{host}:{port}"
+
+
+def _reason(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc
+    return getattr(cause, "reason", None) or str(cause) or exc.__class__.__name__
+

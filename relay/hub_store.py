@@ -1,0 +1,167 @@
+"""The hub's durable state and the units of work that change it.
+
+Each function here is a unit for `Store.run`: synchronous, given the
+connection, running inside the writer thread's group transaction.
+
+Tables
+  domain        the registry of relays' domains (configured or learnt)
+  seen          (origin, message id, destination) already queued: the
+                per-envelope duplicate filter that makes retries harmless
+  txn           the answer to each transaction, so a replayed transaction
+                gets the same answer and changes nothing
+  queue         store-and-forward items per destination domain, in two
+                lanes (1 = urgent and receipts, 0 = normal); an item leaves
+                only when the destination relay acknowledges its position
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from . import protocol
+from .protocol import Envelope, Failure, Outcome, Receipt
+
+MIGRATIONS: list[list[str]] = [
+    [
+        "CREATE TABLE domain (name TEXT PRIMARY KEY, added_at REAL NOT NULL, learnt INTEGER NOT NULL)",
+        """CREATE TABLE seen (
+            origin TEXT NOT NULL, id TEXT NOT NULL, dest TEXT NOT NULL, at REAL NOT NULL,
+            PRIMARY KEY (origin, id, dest)) WITHOUT ROWID""",
+        """CREATE TABLE txn (
+            origin TEXT NOT NULL, id TEXT NOT NULL, results BLOB NOT NULL, at REAL NOT NULL,
+            PRIMARY KEY (origin, id)) WITHOUT ROWID""",
+        """CREATE TABLE queue (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            domain TEXT NOT NULL, lane INTEGER NOT NULL, kind TEXT NOT NULL,
+            origin TEXT NOT NULL, payload BLOB NOT NULL)""",
+        "CREATE INDEX queue_by_domain ON queue (domain, lane, seq)",
+    ],
+]
+
+URGENT, NORMAL = 1, 0
+
+
+def lane_of(priority: str) -> int:
+    return URGENT if priority == "urgent" else NORMAL
+
+
+def register_domains(conn: sqlite3.Connection, names: frozenset[str], learnt: bool) -> None:
+    conn.executemany(
+        "INSERT OR IGNORE INTO domain (name, added_at, learnt) VALUES (?, ?, ?)",
+        [(name, time.time(), int(learnt)) for name in sorted(names)],
+    )
+
+
+def known_domains(conn: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in conn.execute("SELECT name FROM domain")}
+
+
+def accept_transaction(
+    conn: sqlite3.Connection, origin: str, txn_id: str, raw_envelopes: list[object]
+) -> tuple[list[Outcome], set[str]]:
+    """Queue a relay's envelopes; return the per-envelope answers and the
+    destination domains that got something new (to wake their streams).
+
+    A transaction seen before returns its stored answer and queues nothing.
+    """
+    row = conn.execute("SELECT results FROM txn WHERE origin = ? AND id = ?", (origin, txn_id)).fetchone()
+    if row is not None:
+        stored = protocol.unpack(row[0], "stored results")
+        return [Outcome.from_wire(o) for o in stored], set()
+    known = known_domains(conn)
+    now = time.time()
+    outcomes: list[Outcome] = []
+    woken: set[str] = set()
+    for raw in raw_envelopes:
+        outcome, dest = _accept_one(conn, origin, raw, known, now)
+        outcomes.append(outcome)
+        if dest:
+            woken.add(dest)
+    conn.execute(
+        "INSERT INTO txn (origin, id, results, at) VALUES (?, ?, ?, ?)",
+        (origin, txn_id, protocol.pack([o.to_wire() for o in outcomes]), now),
+    )
+    return outcomes, woken
+
+
+def _accept_one(
+    conn: sqlite3.Connection, origin: str, raw: object, known: set[str], now: float
+) -> tuple[Outcome, str | None]:
+    try:
+        envelope = Envelope.from_wire(raw)
+    except protocol.ProtocolViolation as exc:
+        return Outcome(False, protocol.INVALID_ENVELOPE, str(exc)), None
+    if protocol.domain_of(envelope.sender) != origin:
+        return (
+            Outcome(False, protocol.SENDER_NOT_AUTHENTICATED, f"sender is not of {origin}, the connection's domain"),
+            None,
+        )
+    dest = envelope.dest
+    if dest not in known:
+        return Outcome(False, protocol.UNKNOWN_DOMAIN, f"no relay is registered for {dest}"), None
+    fresh = conn.execute(
+        "INSERT OR IGNORE INTO seen (origin, id, dest, at) VALUES (?, ?, ?, ?)",
+        (origin, envelope.id, dest, now),
+    ).rowcount
+    if not fresh:
+        return Outcome(True), None
+    stamped = Envelope(**{**envelope.__dict__, "origin": origin})
+    conn.execute(
+        "INSERT INTO queue (domain, lane, kind, origin, payload) VALUES (?, ?, 'message', ?, ?)",
+        (dest, lane_of(envelope.priority), origin, protocol.pack(stamped.to_wire())),
+    )
+    return Outcome(True), dest
+
+
+def fetch_inbox(
+    conn: sqlite3.Connection, domain: str, after: dict[int, int], limit: int
+) -> list[tuple[int, int, str, bytes]]:
+    """The next items for ``domain`` past what this stream already sent,
+    urgent lane first: (seq, lane, kind, payload)."""
+    return conn.execute(
+        """SELECT seq, lane, kind, payload FROM queue
+           WHERE domain = ? AND ((lane = 1 AND seq > ?) OR (lane = 0 AND seq > ?))
+           ORDER BY lane DESC, seq LIMIT ?""",
+        (domain, after[URGENT], after[NORMAL], limit),
+    ).fetchall()
+
+
+def apply_ack(conn: sqlite3.Connection, domain: str, seqs: list[int], failures: list[Failure]) -> set[str]:
+    """The relay of ``domain`` has durably taken these positions: drop them
+    and send a receipt to each message's origin.  Positions that are not in
+    ``domain``'s queue (already acknowledged, or someone else's) are ignored.
+    Returns the domains that got receipts."""
+    failed = {f.seq: f for f in failures}
+    woken: set[str] = set()
+    for seq in seqs:
+        row = conn.execute(
+            "SELECT kind, origin, payload FROM queue WHERE seq = ? AND domain = ?", (seq, domain)
+        ).fetchone()
+        if row is None:
+            continue
+        conn.execute("DELETE FROM queue WHERE seq = ?", (seq,))
+        kind, origin, payload = row
+        if kind != "message":
+            continue
+        envelope = Envelope.from_wire(protocol.unpack(payload, "queued envelope"))
+        failure = failed.get(seq)
+        lost = tuple(a for a in envelope.rcpt if failure and a in failure.rcpt)
+        taken = tuple(a for a in envelope.rcpt if a not in lost)
+        if taken:
+            _queue_receipt(conn, origin, Receipt(envelope.id, taken, "delivered"))
+        if lost:
+            _queue_receipt(conn, origin, Receipt(envelope.id, lost, "failed", failure.reason))
+        woken.add(origin)
+    return woken
+
+
+def _queue_receipt(conn: sqlite3.Connection, origin: str, receipt: Receipt) -> None:
+    conn.execute(
+        "INSERT INTO queue (domain, lane, kind, origin, payload) VALUES (?, ?, 'receipt', '', ?)",
+        (origin, URGENT, protocol.pack(receipt.to_wire())),
+    )
+
+
+def queue_depths(conn: sqlite3.Connection) -> dict[str, int]:
+    return dict(conn.execute("SELECT domain, count(*) FROM queue GROUP BY domain"))

@@ -1,0 +1,345 @@
+"""The national protocol, version 1: what relay and hub say to each other.
+
+Pure data and codecs, no I/O: the hub and the uplink both build on this
+module, and `docs/protocol.md` is its prose twin (keep them in step).
+
+Every body is one msgpack map.  Decoding never trusts the peer: sizes are
+bounded before unpacking, types are checked field by field, and any
+violation raises `ProtocolViolation` naming the field, which the receiver
+turns into a 400 (or a closed stream) without touching its store.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+ALPN = "h2"
+MSGPACK = b"application/msgpack"
+
+# -- stated limits (docs/protocol.md §Limits) --------------------------------
+
+# Largest message body, in UTF-8 bytes: ample for clinical text, small
+# enough that a batch stays in memory comfortably.
+MAX_BODY_BYTES = 256 * 1024
+MAX_RECIPIENTS = 100
+MAX_THREAD_CHARS = 256
+# Envelopes per transaction, and the largest transaction body.
+MAX_BATCH = 500
+MAX_TRANSACTION_BYTES = 32 * 1024 * 1024
+# An ack names at most this many queue positions.
+MAX_ACK = 5000
+# Largest single item the hub writes on the inbox stream.
+MAX_ITEM_BYTES = MAX_BODY_BYTES + 64 * 1024
+
+PRIORITIES = ("normal", "urgent")
+
+PATH_TRANSACTION = "/v1/transactions/"  # + transaction id
+PATH_INBOX = "/v1/inbox"
+PATH_ACK = "/v1/ack"
+
+_ADDRESS = re.compile(r"^[a-z0-9._+-]{1,64}@([a-z0-9-]{1,63}(\.[a-z0-9-]{1,63})+)$")
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+
+# Machine-readable reasons in per-envelope answers and `failed` receipts.
+UNKNOWN_DOMAIN = "unknown_domain"
+UNKNOWN_RECIPIENT = "unknown_recipient"
+SENDER_NOT_AUTHENTICATED = "sender_not_authenticated"
+INVALID_ENVELOPE = "invalid_envelope"
+
+
+class ProtocolViolation(ValueError):
+    """A peer sent something v1 does not allow; the message names the field."""
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2]
+
+
+def is_address(text: object) -> bool:
+    return isinstance(text, str) and len(text) <= 320 and _ADDRESS.match(text) is not None
+
+
+def is_token(text: object) -> bool:
+    """Ids of messages and transactions: opaque, URL-safe, bounded."""
+    return isinstance(text, str) and _TOKEN.match(text) is not None
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One message on its way to one destination domain.
+
+    ``to`` is every recipient of the message (what the reader sees);
+    ``rcpt`` the ones at ``dest``, the domain this envelope is routed to.
+    ``origin`` is stamped by the hub from the sending relay's certificate
+    and is empty on the way up.
+    """
+
+    id: str
+    sender: str
+    to: tuple[str, ...]
+    rcpt: tuple[str, ...]
+    body: str
+    thread: str | None
+    priority: str
+    sent_at: float
+    origin: str = ""
+
+    @property
+    def dest(self) -> str:
+        return domain_of(self.rcpt[0])
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = {
+            "id": self.id,
+            "from": self.sender,
+            "to": list(self.to),
+            "rcpt": list(self.rcpt),
+            "body": self.body,
+            "thread": self.thread,
+            "priority": self.priority,
+            "sent_at": self.sent_at,
+        }
+        if self.origin:
+            wire["origin"] = self.origin
+        return wire
+
+    @classmethod
+    def from_wire(cls, obj: object) -> Envelope:
+        m = _map(obj, "envelope")
+        rcpt = _addresses(m, "rcpt")
+        dest = domain_of(rcpt[0])
+        if any(domain_of(a) != dest for a in rcpt):
+            raise ProtocolViolation("envelope.rcpt: recipients of more than one domain")
+        to = _addresses(m, "to")
+        if not set(rcpt) <= set(to):
+            raise ProtocolViolation("envelope.rcpt: not a subset of envelope.to")
+        body = _field(m, "body", str)
+        if len(body.encode()) > MAX_BODY_BYTES:
+            raise ProtocolViolation(f"envelope.body: larger than {MAX_BODY_BYTES} bytes")
+        thread = m.get("thread")
+        if thread is not None and (not isinstance(thread, str) or len(thread) > MAX_THREAD_CHARS):
+            raise ProtocolViolation(f"envelope.thread: expected a string of at most {MAX_THREAD_CHARS} characters")
+        priority = _field(m, "priority", str)
+        if priority not in PRIORITIES:
+            raise ProtocolViolation("envelope.priority: expected 'normal' or 'urgent'")
+        sender = _field(m, "from", str)
+        if not is_address(sender):
+            raise ProtocolViolation("envelope.from: expected an address")
+        ident = _field(m, "id", str)
+        if not is_token(ident):
+            raise ProtocolViolation("envelope.id: expected 8-64 characters of [A-Za-z0-9_-]")
+        sent_at = m.get("sent_at")
+        if not isinstance(sent_at, (int, float)) or isinstance(sent_at, bool):
+            raise ProtocolViolation("envelope.sent_at: expected a number")
+        origin = m.get("origin", "")
+        if not isinstance(origin, str):
+            raise ProtocolViolation("envelope.origin: expected a string")
+        return cls(ident, sender, to, rcpt, body, thread, priority, float(sent_at), origin)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """News about a message, for the relay that sent it.
+
+    ``status`` is ``delivered`` (the destination relay committed it) or
+    ``failed`` (with ``reason``), for the listed recipients.
+    """
+
+    id: str
+    rcpt: tuple[str, ...]
+    status: str
+    reason: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"id": self.id, "rcpt": list(self.rcpt), "status": self.status}
+        if self.reason:
+            wire["reason"] = self.reason
+        return wire
+
+    @classmethod
+    def from_wire(cls, obj: object) -> Receipt:
+        m = _map(obj, "receipt")
+        status = _field(m, "status", str)
+        if status not in ("delivered", "failed"):
+            raise ProtocolViolation("receipt.status: expected 'delivered' or 'failed'")
+        reason = m.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise ProtocolViolation("receipt.reason: expected a string")
+        ident = _field(m, "id", str)
+        if not is_token(ident):
+            raise ProtocolViolation("receipt.id: expected a message id")
+        return cls(ident, _addresses(m, "rcpt"), status, reason)
+
+
+@dataclass(frozen=True)
+class InboxItem:
+    """One entry of a relay's inbox stream, at queue position ``seq``."""
+
+    seq: int
+    envelope: Envelope | None = None
+    receipt: Receipt | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        if self.envelope is not None:
+            return {"seq": self.seq, "kind": "message", "envelope": self.envelope.to_wire()}
+        assert self.receipt is not None
+        return {"seq": self.seq, "kind": "receipt", "receipt": self.receipt.to_wire()}
+
+    @classmethod
+    def from_wire(cls, obj: object) -> InboxItem:
+        m = _map(obj, "item")
+        seq = _field(m, "seq", int)
+        kind = _field(m, "kind", str)
+        if kind == "message":
+            return cls(seq, envelope=Envelope.from_wire(m.get("envelope")))
+        if kind == "receipt":
+            return cls(seq, receipt=Receipt.from_wire(m.get("receipt")))
+        raise ProtocolViolation(f"item.kind: unknown kind {kind!r}")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The hub's answer about one envelope of a transaction."""
+
+    accepted: bool
+    reason: str | None = None
+    detail: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        if self.accepted:
+            return {"ok": True}
+        return {"ok": False, "reason": self.reason, "detail": self.detail or ""}
+
+    @classmethod
+    def from_wire(cls, obj: object) -> Outcome:
+        m = _map(obj, "result")
+        if _field(m, "ok", bool):
+            return cls(True)
+        return cls(False, _field(m, "reason", str), m.get("detail") or None)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """In an ack: recipients of an acknowledged message the relay cannot serve."""
+
+    seq: int
+    rcpt: tuple[str, ...]
+    reason: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"seq": self.seq, "rcpt": list(self.rcpt), "reason": self.reason}
+
+    @classmethod
+    def from_wire(cls, obj: object) -> Failure:
+        m = _map(obj, "failure")
+        return cls(_field(m, "seq", int), _addresses(m, "rcpt"), _field(m, "reason", str))
+
+
+# -- bodies -----------------------------------------------------------------------
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes, what: str) -> Any:
+    """Decode one msgpack body, refusing anything that is not plain data."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError) as exc:
+        raise ProtocolViolation(f"{what}: not a valid msgpack body ({exc.__class__.__name__})") from None
+
+
+def stream_unpacker() -> msgpack.Unpacker:
+    """An incremental decoder for the inbox stream, bounded per item."""
+    return msgpack.Unpacker(raw=False, strict_map_key=True, ext_hook=_no_ext, max_buffer_size=MAX_ITEM_BYTES)
+
+
+def encode_transaction(envelopes: list[Envelope]) -> bytes:
+    return pack({"v": VERSION, "envelopes": [e.to_wire() for e in envelopes]})
+
+
+def decode_transaction(data: bytes) -> list[object]:
+    """The raw envelopes of a transaction: each is validated on its own, so
+    one bad envelope is rejected without refusing its neighbours."""
+    m = _versioned(unpack(data, "transaction"), "transaction")
+    envelopes = m.get("envelopes")
+    if not isinstance(envelopes, list) or not envelopes:
+        raise ProtocolViolation("transaction.envelopes: expected a non-empty array")
+    if len(envelopes) > MAX_BATCH:
+        raise ProtocolViolation(f"transaction.envelopes: more than {MAX_BATCH} envelopes")
+    return envelopes
+
+
+def encode_outcomes(outcomes: list[Outcome]) -> bytes:
+    return pack({"v": VERSION, "results": [o.to_wire() for o in outcomes]})
+
+
+def decode_outcomes(data: bytes, expected: int) -> list[Outcome]:
+    m = _versioned(unpack(data, "results"), "results")
+    results = m.get("results")
+    if not isinstance(results, list) or len(results) != expected:
+        raise ProtocolViolation(f"results: expected an array of {expected} results")
+    return [Outcome.from_wire(r) for r in results]
+
+
+def encode_ack(seqs: list[int], failures: list[Failure]) -> bytes:
+    return pack({"v": VERSION, "seqs": seqs, "failed": [f.to_wire() for f in failures]})
+
+
+def decode_ack(data: bytes) -> tuple[list[int], list[Failure]]:
+    m = _versioned(unpack(data, "ack"), "ack")
+    seqs = m.get("seqs")
+    if not isinstance(seqs, list) or len(seqs) > MAX_ACK or not all(type(s) is int for s in seqs):
+        raise ProtocolViolation(f"ack.seqs: expected an array of at most {MAX_ACK} integers")
+    failed = m.get("failed", [])
+    if not isinstance(failed, list) or len(failed) > MAX_ACK:
+        raise ProtocolViolation("ack.failed: expected an array")
+    return seqs, [Failure.from_wire(f) for f in failed]
+
+
+def encode_error(reason: str, detail: str) -> bytes:
+    return pack({"v": VERSION, "error": reason, "detail": detail})
+
+
+# -- field helpers ------------------------------------------------------------------
+
+
+def _no_ext(code: int, data: bytes) -> None:
+    raise ValueError(f"msgpack extension type {code} not allowed")
+
+
+def _map(obj: object, what: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise ProtocolViolation(f"{what}: expected a map")
+    return obj
+
+
+def _versioned(obj: object, what: str) -> dict[str, Any]:
+    m = _map(obj, what)
+    if m.get("v") != VERSION:
+        raise ProtocolViolation(f"{what}.v: expected protocol version {VERSION}")
+    return m
+
+
+def _field(m: dict[str, Any], name: str, kind: type) -> Any:
+    value = m.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolViolation(f"{name}: expected {kind.__name__}")
+    return value
+
+
+def _addresses(m: dict[str, Any], name: str) -> tuple[str, ...]:
+    value = m.get(name)
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_RECIPIENTS:
+        raise ProtocolViolation(f"{name}: expected 1 to {MAX_RECIPIENTS} addresses")
+    if not all(is_address(a) for a in value):
+        raise ProtocolViolation(f"{name}: expected addresses like user@domain")
+    if len(set(value)) != len(value):
+        raise ProtocolViolation(f"{name}: duplicate address")
+    return tuple(value)

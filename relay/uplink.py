@@ -1,0 +1,273 @@
+"""The relay's one connection to the national hub.
+
+Theory of operation
+-------------------
+`Uplink.run` dials the hub (directly or through a CONNECT proxy), checks
+the hub's certificate and name, and runs two loops over the one HTTP/2
+connection until it breaks; then it waits (`RetryPolicy`) and dials again.
+
+*Sending* ("peek, send, then commit"): the next batch is read from the
+outbox, not removed; it goes out as one transaction with a fresh id; the
+hub's per-envelope answers are committed, and only that commit takes the
+envelopes out of the outbox.  One transaction is in flight at a time, which
+keeps per-sender order simple to reason about.  A transaction whose answer
+was lost (connection drop, cancel) is kept in memory and replayed with the
+same id on the next connection, and the hub answers it from its record; if
+the relay itself died, the envelopes go again under a new id and the hub's
+duplicate filter drops them.
+
+*Receiving*: a long-lived ``GET /v1/inbox`` stream brings envelopes and
+receipts.  Whatever has arrived is committed in one unit, and only then are
+its positions acknowledged; a crash in between means the hub sends them
+again and the inbound table's unique key drops the copies.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import secrets
+import ssl
+import time
+from typing import Callable, Iterable
+
+import trio
+
+from . import protocol, relay_store
+from .backoff import RetryPolicy
+from .config import RelayConfig
+from .http2 import ConnectionClosed, H2Stream, Http2Connection, Http2Settings, StreamReset, status_of
+from .protocol import InboxItem, ProtocolViolation
+from .proxy import open_tunnel
+from .store import Store, StoreUnavailable
+from .tls import relay_client_context
+from .wakeup import Signal
+
+log = logging.getLogger(__name__)
+
+# A connection that stayed up this long resets the backoff: the hub is fine.
+STABLE_AFTER = 30.0
+# Inbox items committed in one unit at most.
+INBOUND_BATCH = 500
+ANSWER_LIMIT = 4 * 1024 * 1024
+
+
+class UplinkState(enum.Enum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    DOWN = "down"
+
+
+class UplinkError(Exception):
+    """The hub answered something this relay cannot go on with."""
+
+
+class Uplink:
+    def __init__(
+        self,
+        config: RelayConfig,
+        store: Store,
+        outbox_changed: Signal,
+        on_events: Callable[[Iterable[str]], None],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.outbox_changed = outbox_changed
+        self._on_events = on_events
+        self._ssl = relay_client_context(
+            config.uplink.cert_file, config.uplink.key_file, config.uplink.ca_file
+        )
+        self._policy = RetryPolicy(config.uplink.backoff_initial, config.uplink.backoff_max)
+        self._pending: tuple[str, list[tuple[int, protocol.Envelope]]] | None = None
+        self.state = UplinkState.CONNECTING
+        self.since = time.time()
+        self.last_error: str | None = None
+        self.attempts = 0
+        self._conn: Http2Connection | None = None
+        self._receiver_scope = trio.CancelScope()
+        self._inbox: H2Stream | None = None
+
+    def _set_state(self, state: UplinkState) -> None:
+        if state is not self.state:
+            self.state, self.since = state, time.time()
+
+    async def run(self) -> None:
+        """Keep a connection to the hub up, forever."""
+        failures = 0
+        while True:
+            self._set_state(UplinkState.CONNECTING)
+            self.attempts += 1
+            started = trio.current_time()
+            try:
+                await self._connect_and_serve()
+            except* (OSError, ssl.SSLError, trio.BrokenResourceError, trio.TooSlowError,
+                     ConnectionClosed, StreamReset, ProtocolViolation, UplinkError, StoreUnavailable) as group:
+                self.last_error = "; ".join(_describe(e) for e in _leaves(group))
+                log.warning("uplink to %s: %s", self.config.uplink.hub_url, self.last_error)
+            self._conn = None
+            self._set_state(UplinkState.DOWN)
+            failures = 0 if trio.current_time() - started > STABLE_AFTER else failures + 1
+            delay = self._policy.delay(failures - 1 if failures else 0)
+            log.info("uplink: reconnecting in %.1f s", delay)
+            await trio.sleep(delay)
+
+    async def _connect_and_serve(self) -> None:
+        up = self.config.uplink
+        with trio.fail_after(up.connect_timeout):
+            if up.proxy is not None:
+                tcp = await open_tunnel(up.proxy, up.hub_host, up.hub_port)
+            else:
+                tcp = await trio.open_tcp_stream(up.hub_host, up.hub_port)
+            tls = trio.SSLStream(tcp, self._ssl, server_hostname=up.server_name)
+            try:
+                await tls.do_handshake()
+            except BaseException:
+                await trio.aclose_forcefully(tls)
+                raise
+        if tls.selected_alpn_protocol() != protocol.ALPN:
+            await trio.aclose_forcefully(tls)
+            raise UplinkError("the hub did not negotiate HTTP/2 (ALPN h2)")
+        settings = Http2Settings(keepalive_interval=up.keepalive_interval, keepalive_timeout=up.keepalive_timeout)
+        conn = Http2Connection(tls, client=True, settings=settings, name=f"hub {up.server_name}")
+        async with trio.open_nursery(strict_exception_groups=True) as nursery:
+            await nursery.start(conn.run)
+            self._conn = conn
+            self._set_state(UplinkState.CONNECTED)
+            self.last_error = None
+            log.info("uplink connected to %s", up.hub_url)
+            nursery.start_soon(self._sender, conn)
+            nursery.start_soon(self._receiver, conn)
+        raise ConnectionClosed("connection to the hub ended")
+
+    async def aclose(self) -> None:
+        """Graceful stop: end the inbox stream, let a transaction in flight finish."""
+        self._receiver_scope.cancel()
+        if self._inbox is not None:
+            self._inbox.reset()  # now, so that the RST goes out before the GOAWAY
+        if self._conn is not None:
+            await self._conn.aclose_gracefully()
+
+    # -- sending ---------------------------------------------------------------------
+
+    async def _sender(self, conn: Http2Connection) -> None:
+        domain = self.config.domain
+        while True:
+            if self._pending is None:
+                changed = self.outbox_changed.watch()
+                batch = await self.store.run(
+                    "next_batch", lambda c: relay_store.next_batch(c, domain, self.config.uplink.batch_max)
+                )
+                if not batch:
+                    await changed.wait()
+                    continue
+                self._pending = (secrets.token_urlsafe(16), batch)
+            txn_id, batch = self._pending
+            status, body = await conn.request(
+                "POST",
+                protocol.PATH_TRANSACTION + txn_id,
+                protocol.encode_transaction([envelope for _, envelope in batch]),
+                authority=self.config.uplink.server_name,
+                content_type=protocol.MSGPACK,
+                limit=ANSWER_LIMIT,
+            )
+            if status != 200:
+                raise UplinkError(f"hub answered {status} to transaction {txn_id}: {_error_text(body)}")
+            outcomes = protocol.decode_outcomes(body, len(batch))
+            results = [(seq, env, outcome) for (seq, env), outcome in zip(batch, outcomes)]
+            await self.store.run("apply_outcomes", lambda c: relay_store.apply_outcomes(c, results))
+            self._pending = None
+            for (_, env), outcome in zip(batch, outcomes):
+                if not outcome.accepted:
+                    log.warning("hub refused message %s for %s: %s", env.id, env.dest, outcome.reason)
+
+    # -- receiving ---------------------------------------------------------------------
+
+    async def _receiver(self, conn: Http2Connection) -> None:
+        self._receiver_scope = trio.CancelScope()
+        with self._receiver_scope:
+            await self._receive(conn)
+
+    async def _receive(self, conn: Http2Connection) -> None:
+        up = self.config.uplink
+        stream = conn.open_stream(
+            [
+                (b":method", b"GET"),
+                (b":scheme", b"https"),
+                (b":authority", up.server_name.encode()),
+                (b":path", protocol.PATH_INBOX.encode()),
+                (b"accept", protocol.MSGPACK),
+            ],
+            end_stream=True,
+        )
+        self._inbox = stream
+        try:
+            await self._consume_inbox(conn, stream)
+        finally:
+            self._inbox = None
+            stream.reset()
+
+    async def _consume_inbox(self, conn: Http2Connection, stream: H2Stream) -> None:
+        headers = await stream.receive_headers()
+        if status_of(headers) != 200:
+            raise UplinkError(f"hub answered {status_of(headers)} to the inbox request")
+        unpacker = protocol.stream_unpacker()
+        while True:
+            data = await stream.receive_some()
+            if not data:
+                raise ConnectionClosed("the hub ended the inbox stream")
+            try:
+                unpacker.feed(data)
+                items = [InboxItem.from_wire(obj) for obj in unpacker]
+            except ProtocolViolation:
+                raise
+            except Exception as exc:  # msgpack's own errors: BufferFull, ExtraData, ...
+                raise ProtocolViolation(f"inbox stream: undecodable item ({exc.__class__.__name__})") from None
+            for start in range(0, len(items), INBOUND_BATCH):
+                await self._take(conn, items[start:start + INBOUND_BATCH])
+
+    async def _take(self, conn: Http2Connection, items: list[InboxItem]) -> None:
+        failures, woken = await self.store.run(
+            "take_inbound",
+            lambda c: relay_store.take_inbound(c, self.config.domain, items, self._systems_serving),
+        )
+        self._on_events(woken)
+        status, body = await conn.request(
+            "POST",
+            protocol.PATH_ACK,
+            protocol.encode_ack([item.seq for item in items], failures),
+            authority=self.config.uplink.server_name,
+            content_type=protocol.MSGPACK,
+            limit=ANSWER_LIMIT,
+        )
+        if status != 200:
+            raise UplinkError(f"hub answered {status} to an ack: {_error_text(body)}")
+
+    def _systems_serving(self, address: str) -> list[str]:
+        return [system.name for system in self.config.systems_serving(address)]
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        answer = protocol.unpack(body, "error")
+        return f"{answer.get('error')}: {answer.get('detail')}"
+    except (ProtocolViolation, AttributeError):
+        return f"{len(body)} bytes of unreadable answer"
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out connecting"
+    if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS: the hub's certificate was refused ({exc.verify_message})"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc}"
+    return str(exc) or exc.__class__.__name__

@@ -1,0 +1,22 @@
+"""A level-triggered wake-up shared by one producer side and many waiters.
+
+The pattern every queue here follows: take ``signal.watch()`` *before*
+looking at the store, and wait on it only if the look found nothing.  A
+`fire` that lands between the look and the wait is then never missed.
+"""
+
+from __future__ import annotations
+
+import trio
+
+
+class Signal:
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def watch(self) -> trio.Event:
+        return self._event
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
