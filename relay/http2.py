@@ -177,6 +177,10 @@ class H2Stream:
         if self._error is None:
             self._fail(StreamReset(f"stream {self.id} reset locally"))
             self._conn._reset(self.id, code)
+            # Data received but never read still counts against the
+            # connection window: give it back.
+            while self._chunks:
+                self._conn._credit(self.id, self._chunks.popleft()[1])
 
     # -- called by the connection --------------------------------------------
 
@@ -255,6 +259,10 @@ class Http2Connection:
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
             },
         )
+        # h2 copies these two out of the settings when it is constructed;
+        # settings set before the preface are in force at once, so follow.
+        self._h2.max_inbound_frame_size = MAX_FRAME_SIZE
+        self._h2.decoder.max_header_list_size = self._settings.max_header_list_size
         self._h2.initiate_connection()
         self._h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         try:
@@ -464,6 +472,10 @@ class Http2Connection:
             log.exception("request handler failed on stream %d from %s", stream.id, self.name)
             stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
         finally:
+            if not stream._ended:
+                # Answered before the request body was complete (e.g. 413):
+                # ask the client to stop sending (RFC 9113 §8.1).
+                stream.reset(h2.errors.ErrorCodes.NO_ERROR)
             self._forget_if_done(stream)
 
     def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:

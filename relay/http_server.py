@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl, urlsplit
 import h11
 import trio
 
-from .http2 import BodyTooLarge, H2Stream, Http2Connection, Http2Settings
+from .http2 import H2Stream, Http2Connection, Http2Settings
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,9 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 REQUEST_TIMEOUT = 30.0
 IDLE_TIMEOUT = 120.0
 MAX_HEADER_BYTES = 16 * 1024
+# An oversized HTTP/2 request body is read and dropped up to this size
+# before the 413, then the stream is reset.
+DRAIN_LIMIT = 16 * 1024 * 1024
 # accept() failures that mean "out of resources for now", not "broken".
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
@@ -85,11 +88,15 @@ class HttpServer:
         """Accept and serve connections until `shutdown` has drained them."""
         async with trio.open_nursery(strict_exception_groups=True) as connections:
             self._connections = connections
-            with self._accepting:
-                async with trio.open_nursery(strict_exception_groups=True) as accepting:
-                    for listener in listeners:
-                        accepting.start_soon(self._accept_loop, listener)
-                    task_status.started()
+            try:
+                with self._accepting:
+                    async with trio.open_nursery(strict_exception_groups=True) as accepting:
+                        for listener in listeners:
+                            accepting.start_soon(self._accept_loop, listener)
+                        task_status.started()
+            finally:
+                for listener in listeners:
+                    await trio.aclose_forcefully(listener)
             await trio.sleep_forever()  # until shutdown cancels the connections
 
     async def shutdown(self, grace: float) -> None:
@@ -173,18 +180,13 @@ class HttpServer:
         headers: dict[str, str] = {}
         for name, value in stream.headers or []:
             headers[name.decode("latin-1").lower()] = value.decode("latin-1")
-        target = headers.get(":path", "/")
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self._max_body:
+        with trio.fail_after(REQUEST_TIMEOUT):
+            body = await _h2_body(stream, self._max_body)
+        if body is None:
             response = self._too_large()
         else:
-            try:
-                with trio.fail_after(REQUEST_TIMEOUT):
-                    body = await stream.read_body(self._max_body)
-            except BodyTooLarge:
-                response = self._too_large()
-            else:
-                response = await self._respond(_request(headers.get(":method", ""), target, headers, body))
+            response = await self._respond(_request(headers.get(":method", ""), headers.get(":path", "/"),
+                                                    headers, body))
         await stream.send_response(
             response.status,
             [(k.encode(), v.encode()) for k, v in [*response.headers, ("content-length", str(len(response.body)))]],
@@ -237,6 +239,23 @@ class HttpServer:
             else:
                 raise h11.RemoteProtocolError("connection closed mid-request")
         return _request(event.method.decode(), event.target.decode("latin-1"), headers, bytes(body))
+
+
+async def _h2_body(stream: H2Stream, limit: int) -> bytes | None:
+    """The request body, or None when it is over ``limit``.
+
+    An oversized body is still read (and dropped) up to `DRAIN_LIMIT`:
+    common HTTP/2 clients send the whole request before they look at the
+    response, and would see a reset instead of the 413 otherwise."""
+    body = bytearray()
+    received = 0
+    while chunk := await stream.receive_some():
+        received += len(chunk)
+        if received > DRAIN_LIMIT:
+            break
+        if received <= limit:
+            body += chunk
+    return bytes(body) if received <= limit else None
 
 
 def _request(method: str, target: str, headers: dict[str, str], body: bytes) -> Request:

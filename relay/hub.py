@@ -77,12 +77,16 @@ class Hub:
         self._known = await self.store.run("known_domains", hub_store.known_domains)
         listen = self.config.listen
         listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
-        async with trio.open_nursery(strict_exception_groups=True) as nursery:
+        try:
+            async with trio.open_nursery(strict_exception_groups=True) as nursery:
+                for listener in listeners:
+                    nursery.start_soon(trio.serve_listeners, self._on_tcp, [listener])
+                log.info("hub %s listening on %s", self.config.name,
+                         ", ".join(_sockname(l) for l in listeners))
+                task_status.started(listeners)
+        finally:
             for listener in listeners:
-                nursery.start_soon(trio.serve_listeners, self._on_tcp, [listener])
-            log.info("hub %s listening on %s", self.config.name,
-                     ", ".join(_sockname(l) for l in listeners))
-            task_status.started(listeners)
+                await trio.aclose_forcefully(listener)
 
     async def shutdown(self) -> None:
         """Graceful stop: GOAWAY on every connection, in-flight requests finish.

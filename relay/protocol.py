@@ -11,6 +11,7 @@ turns into a 400 (or a closed stream) without touching its store.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,11 @@ MAX_TRANSACTION_BYTES = 32 * 1024 * 1024
 MAX_ACK = 5000
 # Largest single item the hub writes on the inbox stream.
 MAX_ITEM_BYTES = MAX_BODY_BYTES + 64 * 1024
+# ``sent_at`` must fit an ISO 8601 UTC timestamp (years 1970 to 9999): the
+# receiving relay stores it as a REAL (NaN would become NULL) and renders it
+# with time.gmtime (which overflows on inf or 1e300), so an unbounded value
+# from one peer would poison every other relay it reaches.
+MAX_SENT_AT = 253402300800.0  # 10000-01-01T00:00:00Z
 
 PRIORITIES = ("normal", "urgent")
 
@@ -61,12 +67,13 @@ def domain_of(address: str) -> str:
 
 
 def is_address(text: object) -> bool:
-    return isinstance(text, str) and len(text) <= 320 and _ADDRESS.match(text) is not None
+    # fullmatch, not match: "$" also matches before a trailing newline.
+    return isinstance(text, str) and len(text) <= 320 and _ADDRESS.fullmatch(text) is not None
 
 
 def is_token(text: object) -> bool:
     """Ids of messages and transactions: opaque, URL-safe, bounded."""
-    return isinstance(text, str) and _TOKEN.match(text) is not None
+    return isinstance(text, str) and _TOKEN.fullmatch(text) is not None
 
 
 @dataclass(frozen=True)
@@ -134,8 +141,12 @@ class Envelope:
         if not is_token(ident):
             raise ProtocolViolation("envelope.id: expected 8-64 characters of [A-Za-z0-9_-]")
         sent_at = m.get("sent_at")
-        if not isinstance(sent_at, (int, float)) or isinstance(sent_at, bool):
-            raise ProtocolViolation("envelope.sent_at: expected a number")
+        if (
+            not isinstance(sent_at, (int, float))
+            or isinstance(sent_at, bool)
+            or not (math.isfinite(sent_at) and 0 <= sent_at < MAX_SENT_AT)
+        ):
+            raise ProtocolViolation("envelope.sent_at: expected a number of seconds since 1970, before year 10000")
         origin = m.get("origin", "")
         if not isinstance(origin, str):
             raise ProtocolViolation("envelope.origin: expected a string")
@@ -220,7 +231,10 @@ class Outcome:
         m = _map(obj, "result")
         if _field(m, "ok", bool):
             return cls(True)
-        return cls(False, _field(m, "reason", str), m.get("detail") or None)
+        detail = m.get("detail")
+        if detail is not None and not isinstance(detail, str):
+            raise ProtocolViolation("result.detail: expected a string")
+        return cls(False, _field(m, "reason", str), detail or None)
 
 
 @dataclass(frozen=True)
@@ -249,15 +263,19 @@ def pack(obj: Any) -> bytes:
 
 def unpack(data: bytes, what: str) -> Any:
     """Decode one msgpack body, refusing anything that is not plain data."""
+    # Extension types are refused by size (max_ext_len=0) as well as by hook:
+    # msgpack decodes the timestamp type (-1) itself, without calling ext_hook.
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext)
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext, max_ext_len=0)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError) as exc:
         raise ProtocolViolation(f"{what}: not a valid msgpack body ({exc.__class__.__name__})") from None
 
 
 def stream_unpacker() -> msgpack.Unpacker:
     """An incremental decoder for the inbox stream, bounded per item."""
-    return msgpack.Unpacker(raw=False, strict_map_key=True, ext_hook=_no_ext, max_buffer_size=MAX_ITEM_BYTES)
+    return msgpack.Unpacker(
+        raw=False, strict_map_key=True, ext_hook=_no_ext, max_ext_len=0, max_buffer_size=MAX_ITEM_BYTES
+    )
 
 
 def encode_transaction(envelopes: list[Envelope]) -> bytes:
