@@ -54,7 +54,8 @@ class StoreUnavailable(Exception):
 
 
 class MigrationError(Exception):
-    """The schema could not be brought up to date; the database is unchanged."""
+    """The schema could not be brought up to date; the failed migration left
+    the database as it was (earlier ones of the same call stay applied)."""
 
 
 @dataclass
@@ -163,6 +164,8 @@ class Store:
         conn = self._conn
         started = time.perf_counter()
         try:
+            if conn.in_transaction:  # left open by a failed ROLLBACK, below
+                conn.execute("ROLLBACK")
             conn.execute("BEGIN IMMEDIATE")
             for job in group:
                 conn.execute("SAVEPOINT unit")
@@ -176,12 +179,16 @@ class Store:
                 conn.execute("RELEASE unit")
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
             log.error("store: could not commit %d unit(s) (%s): %s", len(group), group[0].name, exc)
-            failure = StoreUnavailable(f"store cannot commit: {exc}")
-            for job in group:
-                job.result, job.error = None, failure
+            for job in group:  # one exception each: every caller raises its own
+                job.result, job.error = None, StoreUnavailable(f"store cannot commit: {exc}")
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error as rollback_exc:
+                    # Must not kill the thread (every caller would wait forever);
+                    # the next group retries the rollback before it begins.
+                    log.error("store: rollback failed: %s", rollback_exc)
         self.commits += 1
         self.commit_seconds += time.perf_counter() - started
         try:

@@ -1,0 +1,206 @@
+"""End to end with real processes: `eimis-relay demo --init-only`, then a
+hub and two relays started from those files exactly as an admin would,
+driven over their local APIs, killed with SIGKILL and restarted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+pytestmark = pytest.mark.e2e
+
+STEP = 20.0
+
+
+class Process:
+    """One daemon of the space, its output kept in a log file for the test."""
+
+    def __init__(self, directory: Path, name: str, argv: list[str]) -> None:
+        self.name, self.argv = name, argv
+        self.log = directory / f"{name}.log"
+        self.popen: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.popen = subprocess.Popen([sys.executable, "-m", "relay", *self.argv], stdout=log, stderr=log)
+
+    def kill(self) -> None:
+        self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait(timeout=STEP)
+
+    def terminate(self) -> int:
+        self.popen.send_signal(signal.SIGTERM)
+        return self.popen.wait(timeout=STEP)
+
+
+class Site:
+    """A relay as its hospital's messaging system sees it."""
+
+    def __init__(self, manifest: dict, process: Process) -> None:
+        self.domain = manifest["domain"]
+        self.url = manifest["local_api"]
+        self.token = manifest["token"]
+        self.users = manifest["users"]
+        self.process = process
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=STEP)
+
+    async def uplink(self, state: str) -> None:
+        """Wait until /healthz reports ``state`` (readiness, never a guessed sleep)."""
+        async with httpx.AsyncClient(base_url=self.url, timeout=2) as client:
+            with trio.fail_after(STEP):
+                while True:
+                    try:
+                        if (await client.get("/healthz")).json()["uplink"] == state:
+                            return
+                    except httpx.TransportError:
+                        pass
+                    await trio.sleep(0.05)
+
+    async def send(self, to: str, body: str) -> str:
+        async with self.client() as client:
+            response = await client.post("/v1/messages", json={"from": self.users[0], "to": [to], "body": body})
+        assert response.status_code == 202, response.text
+        return response.json()["id"]
+
+    async def status(self, ident: str) -> str:
+        async with self.client() as client:
+            return (await client.get(f"/v1/messages/{ident}")).json()["status"]
+
+    async def wait_delivered(self, idents: list[str]) -> None:
+        with trio.fail_after(STEP * 2):
+            for ident in idents:
+                while (status := await self.status(ident)) != "delivered":
+                    assert status in ("queued", "sent"), status
+                    await trio.sleep(0.05)
+
+    async def events(self, count: int, *, settle: float = 0.5) -> list[dict]:
+        """Every event, once ``count`` are there and nothing more came for ``settle`` s."""
+        found: list[dict] = []
+        cursor = 0
+        async with self.client() as client:
+            with trio.fail_after(STEP * 2):
+                while True:
+                    wait = 5 if len(found) < count else settle
+                    page = (await client.get("/v1/events", params={"after": cursor, "wait": wait})).json()
+                    if not page["events"] and len(found) >= count:
+                        return found
+                    found += page["events"]
+                    cursor = page["next"]
+
+
+@pytest.fixture
+async def space(tmp_path: Path):
+    subprocess.run([sys.executable, "-m", "relay", "demo", "--dir", str(tmp_path), "--init-only"],
+                   check=True, capture_output=True)
+    manifest = json.loads((tmp_path / "demo.json").read_text())
+    hub = Process(tmp_path, "hub", ["hub", "--config", manifest["hub"]["config"]])
+    a_manifest, b_manifest = manifest["relays"]
+    a = Site(a_manifest, Process(tmp_path, "relay-a", ["run", "--config", a_manifest["config"]]))
+    b = Site(b_manifest, Process(tmp_path, "relay-b", ["run", "--config", b_manifest["config"]]))
+    processes = [hub, a.process, b.process]
+    for process in processes:
+        process.start()
+    try:
+        await a.uplink("connected")
+        await b.uplink("connected")
+        yield hub, a, b
+    finally:
+        for process in processes:
+            if process.popen.poll() is None:
+                process.popen.kill()
+                process.popen.wait(timeout=STEP)
+
+
+async def test_messages_cross_both_ways_with_receipts(space) -> None:
+    hub, a, b = space
+    to_b = [await a.send("bob@clinique-sud.test", f"a->b {n}") for n in range(5)]
+    to_a = [await b.send("alice@chu-nord.test", f"b->a {n}") for n in range(5)]
+    assert [e["message"]["id"] for e in await b.events(5)] == to_b
+    assert [e["message"]["id"] for e in await a.events(5)] == to_a
+    await a.wait_delivered(to_b)
+    await b.wait_delivered(to_a)
+
+
+async def test_sigkill_right_after_202_loses_nothing(space) -> None:
+    hub, a, b = space
+    hub.kill()  # nothing can leave relay A: the message lives only in its store
+    await a.uplink("down")
+    ident = await a.send("bob@clinique-sud.test", "survives kill -9")
+    a.process.kill()
+    a.process.start()
+    hub.start()
+    await a.uplink("connected")
+    [event] = await b.events(1)
+    assert event["message"]["id"] == ident
+    assert event["message"]["body"] == "survives kill -9"
+    await a.wait_delivered([ident])
+
+
+async def test_sigkill_during_a_stream_of_messages(space) -> None:
+    """Kill relay A while messages pour in; every one that got its 202 is
+    delivered, exactly once and in order, after the restart."""
+    hub, a, b = space
+    accepted: list[str] = []
+
+    async def submit_until_refused() -> None:
+        async with a.client() as client:
+            for n in range(10_000):
+                try:
+                    response = await client.post("/v1/messages", json={
+                        "from": a.users[0], "to": ["bob@clinique-sud.test"], "body": f"stream {n}"})
+                except httpx.TransportError:
+                    return  # killed mid-request: that one was never acknowledged
+                assert response.status_code == 202
+                accepted.append(response.json()["id"])
+
+    async with trio.open_nursery(strict_exception_groups=True) as nursery:
+        nursery.start_soon(submit_until_refused)
+        with trio.fail_after(STEP):
+            while len(accepted) < 100:
+                await trio.sleep(0.01)
+        a.process.kill()
+    a.process.start()
+    await a.uplink("connected")
+    events = await b.events(len(accepted))
+    received = [e["message"]["id"] for e in events]
+    # The request in flight at the kill may have been committed without its
+    # 202 reaching us: it may arrive too, but only after all the others.
+    assert received[: len(accepted)] == accepted
+    assert len(received) - len(accepted) in (0, 1)
+    assert len(set(received)) == len(received)
+    await a.wait_delivered(accepted)
+
+
+async def test_sigterm_is_a_clean_stop_and_logs_keep_secrets(space, tmp_path: Path) -> None:
+    hub, a, b = space
+    secret_body = "Patient Dupont, Jean: INR 4.2"
+    ident = await a.send("bob@clinique-sud.test", secret_body)
+    await b.events(1)
+    await a.wait_delivered([ident])
+    for process in (a.process, b.process, hub):
+        assert process.terminate() == 0, process.log.read_text()
+    logs = "".join(p.log.read_text() for p in (hub, a.process, b.process))
+    assert "relay chu-nord.test stopped" in logs and "hub hub.eimis.test stopped" in logs
+    assert secret_body not in logs and "Dupont" not in logs
+    assert a.token not in logs and b.token not in logs
+    assert "PRIVATE KEY" not in logs
+    assert "Traceback" not in logs
+
+
+async def test_unconfigured_relay_says_what_to_do(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "run", "--config", str(tmp_path / "relay.toml")],
+        capture_output=True, text=True, timeout=STEP, env={**os.environ, "CONFIGURATION_DIRECTORY": str(tmp_path)},
+    )
+    assert result.returncode == 1
+    assert "relay.toml" in result.stderr and "check-config" in result.stderr

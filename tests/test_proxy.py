@@ -1,0 +1,97 @@
+"""The uplink through a hospital's HTTP CONNECT proxy: TLS stays end to end."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import replace
+
+import pytest
+import trio
+
+from conftest import Space
+from relay.config import Proxy
+
+
+class ConnectProxy:
+    """A minimal CONNECT proxy that records what it was asked, and can
+    demand basic credentials."""
+
+    def __init__(self, credentials: tuple[str, str] | None = None) -> None:
+        self.credentials = credentials
+        self.requests: list[bytes] = []
+        self.port = 0
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        async with listeners[0]:
+            await trio.serve_listeners(self._handle, listeners, task_status=task_status)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        async with client:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = await client.receive_some(4096)
+                if not chunk:
+                    return
+                head += chunk
+            self.requests.append(head)
+            request_line = head.split(b"\r\n")[0].decode()
+            method, target, _ = request_line.split(" ")
+            if self.credentials is not None:
+                expected = base64.b64encode(":".join(self.credentials).encode())
+                if b"Proxy-Authorization: Basic " + expected not in head:
+                    await client.send_all(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+                    return
+            host, port = target.rsplit(":", 1)
+            async with await trio.open_tcp_stream(host, int(port)) as upstream:
+                await client.send_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                async with trio.open_nursery(strict_exception_groups=True) as nursery:
+                    nursery.start_soon(_pipe, client, upstream, nursery.cancel_scope)
+                    nursery.start_soon(_pipe, upstream, client, nursery.cancel_scope)
+
+
+async def _pipe(source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope) -> None:
+    try:
+        while data := await source.receive_some(65536):
+            await sink.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    scope.cancel()
+
+
+@pytest.mark.parametrize("credentials", [None, ("relay", "s3cret")])
+async def test_uplink_through_proxy(stopped_space: Space, credentials: tuple[str, str] | None) -> None:
+    space = stopped_space
+    proxy = ConnectProxy(credentials)
+    await space.nursery.start(proxy.serve)
+    await space.start_hub()
+    user, password = credentials or (None, None)
+    space.a.config = replace(space.a.config, uplink=replace(
+        space.a.config.uplink, proxy=Proxy("127.0.0.1", proxy.port, user, password)))
+    for relay in space.relays:
+        await space.start_relay(relay)
+    ident = await space.send(space.a, ["bob@clinique-sud.test"], "via the proxy")
+    [event] = await space.events(space.b, 1)
+    assert event["message"]["id"] == ident
+    await space.wait_status(space.a, ident, "delivered")
+    hub_port = space.hub_config.listen.port
+    assert proxy.requests[0].startswith(f"CONNECT 127.0.0.1:{hub_port} HTTP/1.1\r\n".encode())
+    # The proxy saw the CONNECT line and TLS records, never the message.
+    assert all(b"via the proxy" not in r for r in proxy.requests)
+
+
+async def test_proxy_refusal_is_reported_and_retried(stopped_space: Space) -> None:
+    space = stopped_space
+    proxy = ConnectProxy(credentials=("relay", "right"))
+    await space.nursery.start(proxy.serve)
+    await space.start_hub()
+    space.a.config = replace(space.a.config, uplink=replace(
+        space.a.config.uplink, proxy=Proxy("127.0.0.1", proxy.port, "relay", "wrong"), backoff_initial=0.05))
+    await space.start_relay(space.a, wait_connected=False)
+    with trio.fail_after(10):
+        while len(proxy.requests) < 2:  # refused, then tried again after a backoff
+            await trio.sleep(0.02)
+    async with space.a.client() as client:
+        health = (await client.get("/healthz")).json()
+    assert health["uplink"] in ("down", "connecting")
