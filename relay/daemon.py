@@ -21,7 +21,7 @@ from .http_server import HttpServer
 from .hub import Hub
 from .local_api import LocalApi, too_large
 from .paths import state_dir
-from .sdnotify import notify
+from .sdnotify import notify, watchdog
 from .store import Store
 from .tls import local_server_context
 from .uplink import Uplink
@@ -50,6 +50,7 @@ async def run_relay(config: RelayConfig, *, task_status: trio.TaskStatus[list[tr
             async with trio.open_nursery(strict_exception_groups=True) as nursery:
                 await nursery.start(server.serve, listeners)
                 nursery.start_soon(uplink.run)
+                nursery.start_soon(watchdog)
                 log.info("relay %s: local API on %s, store %s", config.domain, _names(listeners), path)
                 notify("READY=1", f"STATUS=relay {config.domain} serving")
                 task_status.started(listeners)
@@ -71,6 +72,7 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[list[trio.S
         with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
             async with trio.open_nursery(strict_exception_groups=True) as nursery:
                 listeners = await nursery.start(hub.serve)
+                nursery.start_soon(watchdog)
                 notify("READY=1", f"STATUS=hub {config.name} serving")
                 task_status.started(listeners)
                 async for signum in signals:
