@@ -1,0 +1,378 @@
+"""The relay's units of work, on a real SQLite file migrated by `store.migrate`.
+
+Most tests call the units directly on a connection (as the writer thread
+does, minus the group transaction); the last ones go through a real `Store`.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from pathlib import Path
+
+import pytest
+import trio
+
+from relay import protocol, relay_store
+from relay.protocol import Envelope, Failure, InboxItem, Outcome, Receipt
+from relay.relay_store import Submission
+from relay.store import Store, connect, migrate
+
+STEP = 15.0
+
+HOME = "chu-nord.test"
+ALICE = f"alice@{HOME}"
+ANNE = f"anne@{HOME}"
+BOB = "bob@clinique-sud.test"
+CAROL = "carol@clinique-sud.test"
+DAVE = "dave@ehpad-est.test"
+
+
+@pytest.fixture
+def conn(tmp_path: Path):
+    conn = connect(tmp_path / "relay.db")
+    migrate(conn, relay_store.MIGRATIONS, "relay")
+    yield conn
+    conn.close()
+
+
+def submission(ident: str, *, to=(BOB, CAROL, DAVE), priority="normal", system="messenger",
+               idem_key=None, body="Bonjour", thread=None) -> Submission:
+    return Submission(ident, HOME, system, idem_key, ALICE, tuple(to), thread, priority, body)
+
+
+def count(conn: sqlite3.Connection, table: str) -> int:
+    return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def statuses(conn: sqlite3.Connection, ident: str) -> dict[str, tuple[str, str | None]]:
+    return {
+        address: (status, reason)
+        for address, status, reason in conn.execute(
+            "SELECT address, status, reason FROM recipient WHERE message_id = ?", (ident,)
+        )
+    }
+
+
+# -- submit --------------------------------------------------------------------------------
+
+
+def test_submit_stores_the_message_its_recipients_and_one_outbox_row_per_domain(conn) -> None:
+    assert relay_store.submit(conn, submission("msg-00000001", thread="t-1")) == ("msg-00000001", True)
+
+    row = conn.execute(
+        "SELECT domain, system, sender, recipients, thread, priority, body FROM message WHERE id = ?",
+        ("msg-00000001",),
+    ).fetchone()
+    assert row[:3] == (HOME, "messenger", ALICE)
+    assert protocol.unpack(row[3], "recipients") == [BOB, CAROL, DAVE]
+    assert row[4:] == ("t-1", "normal", "Bonjour")
+    assert statuses(conn, "msg-00000001") == {BOB: ("queued", None), CAROL: ("queued", None), DAVE: ("queued", None)}
+    outbox = conn.execute("SELECT domain, message_id, dest, lane FROM outbox ORDER BY seq").fetchall()
+    assert outbox == [
+        (HOME, "msg-00000001", "clinique-sud.test", relay_store.NORMAL),
+        (HOME, "msg-00000001", "ehpad-est.test", relay_store.NORMAL),
+    ]
+
+
+def test_an_urgent_message_goes_to_the_urgent_lane(conn) -> None:
+    relay_store.submit(conn, submission("msg-00000001", to=(BOB,), priority="urgent"))
+    assert conn.execute("SELECT lane FROM outbox").fetchall() == [(relay_store.URGENT,)]
+    assert relay_store.outbox_depth(conn) == {"urgent": 1, "normal": 0}
+
+
+def test_an_idempotency_key_returns_the_first_id_and_creates_nothing(conn) -> None:
+    assert relay_store.submit(conn, submission("msg-00000001", idem_key="k-1")) == ("msg-00000001", True)
+    before = [count(conn, t) for t in ("message", "recipient", "outbox")]
+    again = submission("msg-00000002", idem_key="k-1", body="different, on purpose")
+    assert relay_store.submit(conn, again) == ("msg-00000001", False)
+    assert [count(conn, t) for t in ("message", "recipient", "outbox")] == before
+    # The key belongs to the system: another system's equal key is another message.
+    other = submission("msg-00000003", idem_key="k-1", system="lab")
+    assert relay_store.submit(conn, other) == ("msg-00000003", True)
+    # Without a key, nothing is deduplicated.
+    assert relay_store.submit(conn, submission("msg-00000004"))[1]
+    assert relay_store.submit(conn, submission("msg-00000005"))[1]
+    assert count(conn, "message") == 4
+
+
+# -- next_batch and apply_outcomes -----------------------------------------------------------
+
+
+def test_next_batch_is_urgent_first_then_submission_order(conn) -> None:
+    for ident, priority in [("n1-aaaaaaaa", "normal"), ("u1-aaaaaaaa", "urgent"), ("n2-aaaaaaaa", "normal"),
+                            ("u2-aaaaaaaa", "urgent")]:
+        relay_store.submit(conn, submission(ident, to=(BOB,), priority=priority))
+    batch = relay_store.next_batch(conn, HOME, 10)
+    assert [env.id for _, env in batch] == ["u1-aaaaaaaa", "u2-aaaaaaaa", "n1-aaaaaaaa", "n2-aaaaaaaa"]
+    assert [env.priority for _, env in batch] == ["urgent", "urgent", "normal", "normal"]
+    # Within a lane, the queue positions grow.
+    assert batch[0][0] < batch[1][0] and batch[2][0] < batch[3][0]
+    assert [env.id for _, env in relay_store.next_batch(conn, HOME, 3)] == [e.id for _, e in batch[:3]]
+    # Another domain's outbox is not this one's.
+    assert relay_store.next_batch(conn, "other.test", 10) == []
+
+
+def test_next_batch_builds_one_envelope_per_destination_domain(conn) -> None:
+    relay_store.submit(conn, submission("msg-00000001", to=(BOB, DAVE, CAROL), thread="t", body="x"))
+    accepted_at = conn.execute("SELECT accepted_at FROM message").fetchone()[0]
+    batch = relay_store.next_batch(conn, HOME, 10)
+    envelopes = {env.dest: env for _, env in batch}
+    assert set(envelopes) == {"clinique-sud.test", "ehpad-est.test"}
+    assert envelopes["clinique-sud.test"] == Envelope(
+        "msg-00000001", ALICE, (BOB, DAVE, CAROL), (BOB, CAROL), "x", "t", "normal", accepted_at
+    )
+    assert envelopes["ehpad-est.test"].rcpt == (DAVE,)
+    # What the uplink sends is a valid v1 envelope.
+    for env in envelopes.values():
+        assert Envelope.from_wire(protocol.unpack(protocol.pack(env.to_wire()), "envelope")) == env
+
+
+def test_apply_outcomes_moves_recipients_and_empties_the_outbox(conn) -> None:
+    relay_store.submit(conn, submission("msg-00000001", to=(BOB, CAROL, DAVE)))
+    batch = relay_store.next_batch(conn, HOME, 10)
+    outcomes = {
+        "clinique-sud.test": Outcome(True),
+        "ehpad-est.test": Outcome(False, protocol.UNKNOWN_DOMAIN, "no relay"),
+    }
+    relay_store.apply_outcomes(conn, [(seq, env, outcomes[env.dest]) for seq, env in batch])
+    assert count(conn, "outbox") == 0
+    assert relay_store.next_batch(conn, HOME, 10) == []
+    assert statuses(conn, "msg-00000001") == {
+        BOB: ("sent", None),
+        CAROL: ("sent", None),
+        DAVE: ("failed", protocol.UNKNOWN_DOMAIN),
+    }
+    assert relay_store.outbox_depth(conn) == {"urgent": 0, "normal": 0}
+
+
+def receipt(seq: int, ident: str, rcpt: tuple[str, ...], status: str, reason: str | None = None) -> InboxItem:
+    return InboxItem(seq, receipt=Receipt(ident, rcpt, status, reason))
+
+
+def no_systems(address: str) -> list[str]:
+    return []
+
+
+def test_statuses_only_move_forward(conn) -> None:
+    relay_store.submit(conn, submission("msg-00000001", to=(BOB, CAROL)))
+    [(seq, env)] = relay_store.next_batch(conn, HOME, 10)
+    # The receipt overtakes the hub's answer (the answer was lost and resent).
+    relay_store.take_inbound(conn, HOME, [receipt(1, env.id, (BOB,), "delivered")], no_systems)
+    relay_store.take_inbound(
+        conn, HOME, [receipt(2, env.id, (CAROL,), "failed", protocol.UNKNOWN_RECIPIENT)], no_systems
+    )
+    relay_store.apply_outcomes(conn, [(seq, env, Outcome(True))])
+    assert statuses(conn, env.id) == {BOB: ("delivered", None), CAROL: ("failed", protocol.UNKNOWN_RECIPIENT)}
+    # Repeated or contradicting news after a final status changes nothing.
+    relay_store.take_inbound(
+        conn, HOME,
+        [receipt(3, env.id, (BOB,), "failed", "late"), receipt(4, env.id, (CAROL,), "delivered"),
+         receipt(5, env.id, (BOB,), "delivered")],
+        no_systems,
+    )
+    assert statuses(conn, env.id) == {BOB: ("delivered", None), CAROL: ("failed", protocol.UNKNOWN_RECIPIENT)}
+
+
+def test_a_receipt_moves_queued_and_sent_recipients(conn) -> None:
+    relay_store.submit(conn, submission("msg-00000001", to=(BOB, CAROL)))
+    [(seq, env)] = relay_store.next_batch(conn, HOME, 10)
+    relay_store.apply_outcomes(conn, [(seq, env, Outcome(True))])
+    assert statuses(conn, env.id)[BOB] == ("sent", None)
+    relay_store.take_inbound(conn, HOME, [receipt(1, env.id, (BOB, CAROL), "delivered")], no_systems)
+    assert statuses(conn, env.id) == {BOB: ("delivered", None), CAROL: ("delivered", None)}
+
+
+@pytest.mark.parametrize(
+    ("statuses_", "overall"),
+    [
+        ([], "queued"),
+        (["delivered"], "delivered"),
+        (["delivered", "delivered"], "delivered"),
+        (["queued", "delivered"], "queued"),
+        (["sent", "delivered"], "sent"),
+        (["queued", "sent"], "queued"),
+        (["failed", "delivered"], "failed"),  # a failure outranks a delivery
+        (["sent", "failed"], "sent"),  # the least advanced recipient
+        (["failed", "failed"], "failed"),
+    ],
+)
+def test_overall_status(statuses_: list[str], overall: str) -> None:
+    assert relay_store.overall_status(iter(statuses_)) == overall
+
+
+def test_message_status_only_for_the_sending_system(conn) -> None:
+    relay_store.submit(conn, submission("msg-00000001", to=(BOB, DAVE)))
+    batch = relay_store.next_batch(conn, HOME, 10)
+    relay_store.apply_outcomes(conn, [
+        (seq, env, Outcome(True) if env.dest == "clinique-sud.test" else Outcome(False, "unknown_domain"))
+        for seq, env in batch
+    ])
+    assert relay_store.message_status(conn, "msg-00000001", "messenger") == {
+        "id": "msg-00000001",
+        "status": "sent",
+        "recipients": {BOB: {"status": "sent"}, DAVE: {"status": "failed", "reason": "unknown_domain"}},
+    }
+    assert relay_store.message_status(conn, "msg-00000001", "lab") is None
+    assert relay_store.message_status(conn, "msg-nothing-such", "messenger") is None
+
+
+# -- take_inbound and events ------------------------------------------------------------------------
+
+SERVING = {ALICE: ["messenger", "lab"], ANNE: ["messenger"]}
+
+
+def serving(address: str) -> list[str]:
+    return SERVING.get(address, [])
+
+
+def inbound(seq: int, ident: str = "in-00000001", *, rcpt=(ALICE, ANNE), origin="clinique-sud.test",
+            body="Résultats", **fields) -> InboxItem:
+    sender = fields.pop("sender", f"bob@{origin}")
+    env = Envelope(ident, sender, fields.pop("to", rcpt), rcpt, body, fields.pop("thread", None),
+                   fields.pop("priority", "normal"), fields.pop("sent_at", 1_700_000_000.5), origin)
+    assert not fields
+    return InboxItem(seq, envelope=env)
+
+
+def test_take_inbound_fans_out_one_event_per_system(conn) -> None:
+    failures, woken = relay_store.take_inbound(conn, HOME, [inbound(1)], serving)
+    assert failures == []
+    assert woken == {"messenger", "lab"}
+    # messenger serves both recipients but gets the message once.
+    assert [(e["cursor"] > 0, e["message"]["id"]) for e in relay_store.events(conn, "messenger", 0, 10)] == [
+        (True, "in-00000001")]
+    assert [e["message"]["id"] for e in relay_store.events(conn, "lab", 0, 10)] == ["in-00000001"]
+    assert relay_store.events(conn, "nobody", 0, 10) == []
+    assert count(conn, "inbound") == 1
+
+
+def test_the_same_message_twice_makes_one_event(conn) -> None:
+    relay_store.take_inbound(conn, HOME, [inbound(1)], serving)
+    # Resent after a lost ack, even at another queue position, and twice in one batch.
+    failures, woken = relay_store.take_inbound(conn, HOME, [inbound(7), inbound(8)], serving)
+    assert (failures, woken) == ([], set())
+    assert len(relay_store.events(conn, "messenger", 0, 10)) == 1
+    assert count(conn, "inbound") == 1 and count(conn, "event") == 2
+
+
+def test_the_duplicate_filter_is_per_origin(conn) -> None:
+    relay_store.take_inbound(conn, HOME, [inbound(1, origin="clinique-sud.test")], serving)
+    _, woken = relay_store.take_inbound(conn, HOME, [inbound(2, origin="ehpad-est.test")], serving)
+    assert woken == {"messenger", "lab"}
+    page = relay_store.events(conn, "messenger", 0, 10)
+    assert [e["message"]["origin"] for e in page] == [{"domain": "clinique-sud.test"}, {"domain": "ehpad-est.test"}]
+
+
+def test_unknown_recipients_are_reported_every_time(conn) -> None:
+    ghost = f"ghost@{HOME}"
+    item = inbound(4, rcpt=(ALICE, ghost))
+    expected = [Failure(4, (ghost,), protocol.UNKNOWN_RECIPIENT)]
+    assert relay_store.take_inbound(conn, HOME, [item], serving) == (expected, {"messenger", "lab"})
+    # The duplicate creates nothing but rebuilds the same ack.
+    assert relay_store.take_inbound(conn, HOME, [item], serving) == (expected, set())
+    assert len(relay_store.events(conn, "lab", 0, 10)) == 1
+
+
+def test_a_message_for_nobody_here_is_reported_and_not_stored(conn) -> None:
+    ghosts = (f"ghost@{HOME}", f"phantom@{HOME}")
+    item = inbound(5, rcpt=ghosts)
+    for _ in range(2):
+        assert relay_store.take_inbound(conn, HOME, [item], serving) == (
+            [Failure(5, ghosts, protocol.UNKNOWN_RECIPIENT)], set())
+    assert count(conn, "inbound") == 0 and count(conn, "event") == 0
+
+
+def test_a_misrouted_envelope_is_reported_and_not_stored(conn) -> None:
+    item = inbound(6, rcpt=(BOB,), origin="ehpad-est.test")
+    assert item.envelope.dest != HOME
+    assert relay_store.take_inbound(conn, HOME, [item], lambda a: ["messenger"]) == (
+        [Failure(6, (BOB,), "misrouted")], set())
+    assert count(conn, "inbound") == 0 and count(conn, "event") == 0
+
+
+def test_a_batch_mixes_messages_receipts_and_failures(conn) -> None:
+    relay_store.submit(conn, submission("msg-00000001", to=(BOB,)))
+    ghost = f"ghost@{HOME}"
+    items = [
+        inbound(10, "in-00000001"),
+        receipt(11, "msg-00000001", (BOB,), "delivered"),
+        inbound(12, "in-00000002", rcpt=(ghost,)),
+        inbound(13, "in-00000003", rcpt=(ANNE,)),
+    ]
+    failures, woken = relay_store.take_inbound(conn, HOME, items, serving)
+    assert failures == [Failure(12, (ghost,), protocol.UNKNOWN_RECIPIENT)]
+    assert woken == {"messenger", "lab"}
+    assert statuses(conn, "msg-00000001") == {BOB: ("delivered", None)}
+    assert [e["message"]["id"] for e in relay_store.events(conn, "messenger", 0, 10)] == [
+        "in-00000001", "in-00000003"]
+
+
+def test_events_page_in_cursor_order(conn) -> None:
+    for i in range(1, 8):
+        relay_store.take_inbound(conn, HOME, [inbound(i, f"in-0000000{i}", rcpt=(ANNE,))], serving)
+    every = relay_store.events(conn, "messenger", 0, 100)
+    cursors = [e["cursor"] for e in every]
+    assert cursors == sorted(cursors) and len(set(cursors)) == 7 and cursors[0] > 0
+    assert [e["message"]["id"] for e in every] == [f"in-0000000{i}" for i in range(1, 8)]
+    # Paging: `after` is the last cursor seen, `limit` the page size.
+    pages, after = [], 0
+    while page := relay_store.events(conn, "messenger", after, 3):
+        pages.append([e["message"]["id"] for e in page])
+        after = page[-1]["cursor"]
+    assert [len(p) for p in pages] == [3, 3, 1]
+    assert sum(pages, []) == [e["message"]["id"] for e in every]
+    assert relay_store.events(conn, "messenger", cursors[-1], 10) == []
+    # Another system's events do not consume this system's cursor space.
+    assert relay_store.events(conn, "lab", 0, 100) == []
+
+
+def test_an_event_carries_the_message(conn) -> None:
+    item = inbound(1, rcpt=(ALICE,), to=(ALICE, BOB), thread="dossier-7", priority="urgent",
+                   sent_at=1_700_000_000.25, body="Résultats: normaux")
+    relay_store.take_inbound(conn, HOME, [item], serving)
+    [event] = relay_store.events(conn, "lab", 0, 10)
+    assert event == {
+        "cursor": event["cursor"],
+        "type": "message",
+        "message": {
+            "id": "in-00000001",
+            "from": "bob@clinique-sud.test",
+            "to": [ALICE, BOB],
+            "body": "Résultats: normaux",
+            "thread": "dossier-7",
+            "priority": "urgent",
+            "sent_at": "2023-11-14T22:13:20.250Z",
+            "origin": {"domain": "clinique-sud.test"},
+        },
+    }
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", event["message"]["sent_at"])
+
+
+# -- through a real Store ---------------------------------------------------------------------------
+
+
+async def test_units_through_a_store_survive_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "relay.db"
+    with trio.fail_after(STEP):
+        async with Store.open(path, relay_store.MIGRATIONS) as store:
+            # The same Idempotency-Key twice in one group: one message.
+            results = []
+
+            async def submit(ident: str) -> None:
+                results.append(await store.run(
+                    "submit", lambda c: relay_store.submit(c, submission(ident, idem_key="same"))))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(submit, "msg-00000001")
+                nursery.start_soon(submit, "msg-00000002")
+            first = next(ident for ident, created in results if created)
+            assert sorted(results) == sorted([(first, True), (first, False)])
+            await store.run("take", lambda c: relay_store.take_inbound(c, HOME, [inbound(1)], serving))
+
+        async with Store.open(path, relay_store.MIGRATIONS) as store:
+            batch = await store.run("next_batch", lambda c: relay_store.next_batch(c, HOME, 10))
+            page = await store.run("events", lambda c: relay_store.events(c, "lab", 0, 10))
+    assert sorted(env.dest for _, env in batch) == ["clinique-sud.test", "ehpad-est.test"]
+    assert {env.id for _, env in batch} == {first}
+    assert [e["message"]["id"] for e in page] == ["in-00000001"]
