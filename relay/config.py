@@ -18,7 +18,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import SplitResult, unquote, urlsplit
@@ -104,6 +104,10 @@ class LocalSystem:
     # The relay's domain, the only one "*" covers. The loader always sets it;
     # None, for objects built by hand, lets "*" cover any address.
     domain: str | None = None
+    # Push delivery of this system's events: where, and the HMAC key that
+    # signs each POST (read from webhook_secret_file; never printed).
+    webhook_url: str | None = None
+    webhook_secret: bytes | None = field(default=None, repr=False)
 
     def may_send_as(self, address: str) -> bool:
         """Whether this system may send messages from `address`."""
@@ -161,6 +165,23 @@ class LocalApi:
 
 
 @dataclass(frozen=True)
+class Delivery:
+    """Time limits of the delivery promise (docs/guarantees.md), in seconds."""
+
+    message_ttl: float = 7 * 86400  # undelivered after this: failed, reason "expired"
+    delay_warning: float = 15 * 60  # not delivered after this: a "delayed" event
+    event_retention: float = 30 * 86400  # events a system never read are dropped after this
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    """The store's size ceiling; above high_water x max_bytes only urgent messages are taken."""
+
+    max_bytes: int = 4 * 1024**3
+    high_water: float = 0.8
+
+
+@dataclass(frozen=True)
 class RelayConfig:
     """A relay's configuration; state_dir None means the default chosen at startup."""
 
@@ -171,6 +192,8 @@ class RelayConfig:
     uplink: Uplink
     local_api: LocalApi
     local_systems: tuple[LocalSystem, ...]
+    delivery: Delivery = Delivery()
+    store: StoreLimits = StoreLimits()
 
     def system_for_token(self, token: str) -> LocalSystem | None:
         """The system whose token this is, if any.
@@ -212,8 +235,14 @@ def load_relay_config(path: str | os.PathLike) -> RelayConfig:
     domain = relay.get("domain", _domain)
     state_dir = relay.get("state_dir", file.resolve, None)
     log_level = relay.get("log_level", _log_level, _DEFAULT_LOG_LEVEL)
+    delivery = Delivery(
+        message_ttl=relay.get("message_ttl", _duration, Delivery.message_ttl),
+        delay_warning=relay.get("delay_warning", _duration, Delivery.delay_warning),
+        event_retention=relay.get("event_retention", _duration, Delivery.event_retention),
+    )
     uplink = _read_uplink(file.root.table("uplink"))
     local_api = _read_local_api(file.root.table("local_api", required=False))
+    store = _read_store(file.root.table("store", required=False))
     local_systems = _read_local_systems(file.root.tables("local_system"), domain)
     file.finish()
     return RelayConfig(
@@ -224,6 +253,8 @@ def load_relay_config(path: str | os.PathLike) -> RelayConfig:
         uplink=uplink,
         local_api=local_api,
         local_systems=local_systems,
+        delivery=delivery,
+        store=store,
     )
 
 
@@ -297,6 +328,14 @@ def _read_local_api(table: _Table) -> LocalApi | None:
     return LocalApi(**values) if table.valid else None
 
 
+def _read_store(table: _Table) -> StoreLimits | None:
+    values = dict(
+        max_bytes=table.get("max_size", _size, StoreLimits.max_bytes),
+        high_water=table.get("high_water", _fraction, StoreLimits.high_water),
+    )
+    return StoreLimits(**values) if table.valid else None
+
+
 def _read_local_systems(tables: list[_Table], domain: str | None) -> tuple[LocalSystem, ...]:
     """Read the [[local_system]] tables.
 
@@ -313,6 +352,11 @@ def _read_local_systems(tables: list[_Table], domain: str | None) -> tuple[Local
         users = table.get_list("users", parse_user)
         if users == ():
             table.problem("users", 'expected at least one address or "*", got []')
+        webhook_url = table.get("webhook_url", _webhook_url, None)
+        secret_file = table.get("webhook_secret_file", table.file.resolve, None)
+        if webhook_url is not None and secret_file is None:
+            table.problem("webhook_secret_file", "missing, required when webhook_url is set")
+        secret = _read_secret(table, "webhook_secret_file", secret_file) if secret_file else None
         _require_unique(table, "name", name, names)
         _require_unique(table, "token_sha256", token_sha256, tokens)
         if table.valid:
@@ -323,6 +367,8 @@ def _read_local_systems(tables: list[_Table], domain: str | None) -> tuple[Local
                     users=frozenset(users) - {"*"},
                     all_users="*" in users,
                     domain=domain,
+                    webhook_url=webhook_url,
+                    webhook_secret=secret,
                 )
             )
     return tuple(systems)
@@ -441,6 +487,71 @@ def _seconds(value: object) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf:
         return float(value)
     raise _expected("seconds > 0", value)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZES = {"": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _duration(value: object) -> float:
+    """Seconds, or a string such as "90s", "15m", "12h", "7d"."""
+    if isinstance(value, str) and (match := re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd])", value.strip())):
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+        if seconds > 0:
+            return seconds
+    elif isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf:
+        return float(value)
+    raise _expected('a duration > 0 (seconds, or a string like "15m", "12h", "7d")', value)
+
+
+def _size(value: object) -> int:
+    """Bytes, or a string such as "500MiB", "2GiB", "10GB"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str) and (match := re.fullmatch(r"(\d+)\s*([kmg]i?b)?", value.strip().lower())):
+        size = int(match.group(1)) * _SIZES[match.group(2) or ""]
+        if size > 0:
+            return size
+    raise _expected('a size > 0 (bytes, or a string like "500MiB", "2GiB")', value)
+
+
+def _fraction(value: object) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1:
+        return float(value)
+    raise _expected("a fraction > 0 and <= 1", value)
+
+
+def _webhook_url(value: object) -> str:
+    try:
+        url = urlsplit(value) if isinstance(value, str) else None
+        valid = (
+            url is not None
+            and url.scheme in ("http", "https")
+            and _is_host(url.hostname or "")
+            and url.port != 0
+            and url.username is None
+            and not url.fragment
+        )
+    except ValueError:  # a bad port or IPv6 literal
+        valid = False
+    if not valid:
+        raise _expected("an http:// or https:// URL", value)
+    return value
+
+
+def _read_secret(table: _Table, key: str, path: Path) -> bytes | None:
+    """A secret kept in its own file, which only the relay's user may read."""
+    try:
+        mode = path.stat().st_mode
+        secret = path.read_bytes().strip()
+    except OSError as error:
+        table.problem(key, f"cannot read {path}: {error.strerror or error}")
+        return None
+    if mode & 0o077:
+        table.problem(key, f"{path} is readable by group or others (mode {mode & 0o777:o}); chmod 600 it")
+    elif len(secret) < 16:
+        table.problem(key, f"{path} holds fewer than 16 bytes: too short for a signing key")
+    return secret
 
 
 def _integer(low: int, high: int | None = None) -> _Parser[int]:

@@ -18,6 +18,7 @@ import trio
 from . import hub_store, relay_store
 from .config import HubConfig, RelayConfig
 from .http_server import HttpServer
+from .housekeeping import Housekeeping
 from .hub import Hub
 from .local_api import LocalApi, too_large
 from .paths import state_dir
@@ -26,6 +27,7 @@ from .store import Store
 from .tls import local_server_context
 from .uplink import Uplink
 from .wakeup import Signal
+from .webhook import WebhookPusher
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,10 @@ async def run_relay(config: RelayConfig, *, task_status: trio.TaskStatus[list[tr
             async with trio.open_nursery(strict_exception_groups=True) as nursery:
                 await nursery.start(server.serve, listeners)
                 nursery.start_soon(uplink.run)
+                nursery.start_soon(Housekeeping(store, config.delivery, api.events_arrived).run)
+                for system in config.local_systems:
+                    if system.webhook_url is not None:
+                        nursery.start_soon(WebhookPusher(system, store, api.signal(system.name)).run)
                 nursery.start_soon(watchdog)
                 log.info("relay %s: local API on %s, store %s", config.domain, _names(listeners), path)
                 notify("READY=1", f"STATUS=relay {config.domain} serving")

@@ -107,7 +107,8 @@ class H2Stream:
         self.headers: Headers | None = None
         self._headers_ready = trio.Event()
         self._chunks: deque[tuple[bytes, int]] = deque()
-        self._ended = False
+        self._ended = False  # the peer ended its side (END_STREAM received)
+        self._sent_end = False  # we ended ours (END_STREAM sent)
         self._error: Exception | None = None
         self._data_ready = trio.Event()
         self._window_open = trio.Event()
@@ -125,10 +126,10 @@ class H2Stream:
     async def receive_some(self) -> bytes:
         """Next chunk of the body; ``b""`` once the peer ended the stream."""
         while not self._chunks:
+            if self._ended:  # complete, even if a RST_STREAM followed (RFC 9113 §8.1)
+                return b""
             if self._error is not None:
                 raise self._error
-            if self._ended:
-                return b""
             self._data_ready = trio.Event()
             await self._data_ready.wait()
         data, flow_len = self._chunks.popleft()
@@ -148,24 +149,27 @@ class H2Stream:
     # -- sending -----------------------------------------------------------
 
     def send_headers(self, headers: Headers, *, end_stream: bool = False) -> None:
+        if self._error is not None:
+            raise self._error  # not h2's StreamClosedError
         self._conn._send_headers(self.id, headers, end_stream)
 
     async def send_data(self, data: bytes, *, end_stream: bool = False) -> None:
         """Send ``data``, waiting for flow-control credit as needed."""
         view = memoryview(data)
         while True:
+            # Checked first: h2 would raise its own StreamClosedError for a
+            # stream the peer (or we) already reset.
+            if self._error is not None:
+                raise self._error
             window = self._conn._send_window(self.id)
             if window > 0 or not view:
                 chunk, view = view[:window], view[window:]
                 self._conn._send_data(self.id, bytes(chunk), end_stream and not view)
                 if not view:
                     return
-            if self._error is not None:
-                raise self._error
+                continue  # park only when the window is empty, not after every chunk
             self._window_open = trio.Event()
             await self._window_open.wait()
-            if self._error is not None:
-                raise self._error
 
     async def send_response(self, status: int, headers: Headers, body: bytes) -> None:
         self.send_headers([(b":status", str(status).encode()), *headers], end_stream=not body)
@@ -177,10 +181,15 @@ class H2Stream:
         if self._error is None:
             self._fail(StreamReset(f"stream {self.id} reset locally"))
             self._conn._reset(self.id, code)
-            # Data received but never read still counts against the
-            # connection window: give it back.
-            while self._chunks:
-                self._conn._credit(self.id, self._chunks.popleft()[1])
+        # Even when the peer reset it first: whatever was received but never
+        # read is dropped, and given back to the connection window.
+        self._drop_unread()
+
+    def _drop_unread(self) -> None:
+        """Credit buffered DATA nobody will read: it still counts against the
+        connection window, which would otherwise shrink for good."""
+        while self._chunks:
+            self._conn._credit(self.id, self._chunks.popleft()[1])
 
     # -- called by the connection --------------------------------------------
 
@@ -222,6 +231,7 @@ class Http2Connection:
         self._h2 = h2.connection.H2Connection(config=config)
         self._streams: dict[int, H2Stream] = {}
         self._writer_wakeup = trio.Event()
+        self._flushed = trio.Event()  # set by the writer when it runs out of bytes
         self._outbound = bytearray()  # frames written behind h2's back: GOAWAY
         self._pong = trio.Event()
         self._closed: ConnectionClosed | None = None
@@ -311,7 +321,14 @@ class Http2Connection:
         )
         try:
             if body:
-                await stream.send_data(body, end_stream=True)
+                try:
+                    await stream.send_data(body, end_stream=True)
+                except StreamReset:
+                    # A server may answer before reading the whole body, then
+                    # reset with NO_ERROR: "clients MUST NOT discard responses"
+                    # (RFC 9113 §8.1).
+                    if not stream._ended:
+                        raise
             headers = await stream.receive_headers()
             return status_of(headers), await stream.read_body(limit)
         finally:
@@ -337,6 +354,8 @@ class Http2Connection:
         self.send_goaway()
         with trio.move_on_after(self._settings.drain_timeout):
             await self._no_streams.wait()
+            # The last answers are queued in h2, not yet written.
+            await self._flush()
         self.abort()
 
     def abort(self) -> None:
@@ -359,6 +378,7 @@ class Http2Connection:
                     self._cancel_scope.cancel()
                     return
             else:
+                self._flushed.set()  # everything queued so far is written
                 self._writer_wakeup = trio.Event()
                 await self._writer_wakeup.wait()
 
@@ -405,14 +425,22 @@ class Http2Connection:
                 return
 
     async def _flush_then_stop(self) -> None:
-        data = self._h2.data_to_send()
-        if data:
-            with trio.move_on_after(1):
-                try:
-                    await self._stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+        # The GOAWAY h2 queued goes out through the writer, which may be in
+        # the middle of a send_all right now: a second writer would get
+        # BusyResourceError.  Bounded: the peer may not be reading.
+        with trio.move_on_after(1):
+            await self._flush()
         self._die(ConnectionClosed(f"protocol error on connection to {self.name}"))
+
+    async def _flush(self) -> None:
+        """Wait until the writer has written everything queued so far (or
+        the connection died)."""
+        # A new event only when the current one is set: another task may be
+        # waiting on it, and the writer sets only the current one.
+        if self._flushed.is_set() and self._closed is None:
+            self._flushed = trio.Event()
+        self._kick()
+        await self._flushed.wait()
 
     # -- event dispatch ----------------------------------------------------------
 
@@ -436,7 +464,7 @@ class Http2Connection:
             if stream is not None:
                 stream._ended = True
                 stream._data_ready.set()
-                self._maybe_forget(stream)
+                self._forget_if_done(stream)
         elif isinstance(event, h2.events.StreamReset):
             stream = self._streams.pop(event.stream_id, None)
             if stream is not None:
@@ -472,10 +500,14 @@ class Http2Connection:
             log.exception("request handler failed on stream %d from %s", stream.id, self.name)
             stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
         finally:
-            if not stream._ended:
-                # Answered before the request body was complete (e.g. 413):
-                # ask the client to stop sending (RFC 9113 §8.1).
-                stream.reset(h2.errors.ErrorCodes.NO_ERROR)
+            if not (stream._ended and stream._sent_end):
+                # The handler is done, the stream is not.  Answered before the
+                # request body was complete (e.g. 413): ask the client to stop
+                # sending (RFC 9113 §8.1).  Not answered at all: nobody ever
+                # will, so fail the stream rather than leave the client waiting.
+                code = h2.errors.ErrorCodes.NO_ERROR if stream._sent_end else h2.errors.ErrorCodes.INTERNAL_ERROR
+                stream.reset(code)
+            stream._drop_unread()  # a body the handler left unread
             self._forget_if_done(stream)
 
     def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
@@ -492,7 +524,10 @@ class Http2Connection:
     def _track(self, stream_id: int) -> H2Stream:
         stream = H2Stream(self, stream_id)
         self._streams[stream_id] = stream
-        self._no_streams = trio.Event()
+        # Only when it was set: `aclose_gracefully` may be waiting on the
+        # current one, which must be the one set when the last stream goes.
+        if self._no_streams.is_set():
+            self._no_streams = trio.Event()
         return stream
 
     def _send_headers(self, stream_id: int, headers: Headers, end_stream: bool) -> None:
@@ -500,14 +535,14 @@ class Http2Connection:
         self._h2.send_headers(stream_id, headers, end_stream=end_stream)
         self._kick()
         if end_stream:
-            self._forget_if_done(self._streams.get(stream_id))
+            self._ended_locally(stream_id)
 
     def _send_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         self._check_open()
         self._h2.send_data(stream_id, data, end_stream=end_stream)
         self._kick()
         if end_stream:
-            self._forget_if_done(self._streams.get(stream_id))
+            self._ended_locally(stream_id)
 
     def _send_window(self, stream_id: int) -> int:
         self._check_open()
@@ -535,13 +570,18 @@ class Http2Connection:
                 self._h2.increment_flow_control_window(flow_len)
             self._kick()
 
-    def _forget_if_done(self, stream: H2Stream | None) -> None:
-        if stream is not None and stream._ended:
-            self._maybe_forget(stream)
+    def _ended_locally(self, stream_id: int) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            stream._sent_end = True
+            self._forget_if_done(stream)
 
-    def _maybe_forget(self, stream: H2Stream) -> None:
-        state = self._h2.streams.get(stream.id)
-        if state is None or state.closed:
+    def _forget_if_done(self, stream: H2Stream) -> None:
+        # Both sides ended, by our own account.  Not by h2's stream state: it
+        # already reflects the whole batch of frames being dispatched, e.g. a
+        # RST_STREAM right behind an END_STREAM, whose event must still find
+        # the stream (and wake a sender parked on it).
+        if stream._ended and stream._sent_end:
             self._streams.pop(stream.id, None)
             self._update_no_streams()
 
@@ -567,6 +607,7 @@ class Http2Connection:
                 stream._fail(error)
             self._streams.clear()
             self._no_streams.set()
+            self._flushed.set()  # nothing more will be written
             if self._cancel_scope is not None and not self._cancel_scope.cancel_called:
                 # Let the reader notice; the writer stops with the nursery.
                 self._cancel_scope.cancel()

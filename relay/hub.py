@@ -19,14 +19,18 @@ CA.  Each connection is one `Http2Connection` whose streams are served by
 * ``POST /v1/ack``: positions the relay has durably taken.  They leave the
   queue and each message's origin gets a ``delivered`` (or ``failed``)
   receipt, in the same commit.
+* ``POST /v1/receipts``: ``read`` receipts from a destination relay, each
+  routed to the message's origin if that relay really received it.
 
-Offline domains simply accumulate: store-and-forward is the queue itself.
+Offline domains simply accumulate: store-and-forward is the queue itself,
+until a message's time-to-live runs out and its origin gets ``expired``.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
+import time
 from dataclasses import dataclass, field
 
 import trio
@@ -47,6 +51,8 @@ log = logging.getLogger(__name__)
 INBOX_WINDOW = 2000
 INBOX_FETCH = 200
 HANDSHAKE_TIMEOUT = 10.0
+# How often queued messages are checked against their time-to-live.
+EXPIRY_INTERVAL = 30.0
 
 
 @dataclass
@@ -81,12 +87,21 @@ class Hub:
             async with trio.open_nursery(strict_exception_groups=True) as nursery:
                 for listener in listeners:
                     nursery.start_soon(trio.serve_listeners, self._on_tcp, [listener])
+                nursery.start_soon(self._expire_periodically)
                 log.info("hub %s listening on %s", self.config.name,
                          ", ".join(_sockname(l) for l in listeners))
                 task_status.started(listeners)
         finally:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
+
+    async def _expire_periodically(self) -> None:
+        while True:
+            in_flight = set().union(*(link.unacked for link in self.links.values()))
+            woken = await self.store.run("expire", lambda c: hub_store.expire(c, time.time(), in_flight))
+            for domain in woken:
+                self.link(domain).changed.fire()
+            await trio.sleep(EXPIRY_INTERVAL)
 
     async def shutdown(self) -> None:
         """Graceful stop: GOAWAY on every connection, in-flight requests finish.
@@ -169,6 +184,8 @@ class HubConnection:
                 await self._inbox(stream)
             elif method == b"POST" and path == protocol.PATH_ACK:
                 await self._ack(stream)
+            elif method == b"POST" and path == protocol.PATH_RECEIPTS:
+                await self._receipts(stream)
             else:
                 await _answer(stream, 404, protocol.encode_error("not_found", f"no route for {path}"))
         except ProtocolViolation as exc:
@@ -205,6 +222,18 @@ class HubConnection:
         for origin in woken:
             self.hub.link(origin).changed.fire()
         await _answer(stream, 200, protocol.pack({"v": protocol.VERSION}))
+
+    async def _receipts(self, stream: H2Stream) -> None:
+        raw = protocol.decode_receipts(await stream.read_body(protocol.MAX_TRANSACTION_BYTES))
+        outcomes, woken = await self.hub.store.run(
+            "accept_receipts", lambda c: hub_store.accept_receipts(c, self.domain, raw)
+        )
+        if not all(o.accepted for o in outcomes):
+            log.warning("relay %s sent %d receipt(s) about messages it never received: refused",
+                        self.domain, sum(not o.accepted for o in outcomes))
+        for origin in woken:
+            self.hub.link(origin).changed.fire()
+        await _answer(stream, 200, protocol.encode_outcomes(outcomes))
 
     async def _inbox(self, stream: H2Stream) -> None:
         link = self.hub.link(self.domain)

@@ -37,6 +37,11 @@ MIGRATIONS: list[list[str]] = [
             origin TEXT NOT NULL, payload BLOB NOT NULL)""",
         "CREATE INDEX queue_by_domain ON queue (domain, lane, seq)",
     ],
+    [
+        # Messages carry their time-to-live; the hub fails the expired ones.
+        "ALTER TABLE queue ADD COLUMN expires_at REAL",
+        "CREATE INDEX queue_by_expiry ON queue (expires_at) WHERE expires_at IS NOT NULL",
+    ],
 ]
 
 URGENT, NORMAL = 1, 0
@@ -108,10 +113,58 @@ def _accept_one(
         return Outcome(True), None
     stamped = Envelope(**{**envelope.__dict__, "origin": origin})
     conn.execute(
-        "INSERT INTO queue (domain, lane, kind, origin, payload) VALUES (?, ?, 'message', ?, ?)",
-        (dest, lane_of(envelope.priority), origin, protocol.pack(stamped.to_wire())),
+        "INSERT INTO queue (domain, lane, kind, origin, payload, expires_at) VALUES (?, ?, 'message', ?, ?, ?)",
+        (dest, lane_of(envelope.priority), origin, protocol.pack(stamped.to_wire()), envelope.expires_at),
     )
     return Outcome(True), dest
+
+
+def accept_receipts(conn: sqlite3.Connection, domain: str, raw_receipts: list[object]) -> tuple[list[Outcome], set[str]]:
+    """Route ``read`` receipts from the relay of ``domain`` to each message's
+    origin; refuse any receipt about a message this domain never received.
+    Returns the answers and the origin domains to wake."""
+    outcomes: list[Outcome] = []
+    woken: set[str] = set()
+    for raw in raw_receipts:
+        try:
+            receipt = Receipt.from_wire(raw)
+        except protocol.ProtocolViolation as exc:
+            outcomes.append(Outcome(False, protocol.INVALID_ENVELOPE, str(exc)))
+            continue
+        received = conn.execute(
+            "SELECT 1 FROM seen WHERE origin = ? AND id = ? AND dest = ?", (receipt.origin, receipt.id, domain)
+        ).fetchone()
+        if (
+            receipt.status != "read"
+            or received is None
+            or any(protocol.domain_of(a) != domain for a in receipt.rcpt)
+        ):
+            outcomes.append(Outcome(False, protocol.UNKNOWN_MESSAGE,
+                                    f"{domain} received no message {receipt.id} from {receipt.origin or '?'}"))
+            continue
+        _queue_receipt(conn, receipt.origin, Receipt(receipt.id, receipt.rcpt, "read"))
+        outcomes.append(Outcome(True))
+        woken.add(receipt.origin)
+    return outcomes, woken
+
+
+def expire(conn: sqlite3.Connection, now: float, in_flight: set[int]) -> set[str]:
+    """Fail the queued messages past their time-to-live: each origin gets a
+    ``failed`` receipt with reason ``expired``.  Items already on their way
+    to the destination (``in_flight``) are left to its ack.  Returns the
+    domains to wake."""
+    rows = conn.execute(
+        "SELECT seq, origin, payload FROM queue WHERE kind = 'message' AND expires_at < ?", (now,)
+    ).fetchall()
+    woken: set[str] = set()
+    for seq, origin, payload in rows:
+        if seq in in_flight:
+            continue
+        conn.execute("DELETE FROM queue WHERE seq = ?", (seq,))
+        envelope = Envelope.from_wire(protocol.unpack(payload, "queued envelope"))
+        _queue_receipt(conn, origin, Receipt(envelope.id, envelope.rcpt, "failed", protocol.EXPIRED))
+        woken.add(origin)
+    return woken
 
 
 def fetch_inbox(

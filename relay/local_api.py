@@ -2,10 +2,11 @@
 
 Routes (docs/local-api.md has the full contract):
 
-  POST /v1/messages          submit; 202 only once the message is committed
-  GET  /v1/messages/{id}     per-recipient status, for the system that sent it
-  GET  /v1/events            long-poll for messages to this system's users
-  GET  /healthz              liveness and uplink state, no token
+  POST /v1/messages            submit; 202 only once the message is committed
+  GET  /v1/messages/{id}       per-recipient status, for the system that sent it
+  POST /v1/messages/{id}/read  a user read a message this system received
+  GET  /v1/events              long-poll for messages to this system's users
+  GET  /healthz                liveness and uplink state, no token
 
 Every request but ``/healthz`` carries ``Authorization: Bearer <token>``;
 the token selects the local system (config stores only its SHA-256).
@@ -18,11 +19,11 @@ import json
 import logging
 import re
 import secrets
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import trio
 
-from . import protocol, relay_store
+from . import protocol, relay_events, relay_store
 from .config import LocalSystem, RelayConfig
 from .http_server import Request, Response
 from .relay_store import Submission
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 MAX_WAIT = 60.0
 EVENTS_PAGE = 100
 RETRY_AFTER_SECONDS = "5"
-_MESSAGE_PATH = re.compile(r"^/v1/messages/([A-Za-z0-9_-]{1,64})$")
+_MESSAGE_PATH = re.compile(r"/v1/messages/([A-Za-z0-9_-]{1,64})(/read)?")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
@@ -59,11 +60,12 @@ class LocalApi:
         self._uplink_state = uplink_state
         self._events: dict[str, Signal] = {}
 
-    def events_arrived(self, systems: set[str] | list[str]) -> None:
+    def events_arrived(self, systems: Iterable[str]) -> None:
         for name in systems:
-            self._signal(name).fire()
+            self.signal(name).fire()
 
-    def _signal(self, system: str) -> Signal:
+    def signal(self, system: str) -> Signal:
+        """Fired when ``system`` has new events (long-polls and webhooks wait on it)."""
         return self._events.setdefault(system, Signal())
 
     async def __call__(self, request: Request) -> Response:
@@ -87,7 +89,10 @@ class LocalApi:
         if request.path == "/v1/events":
             _method(request, "GET")
             return await self._events_page(system, request)
-        if match := _MESSAGE_PATH.match(request.path):
+        if match := _MESSAGE_PATH.fullmatch(request.path):
+            if match.group(2):
+                _method(request, "POST")
+                return await self._read(system, match.group(1))
             _method(request, "GET")
             return await self._status(system, match.group(1))
         raise ApiError(404, "not_found", f"no such endpoint: {request.path}")
@@ -106,12 +111,24 @@ class LocalApi:
     async def _submit(self, system: LocalSystem, request: Request) -> Response:
         document = _json_body(request)
         submission = self._validate(system, document, request.headers.get("idempotency-key"))
+        self._check_room(submission.priority)
         ident, created = await self.store.run("submit", lambda c: relay_store.submit(c, submission))
         if created:
             self.outbox_changed.fire()
             log.info("accepted message %s from %s (%s) for %d recipient(s)",
                      ident, submission.sender, system.name, len(submission.to))
         return Response.json(202, {"id": ident, "status": "queued"})
+
+    def _check_room(self, priority: str) -> None:
+        """Back-pressure: above the high-water mark only urgent messages are
+        taken, and none above the ceiling; nothing accepted is ever dropped
+        to make room."""
+        limits = self.config.store
+        used = self.store.used_bytes
+        if used >= limits.max_bytes or (priority == "normal" and used >= limits.high_water * limits.max_bytes):
+            log.warning("store at %d of %d bytes: refusing a %s message", used, limits.max_bytes, priority)
+            raise ApiError(503, "store_full", "the relay's store is full; retry later (urgent messages are "
+                           "still taken until the hard ceiling)", [("retry-after", RETRY_AFTER_SECONDS)])
 
     def _validate(self, system: LocalSystem, doc: dict[str, Any], idem_key: str | None) -> Submission:
         unknown = set(doc) - {"from", "to", "body", "thread", "priority"}
@@ -156,6 +173,7 @@ class LocalApi:
             thread=thread,
             priority=priority,
             body=body,
+            ttl=self.config.delivery.message_ttl,
         )
 
     # -- GET /v1/messages/{id} ----------------------------------------------------------
@@ -166,17 +184,29 @@ class LocalApi:
             raise ApiError(404, "not_found", f"no message {ident} sent by this system")
         return Response.json(200, document)
 
+    # -- POST /v1/messages/{id}/read -------------------------------------------------
+
+    async def _read(self, system: LocalSystem, ident: str) -> Response:
+        marked = await self.store.run(
+            "mark_read", lambda c: relay_events.mark_read(c, self.config.domain, system.name, ident, system.serves)
+        )
+        if marked is None:
+            raise ApiError(404, "not_found", f"no message {ident} received by this system")
+        if marked:
+            self.outbox_changed.fire()
+        return Response.json(202, {"id": ident, "status": "read"})
+
     # -- GET /v1/events -------------------------------------------------------------------
 
     async def _events_page(self, system: LocalSystem, request: Request) -> Response:
         after = _int_param(request, "after", 0, minimum=0)
         wait = _float_param(request, "wait", 0.0, maximum=MAX_WAIT)
-        signal = self._signal(system.name)
+        signal = self.signal(system.name)
         deadline = trio.current_time() + wait
         while True:
             arrived = signal.watch()
             page = await self.store.run(
-                "events", lambda c: relay_store.events(c, system.name, after, EVENTS_PAGE)
+                "events", lambda c: relay_events.events(c, system.name, after, EVENTS_PAGE)
             )
             if page:
                 break

@@ -35,7 +35,8 @@ MAX_TRANSACTION_BYTES = 32 * 1024 * 1024
 # An ack names at most this many queue positions.
 MAX_ACK = 5000
 # Largest single item the hub writes on the inbox stream.
-MAX_ITEM_BYTES = MAX_BODY_BYTES + 64 * 1024
+# (a body plus up to 100 recipients twice, at 320 characters each).
+MAX_ITEM_BYTES = MAX_BODY_BYTES + 128 * 1024
 # ``sent_at`` must fit an ISO 8601 UTC timestamp (years 1970 to 9999): the
 # receiving relay stores it as a REAL (NaN would become NULL) and renders it
 # with time.gmtime (which overflows on inf or 1e300), so an unbounded value
@@ -47,6 +48,7 @@ PRIORITIES = ("normal", "urgent")
 PATH_TRANSACTION = "/v1/transactions/"  # + transaction id
 PATH_INBOX = "/v1/inbox"
 PATH_ACK = "/v1/ack"
+PATH_RECEIPTS = "/v1/receipts"
 
 _ADDRESS = re.compile(r"^[a-z0-9._+-]{1,64}@([a-z0-9-]{1,63}(\.[a-z0-9-]{1,63})+)$")
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
@@ -56,6 +58,9 @@ UNKNOWN_DOMAIN = "unknown_domain"
 UNKNOWN_RECIPIENT = "unknown_recipient"
 SENDER_NOT_AUTHENTICATED = "sender_not_authenticated"
 INVALID_ENVELOPE = "invalid_envelope"
+EXPIRED = "expired"
+UNKNOWN_MESSAGE = "unknown_message"
+RECEIPT_STATUSES = ("delivered", "failed", "read")
 
 
 class ProtocolViolation(ValueError):
@@ -95,6 +100,9 @@ class Envelope:
     priority: str
     sent_at: float
     origin: str = ""
+    # After this moment (seconds since 1970) nobody delivers it any more:
+    # it fails with reason "expired".  None: it never expires.
+    expires_at: float | None = None
 
     @property
     def dest(self) -> str:
@@ -113,6 +121,8 @@ class Envelope:
         }
         if self.origin:
             wire["origin"] = self.origin
+        if self.expires_at is not None:
+            wire["expires_at"] = self.expires_at
         return wire
 
     @classmethod
@@ -140,51 +150,57 @@ class Envelope:
         ident = _field(m, "id", str)
         if not is_token(ident):
             raise ProtocolViolation("envelope.id: expected 8-64 characters of [A-Za-z0-9_-]")
-        sent_at = m.get("sent_at")
-        if (
-            not isinstance(sent_at, (int, float))
-            or isinstance(sent_at, bool)
-            or not (math.isfinite(sent_at) and 0 <= sent_at < MAX_SENT_AT)
-        ):
-            raise ProtocolViolation("envelope.sent_at: expected a number of seconds since 1970, before year 10000")
+        sent_at = _timestamp(m.get("sent_at"), "envelope.sent_at")
+        expires_at = m.get("expires_at")
+        if expires_at is not None:
+            expires_at = _timestamp(expires_at, "envelope.expires_at")
         origin = m.get("origin", "")
         if not isinstance(origin, str):
             raise ProtocolViolation("envelope.origin: expected a string")
-        return cls(ident, sender, to, rcpt, body, thread, priority, float(sent_at), origin)
+        return cls(ident, sender, to, rcpt, body, thread, priority, sent_at, origin, expires_at)
 
 
 @dataclass(frozen=True)
 class Receipt:
     """News about a message, for the relay that sent it.
 
-    ``status`` is ``delivered`` (the destination relay committed it) or
-    ``failed`` (with ``reason``), for the listed recipients.
+    ``status`` is ``delivered`` (the destination relay committed it),
+    ``read`` (a recipient's system reported it read) or ``failed`` (with
+    ``reason``), for the listed recipients.  On its way up, from the
+    destination relay to the hub, ``origin`` names the domain the message
+    came from, which is where the hub routes the receipt.
     """
 
     id: str
     rcpt: tuple[str, ...]
     status: str
     reason: str | None = None
+    origin: str = ""
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {"id": self.id, "rcpt": list(self.rcpt), "status": self.status}
         if self.reason:
             wire["reason"] = self.reason
+        if self.origin:
+            wire["origin"] = self.origin
         return wire
 
     @classmethod
     def from_wire(cls, obj: object) -> Receipt:
         m = _map(obj, "receipt")
         status = _field(m, "status", str)
-        if status not in ("delivered", "failed"):
-            raise ProtocolViolation("receipt.status: expected 'delivered' or 'failed'")
+        if status not in RECEIPT_STATUSES:
+            raise ProtocolViolation("receipt.status: expected 'delivered', 'read' or 'failed'")
         reason = m.get("reason")
         if reason is not None and not isinstance(reason, str):
             raise ProtocolViolation("receipt.reason: expected a string")
         ident = _field(m, "id", str)
         if not is_token(ident):
             raise ProtocolViolation("receipt.id: expected a message id")
-        return cls(ident, _addresses(m, "rcpt"), status, reason)
+        origin = m.get("origin", "")
+        if not isinstance(origin, str):
+            raise ProtocolViolation("receipt.origin: expected a string")
+        return cls(ident, _addresses(m, "rcpt"), status, reason, origin)
 
 
 @dataclass(frozen=True)
@@ -274,7 +290,7 @@ def unpack(data: bytes, what: str) -> Any:
 def stream_unpacker() -> msgpack.Unpacker:
     """An incremental decoder for the inbox stream, bounded per item."""
     return msgpack.Unpacker(
-        raw=False, strict_map_key=True, ext_hook=_no_ext, max_ext_len=0, max_buffer_size=MAX_ITEM_BYTES
+        raw=False, strict_map_key=True, ext_hook=_no_ext, max_ext_len=0, max_buffer_size=2 * MAX_ITEM_BYTES
     )
 
 
@@ -321,11 +337,34 @@ def decode_ack(data: bytes) -> tuple[list[int], list[Failure]]:
     return seqs, [Failure.from_wire(f) for f in failed]
 
 
+def encode_receipts(receipts: list[Receipt]) -> bytes:
+    return pack({"v": VERSION, "receipts": [r.to_wire() for r in receipts]})
+
+
+def decode_receipts(data: bytes) -> list[object]:
+    """The raw receipts a relay sends up; each is checked on its own."""
+    m = _versioned(unpack(data, "receipts"), "receipts")
+    receipts = m.get("receipts")
+    if not isinstance(receipts, list) or not receipts or len(receipts) > MAX_BATCH:
+        raise ProtocolViolation(f"receipts.receipts: expected an array of 1 to {MAX_BATCH} receipts")
+    return receipts
+
+
 def encode_error(reason: str, detail: str) -> bytes:
     return pack({"v": VERSION, "error": reason, "detail": detail})
 
 
 # -- field helpers ------------------------------------------------------------------
+
+
+def _timestamp(value: object, name: str) -> float:
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not (math.isfinite(value) and 0 <= value < MAX_SENT_AT)
+    ):
+        raise ProtocolViolation(f"{name}: expected a number of seconds since 1970, before year 10000")
+    return float(value)
 
 
 def _no_ext(code: int, data: bytes) -> None:

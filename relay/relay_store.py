@@ -14,19 +14,27 @@ Tables
               destination domain), urgent lane first, then submission order
   inbound     messages received from the hub, unique per (origin, id): the
               duplicate filter of this hop
-  event       what each local system reads from ``GET /v1/events``; the
-              cursor is the row id, so it is positive and increasing
+  event       what each local system reads from ``GET /v1/events``: the
+              messages for its users, and notices about the messages it
+              sent (``delayed``, ``failed``); the cursor is the row id, so
+              it is positive and increasing
+  receipt_out read receipts waiting to go up to the hub
+  webhook     how far each local system's webhook has been fed
+
+The incoming side (inbound, event, webhook) has its units in
+`relay_events`.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Iterable
 
 from . import protocol
-from .protocol import Envelope, Failure, InboxItem, Outcome
+from .protocol import Envelope, Outcome, Receipt
 
 MIGRATIONS: list[list[str]] = [
     [
@@ -53,6 +61,38 @@ MIGRATIONS: list[list[str]] = [
             inbound INTEGER NOT NULL REFERENCES inbound (rowid))""",
         "CREATE INDEX event_by_system ON event (system, cursor)",
     ],
+    [
+        # Time-to-live, and the "delayed" notice sent once per message.
+        "ALTER TABLE message ADD COLUMN expires_at REAL",
+        "UPDATE message SET expires_at = accepted_at + 7 * 86400",
+        "ALTER TABLE message ADD COLUMN delay_noticed INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX message_by_age ON message (delay_noticed, accepted_at)",
+        # inbound: unique per receiving domain too; event: notices besides
+        # messages, a creation time for retention, a read mark.
+        """CREATE TABLE inbound2 (
+            rowid INTEGER PRIMARY KEY, domain TEXT NOT NULL, origin TEXT NOT NULL, id TEXT NOT NULL,
+            sender TEXT NOT NULL, recipients BLOB NOT NULL, thread TEXT, priority TEXT NOT NULL,
+            body TEXT NOT NULL, sent_at REAL NOT NULL, received_at REAL NOT NULL,
+            UNIQUE (domain, origin, id))""",
+        "INSERT INTO inbound2 SELECT * FROM inbound",
+        """CREATE TABLE event2 (
+            cursor INTEGER PRIMARY KEY AUTOINCREMENT, system TEXT NOT NULL, type TEXT NOT NULL,
+            inbound INTEGER REFERENCES inbound2 (rowid), notice TEXT, created_at REAL NOT NULL, read_at REAL)""",
+        """INSERT INTO event2 (cursor, system, type, inbound, created_at)
+           SELECT e.cursor, e.system, 'message', e.inbound, i.received_at
+           FROM event e JOIN inbound i ON i.rowid = e.inbound""",
+        "DROP TABLE event",
+        "DROP TABLE inbound",
+        "ALTER TABLE inbound2 RENAME TO inbound",
+        "ALTER TABLE event2 RENAME TO event",
+        "CREATE INDEX event_by_system ON event (system, cursor)",
+        "CREATE INDEX event_by_age ON event (created_at)",
+        "CREATE INDEX event_by_inbound ON event (inbound)",
+        """CREATE TABLE receipt_out (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, domain TEXT NOT NULL, origin TEXT NOT NULL,
+            id TEXT NOT NULL, rcpt BLOB NOT NULL, status TEXT NOT NULL)""",
+        "CREATE TABLE webhook (system TEXT PRIMARY KEY, cursor INTEGER NOT NULL)",
+    ],
 ]
 
 URGENT, NORMAL = 1, 0
@@ -61,6 +101,7 @@ URGENT, NORMAL = 1, 0
 _ADVANCES_FROM = {
     "sent": ("queued",),
     "delivered": ("queued", "sent"),
+    "read": ("queued", "sent", "delivered"),
     "failed": ("queued", "sent"),
 }
 
@@ -78,6 +119,7 @@ class Submission:
     thread: str | None
     priority: str
     body: str
+    ttl: float = 7 * 86400
 
 
 def submit(conn: sqlite3.Connection, msg: Submission) -> tuple[str, bool]:
@@ -94,10 +136,10 @@ def submit(conn: sqlite3.Connection, msg: Submission) -> tuple[str, bool]:
             return row[0], False
     now = time.time()
     conn.execute(
-        "INSERT INTO message (id, domain, system, idem_key, sender, recipients, thread, priority, body, accepted_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO message (id, domain, system, idem_key, sender, recipients, thread, priority, body, accepted_at,"
+        " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (msg.id, msg.domain, msg.system, msg.idem_key, msg.sender, protocol.pack(list(msg.to)),
-         msg.thread, msg.priority, msg.body, now),
+         msg.thread, msg.priority, msg.body, now, now + msg.ttl),
     )
     conn.executemany(
         "INSERT INTO recipient (message_id, address, status, updated_at) VALUES (?, ?, 'queued', ?)",
@@ -115,85 +157,123 @@ def submit(conn: sqlite3.Connection, msg: Submission) -> tuple[str, bool]:
 def next_batch(conn: sqlite3.Connection, domain: str, limit: int) -> list[tuple[int, Envelope]]:
     """The next envelopes to send, urgent first, each lane in submission order."""
     rows = conn.execute(
-        """SELECT o.seq, o.dest, m.id, m.sender, m.recipients, m.thread, m.priority, m.body, m.accepted_at
+        """SELECT o.seq, o.dest, m.id, m.sender, m.recipients, m.thread, m.priority, m.body, m.accepted_at,
+                  m.expires_at
            FROM outbox o JOIN message m ON m.id = o.message_id
            WHERE o.domain = ? ORDER BY o.lane DESC, o.seq LIMIT ?""",
         (domain, limit),
     ).fetchall()
     batch = []
-    for seq, dest, ident, sender, recipients, thread, priority, body, accepted_at in rows:
+    for seq, dest, ident, sender, recipients, thread, priority, body, accepted_at, expires_at in rows:
         to = tuple(protocol.unpack(recipients, "stored recipients"))
         rcpt = tuple(a for a in to if protocol.domain_of(a) == dest)
-        batch.append((seq, Envelope(ident, sender, to, rcpt, body, thread, priority, accepted_at)))
+        envelope = Envelope(ident, sender, to, rcpt, body, thread, priority, accepted_at, expires_at=expires_at)
+        batch.append((seq, envelope))
     return batch
 
 
-def apply_outcomes(conn: sqlite3.Connection, results: Iterable[tuple[int, Envelope, Outcome]]) -> None:
-    """The hub answered a transaction: each envelope leaves the outbox."""
+def apply_outcomes(conn: sqlite3.Connection, results: Iterable[tuple[int, Envelope, Outcome]]) -> set[str]:
+    """The hub answered a transaction: each envelope leaves the outbox.
+    Returns the local systems notified of a failure."""
+    notified: set[str] = set()
     for seq, envelope, outcome in results:
         conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
         if outcome.accepted:
-            _advance(conn, envelope.id, envelope.rcpt, "sent")
+            advance(conn, envelope.id, envelope.rcpt, "sent")
         else:
-            _advance(conn, envelope.id, envelope.rcpt, "failed", outcome.reason)
+            advance(conn, envelope.id, envelope.rcpt, "failed", outcome.reason, notified)
+    return notified
 
 
-def take_inbound(
+def expire(conn: sqlite3.Connection, now: float, notified: set[str]) -> int:
+    """Fail the envelopes still queued here past their message's time-to-live;
+    return how many recipients that failed, adding their senders' systems
+    to ``notified``."""
+    rows = conn.execute(
+        """SELECT o.seq, o.dest, m.id, m.recipients FROM outbox o JOIN message m ON m.id = o.message_id
+           WHERE m.expires_at < ?""",
+        (now,),
+    ).fetchall()
+    failed = 0
+    for seq, dest, ident, recipients in rows:
+        conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+        rcpt = [a for a in protocol.unpack(recipients, "stored recipients") if protocol.domain_of(a) == dest]
+        failed += advance(conn, ident, rcpt, "failed", protocol.EXPIRED, notified)
+    return failed
+
+
+def notice_delays(conn: sqlite3.Connection, now: float, delay: float) -> set[str]:
+    """Post a ``delayed`` notice, once, for every message some recipient of
+    which is still not delivered ``delay`` seconds after its acceptance;
+    return the local systems notified."""
+    rows = conn.execute(
+        "SELECT id, system, accepted_at FROM message WHERE delay_noticed = 0 AND accepted_at < ?",
+        (now - delay,),
+    ).fetchall()
+    notified: set[str] = set()
+    for ident, system, accepted_at in rows:
+        conn.execute("UPDATE message SET delay_noticed = 1 WHERE id = ?", (ident,))
+        waiting = {address: status for address, status in conn.execute(
+            "SELECT address, status FROM recipient WHERE message_id = ? AND status IN ('queued', 'sent')"
+            " ORDER BY address", (ident,))}
+        if waiting:
+            post_notice(conn, system, "delayed", {"id": ident, "accepted_at": iso(accepted_at), "recipients": waiting})
+            notified.add(system)
+    return notified
+
+
+def post_notice(conn: sqlite3.Connection, system: str, kind: str, notice: dict) -> None:
+    """An event for a sending system about one of its messages."""
+    conn.execute(
+        "INSERT INTO event (system, type, notice, created_at) VALUES (?, ?, ?, ?)",
+        (system, kind, json.dumps(notice, separators=(",", ":")), time.time()),
+    )
+
+
+def next_receipts(conn: sqlite3.Connection, domain: str, limit: int) -> list[tuple[int, Receipt]]:
+    rows = conn.execute(
+        "SELECT seq, origin, id, rcpt, status FROM receipt_out WHERE domain = ? ORDER BY seq LIMIT ?",
+        (domain, limit),
+    ).fetchall()
+    return [
+        (seq, Receipt(ident, tuple(protocol.unpack(rcpt, "stored receipt")), status, origin=origin))
+        for seq, origin, ident, rcpt, status in rows
+    ]
+
+
+def drop_receipts(conn: sqlite3.Connection, seqs: list[int]) -> None:
+    conn.executemany("DELETE FROM receipt_out WHERE seq = ?", [(seq,) for seq in seqs])
+
+
+def advance(
     conn: sqlite3.Connection,
-    domain: str,
-    items: list[InboxItem],
-    systems_serving: Callable[[str], Iterable[str]],
-) -> tuple[list[Failure], set[str]]:
-    """Commit what the hub sent; return the failures to report in the ack
-    and the local systems that have new events.
-
-    A message already taken (the hub resent it after a lost ack) creates no
-    new event, but its failures are reported again: the ack is rebuilt the
-    same way every time.
-    """
-    now = time.time()
-    failures: list[Failure] = []
-    woken: set[str] = set()
-    for item in items:
-        if item.receipt is not None:
-            r = item.receipt
-            _advance(conn, r.id, r.rcpt, r.status, r.reason)
-            continue
-        env = item.envelope
-        assert env is not None
-        if env.dest != domain:
-            failures.append(Failure(item.seq, env.rcpt, "misrouted"))
-            continue
-        served = {a: sorted(systems_serving(a)) for a in env.rcpt}
-        unknown = tuple(a for a, systems in served.items() if not systems)
-        if unknown:
-            failures.append(Failure(item.seq, unknown, protocol.UNKNOWN_RECIPIENT))
-        systems = sorted({s for found in served.values() for s in found})
-        if not systems:
-            continue
-        cursor = conn.execute(
-            "INSERT OR IGNORE INTO inbound (domain, origin, id, sender, recipients, thread, priority, body, sent_at,"
-            " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (domain, env.origin, env.id, env.sender, protocol.pack(list(env.to)), env.thread, env.priority,
-             env.body, env.sent_at, now),
-        )
-        if cursor.rowcount:
-            conn.executemany(
-                "INSERT INTO event (system, inbound) VALUES (?, ?)",
-                [(system, cursor.lastrowid) for system in systems],
-            )
-            woken.update(systems)
-    return failures, woken
-
-
-def _advance(conn: sqlite3.Connection, ident: str, rcpt: Iterable[str], status: str, reason: str | None = None) -> None:
+    ident: str,
+    rcpt: Iterable[str],
+    status: str,
+    reason: str | None = None,
+    notified: set[str] | None = None,
+) -> int:
+    """Move recipients forward to ``status`` (never back); return how many
+    moved.  A failure is also posted as a ``failed`` notice to the system
+    that sent the message (it bounces, the way a mail relay's would), and
+    that system is added to ``notified``."""
     before = _ADVANCES_FROM[status]
     placeholders = ",".join("?" * len(before))
-    conn.executemany(
-        f"UPDATE recipient SET status = ?, reason = ?, updated_at = ?"
-        f" WHERE message_id = ? AND address = ? AND status IN ({placeholders})",
-        [(status, reason, time.time(), ident, address, *before) for address in rcpt],
-    )
+    moved = [
+        address
+        for address in rcpt
+        if conn.execute(
+            f"UPDATE recipient SET status = ?, reason = ?, updated_at = ?"
+            f" WHERE message_id = ? AND address = ? AND status IN ({placeholders})",
+            (status, reason, time.time(), ident, address, *before),
+        ).rowcount
+    ]
+    if moved and status == "failed":
+        system = conn.execute("SELECT system FROM message WHERE id = ?", (ident,)).fetchone()[0]
+        post_notice(conn, system, "failed", {"id": ident, "recipients": {a: reason for a in moved}})
+        if notified is not None:
+            notified.add(system)
+    return len(moved)
 
 
 def message_status(conn: sqlite3.Connection, ident: str, system: str) -> dict | None:
@@ -209,38 +289,12 @@ def message_status(conn: sqlite3.Connection, ident: str, system: str) -> dict | 
     return {"id": ident, "status": overall_status(r["status"] for r in recipients.values()), "recipients": recipients}
 
 
-_PROGRESS = ("queued", "sent", "failed", "delivered")
+_PROGRESS = ("queued", "sent", "failed", "delivered", "read")
 
 
 def overall_status(statuses: Iterable[str]) -> str:
     """The least advanced recipient's status; a failure outranks a delivery."""
     return min(statuses, key=_PROGRESS.index, default="queued")
-
-
-def events(conn: sqlite3.Connection, system: str, after: int, limit: int) -> list[dict]:
-    rows = conn.execute(
-        """SELECT e.cursor, i.id, i.origin, i.sender, i.recipients, i.body, i.thread, i.priority, i.sent_at
-           FROM event e JOIN inbound i ON i.rowid = e.inbound
-           WHERE e.system = ? AND e.cursor > ? ORDER BY e.cursor LIMIT ?""",
-        (system, after, limit),
-    ).fetchall()
-    return [
-        {
-            "cursor": cursor,
-            "type": "message",
-            "message": {
-                "id": ident,
-                "from": sender,
-                "to": protocol.unpack(recipients, "stored recipients"),
-                "body": body,
-                "thread": thread,
-                "priority": priority,
-                "sent_at": _iso(sent_at),
-                "origin": {"domain": origin},
-            },
-        }
-        for cursor, ident, origin, sender, recipients, body, thread, priority, sent_at in rows
-    ]
 
 
 def outbox_depth(conn: sqlite3.Connection) -> dict[str, int]:
@@ -251,5 +305,5 @@ def outbox_depth(conn: sqlite3.Connection) -> dict[str, int]:
     return depth
 
 
-def _iso(timestamp: float) -> str:
+def iso(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp)) + f".{int(timestamp % 1 * 1000):03d}Z"

@@ -120,6 +120,9 @@ class Store:
         self._thread = threading.Thread(target=self._serve, name=f"store:{path.name}", daemon=True)
         self.commits = 0
         self.commit_seconds = 0.0
+        # Bytes in use (pages not on the free list), refreshed after each
+        # commit: what the size ceiling is compared with.
+        self.used_bytes = _used_bytes(conn)
 
     @classmethod
     def open(cls, path: Path, migrations: Sequence[Sequence[str]]) -> _StoreContext:
@@ -178,6 +181,7 @@ class Store:
                     conn.execute("ROLLBACK TO unit")
                 conn.execute("RELEASE unit")
             conn.execute("COMMIT")
+            self.used_bytes = _used_bytes(conn)
         except sqlite3.Error as exc:
             log.error("store: could not commit %d unit(s) (%s): %s", len(group), group[0].name, exc)
             for job in group:  # one exception each: every caller raises its own
@@ -195,6 +199,12 @@ class Store:
             self._token.run_sync_soon(_wake, group)
         except trio.RunFinishedError:
             pass
+
+
+def _used_bytes(conn: sqlite3.Connection) -> int:
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
+    return pages * page_size
 
 
 def _wake(group: list[_Job]) -> None:

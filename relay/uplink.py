@@ -33,7 +33,7 @@ from typing import Callable, Iterable
 
 import trio
 
-from . import protocol, relay_store
+from . import protocol, relay_events, relay_store
 from .backoff import RetryPolicy
 from .config import RelayConfig
 from .http2 import ConnectionClosed, H2Stream, Http2Connection, Http2Settings, StreamReset, status_of
@@ -50,6 +50,8 @@ STABLE_AFTER = 30.0
 # Inbox items committed in one unit at most.
 INBOUND_BATCH = 500
 ANSWER_LIMIT = 4 * 1024 * 1024
+# How often a full store is looked at again.
+ROOM_POLL = 1.0
 
 
 class UplinkState(enum.Enum):
@@ -150,35 +152,58 @@ class Uplink:
     # -- sending ---------------------------------------------------------------------
 
     async def _sender(self, conn: Http2Connection) -> None:
-        domain = self.config.domain
         while True:
-            if self._pending is None:
-                changed = self.outbox_changed.watch()
-                batch = await self.store.run(
-                    "next_batch", lambda c: relay_store.next_batch(c, domain, self.config.uplink.batch_max)
-                )
-                if not batch:
-                    await changed.wait()
-                    continue
-                self._pending = (secrets.token_urlsafe(16), batch)
-            txn_id, batch = self._pending
-            status, body = await conn.request(
-                "POST",
-                protocol.PATH_TRANSACTION + txn_id,
-                protocol.encode_transaction([envelope for _, envelope in batch]),
-                authority=self.config.uplink.server_name,
-                content_type=protocol.MSGPACK,
-                limit=ANSWER_LIMIT,
-            )
-            if status != 200:
-                raise UplinkError(f"hub answered {status} to transaction {txn_id}: {_error_text(body)}")
-            outcomes = protocol.decode_outcomes(body, len(batch))
-            results = [(seq, env, outcome) for (seq, env), outcome in zip(batch, outcomes)]
-            await self.store.run("apply_outcomes", lambda c: relay_store.apply_outcomes(c, results))
-            self._pending = None
-            for (_, env), outcome in zip(batch, outcomes):
-                if not outcome.accepted:
-                    log.warning("hub refused message %s for %s: %s", env.id, env.dest, outcome.reason)
+            changed = self.outbox_changed.watch()
+            sent = await self._send_transaction(conn)
+            sent = await self._send_receipts(conn) or sent
+            if not sent:
+                await changed.wait()
+
+    async def _send_transaction(self, conn: Http2Connection) -> bool:
+        """Send the next batch of envelopes (or replay the one whose answer
+        was lost); False when there is nothing to send."""
+        if self._pending is None:
+            domain, limit = self.config.domain, self.config.uplink.batch_max
+            batch = await self.store.run("next_batch", lambda c: relay_store.next_batch(c, domain, limit))
+            if not batch:
+                return False
+            self._pending = (secrets.token_urlsafe(16), batch)
+        txn_id, batch = self._pending
+        body = await self._post(conn, protocol.PATH_TRANSACTION + txn_id,
+                                protocol.encode_transaction([envelope for _, envelope in batch]))
+        outcomes = protocol.decode_outcomes(body, len(batch))
+        results = [(seq, env, outcome) for (seq, env), outcome in zip(batch, outcomes)]
+        notified = await self.store.run("apply_outcomes", lambda c: relay_store.apply_outcomes(c, results))
+        self._pending = None
+        self._on_events(notified)
+        for (_, env), outcome in zip(batch, outcomes):
+            if not outcome.accepted:
+                log.warning("hub refused message %s for %s: %s", env.id, env.dest, outcome.reason)
+        return True
+
+    async def _send_receipts(self, conn: Http2Connection) -> bool:
+        """Send pending read receipts; they are idempotent, so a lost answer
+        just means sending them again."""
+        domain = self.config.domain
+        pending = await self.store.run("next_receipts", lambda c: relay_store.next_receipts(c, domain, 500))
+        if not pending:
+            return False
+        body = await self._post(conn, protocol.PATH_RECEIPTS, protocol.encode_receipts([r for _, r in pending]))
+        outcomes = protocol.decode_outcomes(body, len(pending))
+        await self.store.run("drop_receipts", lambda c: relay_store.drop_receipts(c, [seq for seq, _ in pending]))
+        for (_, receipt), outcome in zip(pending, outcomes):
+            if not outcome.accepted:
+                log.warning("hub refused the read receipt of message %s: %s", receipt.id, outcome.reason)
+        return True
+
+    async def _post(self, conn: Http2Connection, path: str, body: bytes) -> bytes:
+        status, answer = await conn.request(
+            "POST", path, body, authority=self.config.uplink.server_name, content_type=protocol.MSGPACK,
+            limit=ANSWER_LIMIT,
+        )
+        if status != 200:
+            raise UplinkError(f"hub answered {status} to {path}: {_error_text(answer)}")
+        return answer
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -226,21 +251,23 @@ class Uplink:
                 await self._take(conn, items[start:start + INBOUND_BATCH])
 
     async def _take(self, conn: Http2Connection, items: list[InboxItem]) -> None:
+        await self._wait_for_room()
         failures, woken = await self.store.run(
             "take_inbound",
-            lambda c: relay_store.take_inbound(c, self.config.domain, items, self._systems_serving),
+            lambda c: relay_events.take_inbound(c, self.config.domain, items, self._systems_serving),
         )
         self._on_events(woken)
-        status, body = await conn.request(
-            "POST",
-            protocol.PATH_ACK,
-            protocol.encode_ack([item.seq for item in items], failures),
-            authority=self.config.uplink.server_name,
-            content_type=protocol.MSGPACK,
-            limit=ANSWER_LIMIT,
-        )
-        if status != 200:
-            raise UplinkError(f"hub answered {status} to an ack: {_error_text(body)}")
+        await self._post(conn, protocol.PATH_ACK, protocol.encode_ack([item.seq for item in items], failures))
+
+    async def _wait_for_room(self) -> None:
+        """Above the store's ceiling, stop taking from the hub (which keeps
+        the messages meanwhile); HTTP/2 flow control pushes back on it."""
+        ceiling = self.config.store.max_bytes
+        if self.store.used_bytes > ceiling:
+            log.warning("store above its ceiling (%d bytes): not taking messages from the hub", ceiling)
+            while self.store.used_bytes > ceiling:
+                await trio.sleep(ROOM_POLL)
+            log.info("store below its ceiling again: taking messages from the hub")
 
     def _systems_serving(self, address: str) -> list[str]:
         return [system.name for system in self.config.systems_serving(address)]

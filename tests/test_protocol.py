@@ -224,7 +224,7 @@ def test_sent_at_bounds() -> None:
 @pytest.mark.parametrize(
     ("obj", "field"),
     [
-        ({"id": "msg-0001_abcdef", "rcpt": [BOB], "status": "read"}, "receipt.status"),
+        ({"id": "msg-0001_abcdef", "rcpt": [BOB], "status": "opened"}, "receipt.status"),
         ({"id": "msg-0001_abcdef", "rcpt": [BOB], "status": "failed", "reason": 3}, "receipt.reason"),
         ({"id": "bad id", "rcpt": [BOB], "status": "delivered"}, "receipt.id"),
         ({"id": "msg-0001_abcdef", "rcpt": [], "status": "delivered"}, "rcpt:"),
@@ -438,4 +438,4 @@ def test_stream_unpacker_refuses_extension_types() -> None:
 def test_stream_unpacker_bounds_its_buffer() -> None:
     unpacker = protocol.stream_unpacker()
     with pytest.raises(msgpack.BufferFull):
-        unpacker.feed(b"\xdb" + (protocol.MAX_ITEM_BYTES * 2).to_bytes(4, "big") + b"x" * protocol.MAX_ITEM_BYTES)
+        unpacker.feed(b"\xdb" + (protocol.MAX_ITEM_BYTES * 3).to_bytes(4, "big") + b"x" * protocol.MAX_ITEM_BYTES * 2)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from relay import protocol, relay_store
+from relay import protocol, relay_events, relay_store
 from relay.protocol import Envelope, Failure, InboxItem, Outcome, Receipt
 from relay.relay_store import Submission
 from relay.store import Store, connect, migrate
@@ -115,12 +115,14 @@ def test_next_batch_is_urgent_first_then_submission_order(conn) -> None:
 
 def test_next_batch_builds_one_envelope_per_destination_domain(conn) -> None:
     relay_store.submit(conn, submission("msg-00000001", to=(BOB, DAVE, CAROL), thread="t", body="x"))
-    accepted_at = conn.execute("SELECT accepted_at FROM message").fetchone()[0]
+    accepted_at, expires_at = conn.execute("SELECT accepted_at, expires_at FROM message").fetchone()
+    assert expires_at == accepted_at + 7 * 86400  # the default time-to-live
     batch = relay_store.next_batch(conn, HOME, 10)
     envelopes = {env.dest: env for _, env in batch}
     assert set(envelopes) == {"clinique-sud.test", "ehpad-est.test"}
     assert envelopes["clinique-sud.test"] == Envelope(
-        "msg-00000001", ALICE, (BOB, DAVE, CAROL), (BOB, CAROL), "x", "t", "normal", accepted_at
+        "msg-00000001", ALICE, (BOB, DAVE, CAROL), (BOB, CAROL), "x", "t", "normal", accepted_at,
+        expires_at=expires_at,
     )
     assert envelopes["ehpad-est.test"].rcpt == (DAVE,)
     # What the uplink sends is a valid v1 envelope.
@@ -158,14 +160,14 @@ def test_statuses_only_move_forward(conn) -> None:
     relay_store.submit(conn, submission("msg-00000001", to=(BOB, CAROL)))
     [(seq, env)] = relay_store.next_batch(conn, HOME, 10)
     # The receipt overtakes the hub's answer (the answer was lost and resent).
-    relay_store.take_inbound(conn, HOME, [receipt(1, env.id, (BOB,), "delivered")], no_systems)
-    relay_store.take_inbound(
+    relay_events.take_inbound(conn, HOME, [receipt(1, env.id, (BOB,), "delivered")], no_systems)
+    relay_events.take_inbound(
         conn, HOME, [receipt(2, env.id, (CAROL,), "failed", protocol.UNKNOWN_RECIPIENT)], no_systems
     )
     relay_store.apply_outcomes(conn, [(seq, env, Outcome(True))])
     assert statuses(conn, env.id) == {BOB: ("delivered", None), CAROL: ("failed", protocol.UNKNOWN_RECIPIENT)}
     # Repeated or contradicting news after a final status changes nothing.
-    relay_store.take_inbound(
+    relay_events.take_inbound(
         conn, HOME,
         [receipt(3, env.id, (BOB,), "failed", "late"), receipt(4, env.id, (CAROL,), "delivered"),
          receipt(5, env.id, (BOB,), "delivered")],
@@ -179,7 +181,7 @@ def test_a_receipt_moves_queued_and_sent_recipients(conn) -> None:
     [(seq, env)] = relay_store.next_batch(conn, HOME, 10)
     relay_store.apply_outcomes(conn, [(seq, env, Outcome(True))])
     assert statuses(conn, env.id)[BOB] == ("sent", None)
-    relay_store.take_inbound(conn, HOME, [receipt(1, env.id, (BOB, CAROL), "delivered")], no_systems)
+    relay_events.take_inbound(conn, HOME, [receipt(1, env.id, (BOB, CAROL), "delivered")], no_systems)
     assert statuses(conn, env.id) == {BOB: ("delivered", None), CAROL: ("delivered", None)}
 
 
@@ -236,31 +238,31 @@ def inbound(seq: int, ident: str = "in-00000001", *, rcpt=(ALICE, ANNE), origin=
 
 
 def test_take_inbound_fans_out_one_event_per_system(conn) -> None:
-    failures, woken = relay_store.take_inbound(conn, HOME, [inbound(1)], serving)
+    failures, woken = relay_events.take_inbound(conn, HOME, [inbound(1)], serving)
     assert failures == []
     assert woken == {"messenger", "lab"}
     # messenger serves both recipients but gets the message once.
-    assert [(e["cursor"] > 0, e["message"]["id"]) for e in relay_store.events(conn, "messenger", 0, 10)] == [
+    assert [(e["cursor"] > 0, e["message"]["id"]) for e in relay_events.events(conn, "messenger", 0, 10)] == [
         (True, "in-00000001")]
-    assert [e["message"]["id"] for e in relay_store.events(conn, "lab", 0, 10)] == ["in-00000001"]
-    assert relay_store.events(conn, "nobody", 0, 10) == []
+    assert [e["message"]["id"] for e in relay_events.events(conn, "lab", 0, 10)] == ["in-00000001"]
+    assert relay_events.events(conn, "nobody", 0, 10) == []
     assert count(conn, "inbound") == 1
 
 
 def test_the_same_message_twice_makes_one_event(conn) -> None:
-    relay_store.take_inbound(conn, HOME, [inbound(1)], serving)
+    relay_events.take_inbound(conn, HOME, [inbound(1)], serving)
     # Resent after a lost ack, even at another queue position, and twice in one batch.
-    failures, woken = relay_store.take_inbound(conn, HOME, [inbound(7), inbound(8)], serving)
+    failures, woken = relay_events.take_inbound(conn, HOME, [inbound(7), inbound(8)], serving)
     assert (failures, woken) == ([], set())
-    assert len(relay_store.events(conn, "messenger", 0, 10)) == 1
+    assert len(relay_events.events(conn, "messenger", 0, 10)) == 1
     assert count(conn, "inbound") == 1 and count(conn, "event") == 2
 
 
 def test_the_duplicate_filter_is_per_origin(conn) -> None:
-    relay_store.take_inbound(conn, HOME, [inbound(1, origin="clinique-sud.test")], serving)
-    _, woken = relay_store.take_inbound(conn, HOME, [inbound(2, origin="ehpad-est.test")], serving)
+    relay_events.take_inbound(conn, HOME, [inbound(1, origin="clinique-sud.test")], serving)
+    _, woken = relay_events.take_inbound(conn, HOME, [inbound(2, origin="ehpad-est.test")], serving)
     assert woken == {"messenger", "lab"}
-    page = relay_store.events(conn, "messenger", 0, 10)
+    page = relay_events.events(conn, "messenger", 0, 10)
     assert [e["message"]["origin"] for e in page] == [{"domain": "clinique-sud.test"}, {"domain": "ehpad-est.test"}]
 
 
@@ -268,17 +270,17 @@ def test_unknown_recipients_are_reported_every_time(conn) -> None:
     ghost = f"ghost@{HOME}"
     item = inbound(4, rcpt=(ALICE, ghost))
     expected = [Failure(4, (ghost,), protocol.UNKNOWN_RECIPIENT)]
-    assert relay_store.take_inbound(conn, HOME, [item], serving) == (expected, {"messenger", "lab"})
+    assert relay_events.take_inbound(conn, HOME, [item], serving) == (expected, {"messenger", "lab"})
     # The duplicate creates nothing but rebuilds the same ack.
-    assert relay_store.take_inbound(conn, HOME, [item], serving) == (expected, set())
-    assert len(relay_store.events(conn, "lab", 0, 10)) == 1
+    assert relay_events.take_inbound(conn, HOME, [item], serving) == (expected, set())
+    assert len(relay_events.events(conn, "lab", 0, 10)) == 1
 
 
 def test_a_message_for_nobody_here_is_reported_and_not_stored(conn) -> None:
     ghosts = (f"ghost@{HOME}", f"phantom@{HOME}")
     item = inbound(5, rcpt=ghosts)
     for _ in range(2):
-        assert relay_store.take_inbound(conn, HOME, [item], serving) == (
+        assert relay_events.take_inbound(conn, HOME, [item], serving) == (
             [Failure(5, ghosts, protocol.UNKNOWN_RECIPIENT)], set())
     assert count(conn, "inbound") == 0 and count(conn, "event") == 0
 
@@ -286,7 +288,7 @@ def test_a_message_for_nobody_here_is_reported_and_not_stored(conn) -> None:
 def test_a_misrouted_envelope_is_reported_and_not_stored(conn) -> None:
     item = inbound(6, rcpt=(BOB,), origin="ehpad-est.test")
     assert item.envelope.dest != HOME
-    assert relay_store.take_inbound(conn, HOME, [item], lambda a: ["messenger"]) == (
+    assert relay_events.take_inbound(conn, HOME, [item], lambda a: ["messenger"]) == (
         [Failure(6, (BOB,), "misrouted")], set())
     assert count(conn, "inbound") == 0 and count(conn, "event") == 0
 
@@ -300,38 +302,38 @@ def test_a_batch_mixes_messages_receipts_and_failures(conn) -> None:
         inbound(12, "in-00000002", rcpt=(ghost,)),
         inbound(13, "in-00000003", rcpt=(ANNE,)),
     ]
-    failures, woken = relay_store.take_inbound(conn, HOME, items, serving)
+    failures, woken = relay_events.take_inbound(conn, HOME, items, serving)
     assert failures == [Failure(12, (ghost,), protocol.UNKNOWN_RECIPIENT)]
     assert woken == {"messenger", "lab"}
     assert statuses(conn, "msg-00000001") == {BOB: ("delivered", None)}
-    assert [e["message"]["id"] for e in relay_store.events(conn, "messenger", 0, 10)] == [
+    assert [e["message"]["id"] for e in relay_events.events(conn, "messenger", 0, 10)] == [
         "in-00000001", "in-00000003"]
 
 
 def test_events_page_in_cursor_order(conn) -> None:
     for i in range(1, 8):
-        relay_store.take_inbound(conn, HOME, [inbound(i, f"in-0000000{i}", rcpt=(ANNE,))], serving)
-    every = relay_store.events(conn, "messenger", 0, 100)
+        relay_events.take_inbound(conn, HOME, [inbound(i, f"in-0000000{i}", rcpt=(ANNE,))], serving)
+    every = relay_events.events(conn, "messenger", 0, 100)
     cursors = [e["cursor"] for e in every]
     assert cursors == sorted(cursors) and len(set(cursors)) == 7 and cursors[0] > 0
     assert [e["message"]["id"] for e in every] == [f"in-0000000{i}" for i in range(1, 8)]
     # Paging: `after` is the last cursor seen, `limit` the page size.
     pages, after = [], 0
-    while page := relay_store.events(conn, "messenger", after, 3):
+    while page := relay_events.events(conn, "messenger", after, 3):
         pages.append([e["message"]["id"] for e in page])
         after = page[-1]["cursor"]
     assert [len(p) for p in pages] == [3, 3, 1]
     assert sum(pages, []) == [e["message"]["id"] for e in every]
-    assert relay_store.events(conn, "messenger", cursors[-1], 10) == []
+    assert relay_events.events(conn, "messenger", cursors[-1], 10) == []
     # Another system's events do not consume this system's cursor space.
-    assert relay_store.events(conn, "lab", 0, 100) == []
+    assert relay_events.events(conn, "lab", 0, 100) == []
 
 
 def test_an_event_carries_the_message(conn) -> None:
     item = inbound(1, rcpt=(ALICE,), to=(ALICE, BOB), thread="dossier-7", priority="urgent",
                    sent_at=1_700_000_000.25, body="Résultats: normaux")
-    relay_store.take_inbound(conn, HOME, [item], serving)
-    [event] = relay_store.events(conn, "lab", 0, 10)
+    relay_events.take_inbound(conn, HOME, [item], serving)
+    [event] = relay_events.events(conn, "lab", 0, 10)
     assert event == {
         "cursor": event["cursor"],
         "type": "message",
@@ -368,11 +370,11 @@ async def test_units_through_a_store_survive_a_reopen(tmp_path: Path) -> None:
                 nursery.start_soon(submit, "msg-00000002")
             first = next(ident for ident, created in results if created)
             assert sorted(results) == sorted([(first, True), (first, False)])
-            await store.run("take", lambda c: relay_store.take_inbound(c, HOME, [inbound(1)], serving))
+            await store.run("take", lambda c: relay_events.take_inbound(c, HOME, [inbound(1)], serving))
 
         async with Store.open(path, relay_store.MIGRATIONS) as store:
             batch = await store.run("next_batch", lambda c: relay_store.next_batch(c, HOME, 10))
-            page = await store.run("events", lambda c: relay_store.events(c, "lab", 0, 10))
+            page = await store.run("events", lambda c: relay_events.events(c, "lab", 0, 10))
     assert sorted(env.dest for _, env in batch) == ["clinique-sud.test", "ehpad-est.test"]
     assert {env.id for _, env in batch} == {first}
     assert [e["message"]["id"] for e in page] == ["in-00000001"]
