@@ -229,6 +229,10 @@ def test_examples_load_with_their_optional_settings_on_and_off(tmp_path, name, l
     assert count > 0
 
     load(ROOT / name)
+    secret = tmp_path / "secrets" / "demo-messenger.webhook"  # what the relay example names
+    secret.parent.mkdir()
+    secret.write_text("a webhook signing key of some length\n")
+    secret.chmod(0o600)
     load(write(tmp_path, uncommented, name))
 
 
@@ -533,3 +537,58 @@ def test_is_domain(text, expected):
 )
 def test_is_address(text, expected):
     assert is_address(text) is expected
+
+
+# Delivery limits, store ceiling and webhooks
+
+
+def test_durations_and_sizes_take_units(tmp_path):
+    text = RELAY.replace("[relay]\n", '[relay]\nmessage_ttl = "2d"\ndelay_warning = 90\nevent_retention = "12h"\n', 1)
+    text += '\n[store]\nmax_size = "500MiB"\nhigh_water = 0.5\n'
+    config = load_relay_config(write(tmp_path, text))
+    assert (config.delivery.message_ttl, config.delivery.delay_warning, config.delivery.event_retention) == (
+        2 * 86400, 90.0, 12 * 3600)
+    assert (config.store.max_bytes, config.store.high_water) == (500 * 2**20, 0.5)
+
+
+def test_bad_durations_sizes_and_fractions_are_named(tmp_path):
+    text = RELAY.replace("[relay]\n", '[relay]\nmessage_ttl = "soon"\n', 1)
+    text += '\n[store]\nmax_size = "lots"\nhigh_water = 1.5\n'
+    with pytest.raises(ConfigError) as caught:
+        load_relay_config(write(tmp_path, text))
+    problems = "\n".join(caught.value.problems)
+    assert "[relay].message_ttl: expected a duration > 0" in problems
+    assert "[store].max_size: expected a size > 0" in problems
+    assert "[store].high_water: expected a fraction > 0 and <= 1, got 1.5" in problems
+
+
+def _with_webhook(tmp_path, mode: int, content: bytes = b"sixteen-bytes-or-more-secret"):
+    secret = tmp_path / "hook.secret"
+    secret.write_bytes(content)
+    secret.chmod(mode)
+    marker = "[[local_system]]\n"
+    return RELAY.replace(marker, marker + 'webhook_url = "https://hooks.example/eimis?x=1"\n'
+                         'webhook_secret_file = "hook.secret"\n', 1)
+
+
+def test_webhook_secret_is_read_from_a_private_file(tmp_path):
+    config = load_relay_config(write(tmp_path, _with_webhook(tmp_path, 0o600)))
+    system = config.local_systems[0]
+    assert system.webhook_url == "https://hooks.example/eimis?x=1"
+    assert system.webhook_secret == b"sixteen-bytes-or-more-secret"
+    assert "sixteen" not in repr(system)
+
+
+def test_webhook_secret_readable_by_others_is_refused(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_relay_config(write(tmp_path, _with_webhook(tmp_path, 0o644)))
+    [problem] = caught.value.problems
+    assert "[local_system][0].webhook_secret_file" in problem and "chmod 600" in problem
+
+
+def test_webhook_url_needs_a_secret(tmp_path):
+    text = RELAY.replace("[[local_system]]\n", '[[local_system]]\nwebhook_url = "http://127.0.0.1:9/x"\n', 1)
+    with pytest.raises(ConfigError) as caught:
+        load_relay_config(write(tmp_path, text))
+    assert caught.value.problems == [
+        "relay-a.toml: [local_system][0].webhook_secret_file: missing, required when webhook_url is set"]
