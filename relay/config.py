@@ -108,6 +108,7 @@ class LocalSystem:
     # signs each POST (read from webhook_secret_file; never printed).
     webhook_url: str | None = None
     webhook_secret: bytes | None = field(default=None, repr=False)
+    webhook_timeout: float = 10.0  # one delivery attempt, connection to answer
 
     def may_send_as(self, address: str) -> bool:
         """Whether this system may send messages from `address`."""
@@ -357,6 +358,7 @@ def _read_local_systems(tables: list[_Table], domain: str | None) -> tuple[Local
         if webhook_url is not None and secret_file is None:
             table.problem("webhook_secret_file", "missing, required when webhook_url is set")
         secret = _read_secret(table, "webhook_secret_file", secret_file) if secret_file else None
+        webhook_timeout = table.get("webhook_timeout", _duration, LocalSystem.webhook_timeout)
         _require_unique(table, "name", name, names)
         _require_unique(table, "token_sha256", token_sha256, tokens)
         if table.valid:
@@ -369,6 +371,7 @@ def _read_local_systems(tables: list[_Table], domain: str | None) -> tuple[Local
                     domain=domain,
                     webhook_url=webhook_url,
                     webhook_secret=secret,
+                    webhook_timeout=webhook_timeout,
                 )
             )
     return tuple(systems)

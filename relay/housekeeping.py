@@ -49,10 +49,13 @@ class Housekeeping:
         delayed = await self.store.run(
             "notice_delays", lambda c: relay_store.notice_delays(c, now, self.delivery.delay_warning)
         )
-        pruned = await self.store.run("prune_events",
-                                      lambda c: relay_events.prune(c, now, self.delivery.event_retention))
+        retention = self.delivery.event_retention
+        pruned = await self.store.run("prune_events", lambda c: relay_events.prune(c, now, retention))
         if pruned:
             log.info("dropped %d event(s) older than the retention period", pruned)
+        forgotten = await self.store.run("prune_messages", lambda c: relay_store.prune(c, now, retention))
+        if forgotten:
+            log.info("forgot %d sent message(s) older than the retention period", forgotten)
         self.expired += expired
         self.delayed += len(delayed)
         self._on_events(notified | delayed)

@@ -177,7 +177,7 @@ def apply_outcomes(conn: sqlite3.Connection, results: Iterable[tuple[int, Envelo
     Returns the local systems notified of a failure."""
     notified: set[str] = set()
     for seq, envelope, outcome in results:
-        conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+        _leave_outbox(conn, seq, envelope.id)
         if outcome.accepted:
             advance(conn, envelope.id, envelope.rcpt, "sent")
         else:
@@ -196,10 +196,36 @@ def expire(conn: sqlite3.Connection, now: float, notified: set[str]) -> int:
     ).fetchall()
     failed = 0
     for seq, dest, ident, recipients in rows:
-        conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+        _leave_outbox(conn, seq, ident)
         rcpt = [a for a in protocol.unpack(recipients, "stored recipients") if protocol.domain_of(a) == dest]
         failed += advance(conn, ident, rcpt, "failed", protocol.EXPIRED, notified)
     return failed
+
+
+def _leave_outbox(conn: sqlite3.Connection, seq: int, ident: str) -> None:
+    """Take an envelope out of the outbox; once the message's last envelope
+    is out, its body is no longer needed here and is dropped, so that the
+    space it took is free again (the store's ceiling counts on it)."""
+    conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+    conn.execute(
+        "UPDATE message SET body = '' WHERE id = ? AND NOT EXISTS (SELECT 1 FROM outbox WHERE message_id = ?)",
+        (ident, ident),
+    )
+
+
+def prune(conn: sqlite3.Connection, now: float, retention: float) -> int:
+    """Forget the messages sent more than ``retention`` seconds ago that no
+    longer wait for anything (their statuses stop being queryable); return
+    how many went."""
+    old = [row[0] for row in conn.execute(
+        """SELECT id FROM message m WHERE accepted_at < ?
+           AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = m.id)
+           AND NOT EXISTS (SELECT 1 FROM recipient r WHERE r.message_id = m.id AND r.status IN ('queued', 'sent'))""",
+        (now - retention,),
+    )]
+    conn.executemany("DELETE FROM recipient WHERE message_id = ?", [(ident,) for ident in old])
+    conn.executemany("DELETE FROM message WHERE id = ?", [(ident,) for ident in old])
+    return len(old)
 
 
 def notice_delays(conn: sqlite3.Connection, now: float, delay: float) -> set[str]:

@@ -36,8 +36,6 @@ from .wakeup import Signal
 
 log = logging.getLogger(__name__)
 
-# One attempt (connect, send, answer) may take this long.
-ATTEMPT_TIMEOUT = 10.0
 RETRY = RetryPolicy(initial=1.0, maximum=300.0)
 PAGE = 100
 
@@ -84,7 +82,7 @@ class WebhookPusher:
         attempt = 0
         while True:
             try:
-                with trio.fail_after(ATTEMPT_TIMEOUT):
+                with trio.fail_after(self.system.webhook_timeout):
                     status = await post(self.system.webhook_url, body, headers, self._tls)
                 if 200 <= status < 300:
                     return
