@@ -16,7 +16,9 @@ Flow control (RFC 9113 §5.2, §6.9): outgoing DATA is cut into chunks of at
 most ``min(stream window, max frame size)``; a sender whose window is empty
 parks until a WINDOW_UPDATE (stream or connection) or a SETTINGS change wakes
 it.  Incoming DATA is acknowledged when the application consumes it, so a
-slow consumer pushes back on its peer instead of buffering without bound.
+slow consumer pushes back on its peer instead of buffering without bound, or
+when it abandons it (reset, handler done): unread DATA still counts against
+the connection window, which would otherwise shrink for good.
 Both windows start well above h2's 64 KiB default: with the default, a
 hundred concurrent uploads on one connection stall for seconds.
 

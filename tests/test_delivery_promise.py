@@ -8,10 +8,10 @@ import hmac
 import json
 from dataclasses import replace
 
-import h11
 import trio
 
 from conftest import STEP, Space
+from peers import WebhookReceiver
 from relay.config import Delivery, StoreLimits
 
 
@@ -114,50 +114,6 @@ async def test_store_ceiling_refuses_normal_then_urgent_and_recovers(stopped_spa
     events = await space.events(space.b, accepted + 1)
     assert events[0]["message"]["body"] == "urgent"
     assert len(events) == accepted + 1
-
-
-class WebhookReceiver:
-    """A local system's webhook endpoint: records what it gets, and fails
-    or hangs on request to exercise the retries."""
-
-    def __init__(self) -> None:
-        self.received: list[tuple[dict, bytes]] = []
-        self.attempts: list[str] = []  # the Event-Id of every attempt
-        self.fail_next = 0
-        self.hang_next = 0
-        self.port = 0
-
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        async with listeners[0]:
-            await trio.serve_listeners(self._handle, listeners, task_status=task_status)
-
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        async with stream:
-            conn = h11.Connection(h11.SERVER)
-            headers, body = {}, b""
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.Request):
-                    headers = {k.decode(): v.decode() for k, v in event.headers}
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-            self.attempts.append(headers["event-id"])
-            if self.hang_next:
-                self.hang_next -= 1
-                await trio.sleep_forever()
-            status = 500 if self.fail_next else 204
-            if self.fail_next:
-                self.fail_next -= 1
-            else:
-                self.received.append((headers, body))
-            await stream.send_all(conn.send(h11.Response(status_code=status, headers=[("content-length", "0")]))
-                                  + conn.send(h11.EndOfMessage()))
 
 
 async def test_webhook_delivers_signed_events_in_order_through_failures(stopped_space: Space, tmp_path) -> None:

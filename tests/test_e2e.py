@@ -4,9 +4,7 @@ driven over their local APIs, killed with SIGKILL and restarted."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,110 +13,19 @@ import httpx
 import pytest
 import trio
 
+from processes import STEP, DemoSpace
+
 pytestmark = pytest.mark.e2e
-
-STEP = 20.0
-
-
-class Process:
-    """One daemon of the space, its output kept in a log file for the test."""
-
-    def __init__(self, directory: Path, name: str, argv: list[str]) -> None:
-        self.name, self.argv = name, argv
-        self.log = directory / f"{name}.log"
-        self.popen: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.popen = subprocess.Popen([sys.executable, "-m", "relay", *self.argv], stdout=log, stderr=log)
-
-    def kill(self) -> None:
-        self.popen.send_signal(signal.SIGKILL)
-        self.popen.wait(timeout=STEP)
-
-    def terminate(self) -> int:
-        self.popen.send_signal(signal.SIGTERM)
-        return self.popen.wait(timeout=STEP)
-
-
-class Site:
-    """A relay as its hospital's messaging system sees it."""
-
-    def __init__(self, manifest: dict, process: Process) -> None:
-        self.domain = manifest["domain"]
-        self.url = manifest["local_api"]
-        self.token = manifest["token"]
-        self.users = manifest["users"]
-        self.process = process
-
-    def client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=STEP)
-
-    async def uplink(self, state: str) -> None:
-        """Wait until /healthz reports ``state`` (readiness, never a guessed sleep)."""
-        async with httpx.AsyncClient(base_url=self.url, timeout=2) as client:
-            with trio.fail_after(STEP):
-                while True:
-                    try:
-                        if (await client.get("/healthz")).json()["uplink"] == state:
-                            return
-                    except httpx.TransportError:
-                        pass
-                    await trio.sleep(0.05)
-
-    async def send(self, to: str, body: str) -> str:
-        async with self.client() as client:
-            response = await client.post("/v1/messages", json={"from": self.users[0], "to": [to], "body": body})
-        assert response.status_code == 202, response.text
-        return response.json()["id"]
-
-    async def status(self, ident: str) -> str:
-        async with self.client() as client:
-            return (await client.get(f"/v1/messages/{ident}")).json()["status"]
-
-    async def wait_delivered(self, idents: list[str]) -> None:
-        with trio.fail_after(STEP * 2):
-            for ident in idents:
-                while (status := await self.status(ident)) != "delivered":
-                    assert status in ("queued", "sent"), status
-                    await trio.sleep(0.05)
-
-    async def events(self, count: int, *, settle: float = 0.5) -> list[dict]:
-        """Every event, once ``count`` are there and nothing more came for ``settle`` s."""
-        found: list[dict] = []
-        cursor = 0
-        async with self.client() as client:
-            with trio.fail_after(STEP * 2):
-                while True:
-                    wait = 5 if len(found) < count else settle
-                    page = (await client.get("/v1/events", params={"after": cursor, "wait": wait})).json()
-                    if not page["events"] and len(found) >= count:
-                        return found
-                    found += page["events"]
-                    cursor = page["next"]
 
 
 @pytest.fixture
 async def space(tmp_path: Path):
-    subprocess.run([sys.executable, "-m", "relay", "demo", "--dir", str(tmp_path), "--init-only"],
-                   check=True, capture_output=True)
-    manifest = json.loads((tmp_path / "demo.json").read_text())
-    hub = Process(tmp_path, "hub", ["hub", "--config", manifest["hub"]["config"]])
-    a_manifest, b_manifest = manifest["relays"]
-    a = Site(a_manifest, Process(tmp_path, "relay-a", ["run", "--config", a_manifest["config"]]))
-    b = Site(b_manifest, Process(tmp_path, "relay-b", ["run", "--config", b_manifest["config"]]))
-    processes = [hub, a.process, b.process]
-    for process in processes:
-        process.start()
+    demo = DemoSpace(tmp_path)
     try:
-        await a.uplink("connected")
-        await b.uplink("connected")
-        yield hub, a, b
+        await demo.start()
+        yield demo.hub, demo.a, demo.b
     finally:
-        for process in processes:
-            if process.popen.poll() is None:
-                process.popen.kill()
-                process.popen.wait(timeout=STEP)
+        demo.close()
 
 
 async def test_messages_cross_both_ways_with_receipts(space) -> None:

@@ -1,0 +1,95 @@
+"""Test doubles for the relay's peers on loopback: a local system's webhook
+endpoint, and a TCP forwarder that can go silent like a dead link."""
+
+from __future__ import annotations
+
+import h11
+import trio
+
+
+class WebhookReceiver:
+    """A local system's webhook endpoint: records what it gets, and fails
+    or hangs on request to exercise the retries."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[dict, bytes]] = []
+        self.attempts: list[str] = []  # the Event-Id of every attempt
+        self.fail_next = 0
+        self.hang_next = 0
+        self.port = 0
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        async with listeners[0]:
+            await trio.serve_listeners(self._handle, listeners, task_status=task_status)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            conn = h11.Connection(h11.SERVER)
+            headers, body = {}, b""
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Request):
+                    headers = {k.decode(): v.decode() for k, v in event.headers}
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+            self.attempts.append(headers["event-id"])
+            if self.hang_next:
+                self.hang_next -= 1
+                await trio.sleep_forever()
+            status = 500 if self.fail_next else 204
+            if self.fail_next:
+                self.fail_next -= 1
+            else:
+                self.received.append((headers, body))
+            await stream.send_all(conn.send(h11.Response(status_code=status, headers=[("content-length", "0")]))
+                                  + conn.send(h11.EndOfMessage()))
+
+
+class SilentLink:
+    """Forwards TCP connections to ``target_port``; `go_silent` makes every
+    connection open at that moment stop forwarding without closing (no FIN,
+    no RST), as a broken firewall or a dead route would.  New connections
+    are forwarded normally."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.connections = 0
+        self._live: list[trio.CancelScope] = []
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        async with listeners[0]:
+            await trio.serve_listeners(self._forward, listeners, task_status=task_status)
+
+    def go_silent(self) -> None:
+        for scope in self._live:
+            scope.cancel()
+        self._live.clear()
+
+    async def _forward(self, client: trio.SocketStream) -> None:
+        self.connections += 1
+        async with client, await trio.open_tcp_stream("127.0.0.1", self.target_port) as upstream:
+            with trio.CancelScope() as scope:
+                self._live.append(scope)
+                async with trio.open_nursery(strict_exception_groups=True) as nursery:
+                    nursery.start_soon(_pipe, client, upstream, nursery.cancel_scope)
+                    nursery.start_soon(_pipe, upstream, client, nursery.cancel_scope)
+            if scope.cancelled_caught:
+                await trio.sleep_forever()  # silent: hold both sockets open, forward nothing
+
+
+async def _pipe(source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope) -> None:
+    try:
+        while data := await source.receive_some(65536):
+            await sink.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    done.cancel()
