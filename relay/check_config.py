@@ -47,6 +47,7 @@ def check_files(config: RelayConfig | HubConfig) -> list[pki.Finding]:
         return pki.check_identity(config.cert_file, config.key_file, config.ca_file, config.name)
     up = config.uplink
     findings = pki.check_identity(up.cert_file, up.key_file, up.ca_file, config.domain)
+    findings += _first_name_is_domain(up.cert_file, config.domain)
     local = config.local_api
     if local.tls_cert_file is not None:
         try:
@@ -54,6 +55,19 @@ def check_files(config: RelayConfig | HubConfig) -> list[pki.Finding]:
         except (OSError, ssl.SSLError) as exc:
             findings.append(pki.Finding("error", f"[local_api] TLS certificate and key do not load: {exc}"))
     return findings
+
+
+def _first_name_is_domain(cert_file: Path, domain: str) -> list[pki.Finding]:
+    """The hub takes a relay's domain from the first DNS name of its
+    certificate's subjectAltName: another name first would be refused."""
+    try:
+        names = pki.san_dns_names(pki.load_certificates(cert_file)[0])
+    except (OSError, ValueError, IndexError):
+        return []  # check_identity has reported the unreadable file
+    if names and names[0].lower() != domain and domain in (n.lower() for n in names):
+        return [pki.Finding("error", f"{cert_file}: {domain} must be the first DNS name of the subjectAltName "
+                                     f"(it is {names[0]}): the hub identifies relays by that name")]
+    return []
 
 
 def _is_hub(path: Path) -> bool:

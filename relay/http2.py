@@ -94,6 +94,9 @@ class Http2Settings:
     keepalive_timeout: float = 10.0
     # How long a graceful close waits for in-flight streams.
     drain_timeout: float = 10.0
+    # Close a connection that has had no stream open for this long (a
+    # server's defence against clients that hold connections for nothing).
+    idle_timeout: float | None = None
 
 
 class H2Stream:
@@ -139,12 +142,15 @@ class H2Stream:
         return data
 
     async def read_body(self, limit: int) -> bytes:
-        """The whole body, refusing (and resetting the stream) past ``limit`` bytes."""
+        """The whole body; `BodyTooLarge` past ``limit`` bytes.
+
+        The stream is left open so that a server can still answer 413; a
+        handler that returns without reading the rest gets the stream reset
+        for it (see `Http2Connection._serve_stream`)."""
         body = bytearray()
         while chunk := await self.receive_some():
             body += chunk
             if len(body) > limit:
-                self.reset(h2.errors.ErrorCodes.REFUSED_STREAM)
                 raise BodyTooLarge(f"body larger than {limit} bytes")
         return bytes(body)
 
@@ -285,6 +291,8 @@ class Http2Connection:
                 nursery.start_soon(self._writer)
                 if self._settings.keepalive_interval:
                     nursery.start_soon(self._keepalive)
+                if self._settings.idle_timeout:
+                    nursery.start_soon(self._close_when_idle, self._settings.idle_timeout)
                 task_status.started()
                 await self._reader()
                 nursery.cancel_scope.cancel()
@@ -406,6 +414,16 @@ class Http2Connection:
                 return
             if not data:
                 self._die(ConnectionClosed(f"{self.name} closed the connection"))
+                return
+
+    async def _close_when_idle(self, timeout: float) -> None:
+        while True:
+            idle = self._no_streams
+            await idle.wait()
+            await trio.sleep(timeout)
+            if self._no_streams is idle:  # no stream was opened meanwhile
+                log.info("closing the connection of %s: idle for %.0f s", self.name, timeout)
+                self.abort()
                 return
 
     async def _keepalive(self) -> None:

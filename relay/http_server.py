@@ -132,14 +132,25 @@ class HttpServer:
                 await self._serve(stream)
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ssl.SSLError):
                 pass
+            except Exception:
+                # A bulkhead: whatever one client did, the others are served.
+                log.exception("local API: connection failed")
             finally:
                 await trio.aclose_forcefully(stream)
 
-    async def _respond(self, request: Request) -> Response:
+    async def _respond(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Response:
         """Run the application, counting the request as in flight for `shutdown`."""
+        try:
+            parts = urlsplit(target)
+            query = dict(parse_qsl(parts.query))
+        except ValueError:
+            return _error(400, "bad_request", "malformed request target")
         self._in_flight += 1
         try:
-            return await self._app(request)
+            return await self._app(Request(method, parts.path, query, headers, body))
+        except Exception:
+            log.exception("local API: %s %s failed", method, parts.path)
+            return _error(500, "internal", "the relay failed to handle this request; it has been logged")
         finally:
             self._in_flight -= 1
             if not self._in_flight:
@@ -168,8 +179,8 @@ class HttpServer:
     # -- HTTP/2 ----------------------------------------------------------------------
 
     async def _serve_h2(self, stream: trio.abc.Stream, initial: bytes) -> None:
-        conn = Http2Connection(stream, client=False, initial_data=initial, name="local client",
-                               settings=Http2Settings(keepalive_interval=None))
+        settings = Http2Settings(keepalive_interval=None, idle_timeout=IDLE_TIMEOUT)
+        conn = Http2Connection(stream, client=False, initial_data=initial, name="local client", settings=settings)
         self._h2_connections.add(conn)
         try:
             await conn.run(self._h2_request)
@@ -185,8 +196,7 @@ class HttpServer:
         if body is None:
             response = self._too_large()
         else:
-            response = await self._respond(_request(headers.get(":method", ""), headers.get(":path", "/"),
-                                                    headers, body))
+            response = await self._respond(headers.get(":method", ""), headers.get(":path", "/"), headers, body)
         await stream.send_response(
             response.status,
             [(k.encode(), v.encode()) for k, v in [*response.headers, ("content-length", str(len(response.body)))]],
@@ -199,20 +209,22 @@ class HttpServer:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         conn.receive_data(initial)
         while True:
-            try:
+            if not conn.trailing_data[0]:  # between requests: the client may idle a while
                 with trio.fail_after(IDLE_TIMEOUT):
-                    event = await _next_event(conn, stream)
-                if isinstance(event, h11.ConnectionClosed):
-                    return
+                    data = await stream.receive_some(65536)
+                conn.receive_data(data)
+            try:
+                # Then the whole request must arrive in time (slowloris).
                 with trio.fail_after(REQUEST_TIMEOUT):
+                    event = await _next_event(conn, stream)
+                    if isinstance(event, h11.ConnectionClosed):
+                        return
                     request = await self._read_h11_request(conn, stream, event)
             except h11.RemoteProtocolError as exc:
                 if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
                     return
-                request = _closing(
-                    Response.json(exc.error_status_hint, {"error": {"code": "bad_request", "message": str(exc)}})
-                )
-            response = request if isinstance(request, Response) else await self._respond(request)
+                request = _closing(_error(exc.error_status_hint, "bad_request", str(exc)))
+            response = request if isinstance(request, Response) else await self._respond(*request)
             await _send_h11(conn, stream, response)
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
                 return
@@ -220,9 +232,11 @@ class HttpServer:
 
     async def _read_h11_request(
         self, conn: h11.Connection, stream: trio.abc.Stream, event: object
-    ) -> Request | Response:
-        """The whole request, or the 413 to answer at once when it is too large."""
+    ) -> tuple[str, str, dict[str, str], bytes] | Response:
+        """The whole request, or the error to answer at once (431, 413)."""
         assert isinstance(event, h11.Request)
+        if sum(len(k) + len(v) for k, v in event.headers) > MAX_HEADER_BYTES:
+            return _closing(_error(431, "headers_too_large", f"request headers larger than {MAX_HEADER_BYTES} bytes"))
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self._max_body:
@@ -238,7 +252,7 @@ class HttpServer:
                 break
             else:
                 raise h11.RemoteProtocolError("connection closed mid-request")
-        return _request(event.method.decode(), event.target.decode("latin-1"), headers, bytes(body))
+        return event.method.decode("latin-1"), event.target.decode("latin-1"), headers, bytes(body)
 
 
 async def _h2_body(stream: H2Stream, limit: int) -> bytes | None:
@@ -258,9 +272,8 @@ async def _h2_body(stream: H2Stream, limit: int) -> bytes | None:
     return bytes(body) if received <= limit else None
 
 
-def _request(method: str, target: str, headers: dict[str, str], body: bytes) -> Request:
-    parts = urlsplit(target)
-    return Request(method, parts.path, dict(parse_qsl(parts.query)), headers, body)
+def _error(status: int, code: str, message: str) -> Response:
+    return Response.json(status, {"error": {"code": code, "message": message}})
 
 
 def _closing(response: Response) -> Response:

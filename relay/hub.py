@@ -97,8 +97,7 @@ class Hub:
 
     async def _expire_periodically(self) -> None:
         while True:
-            in_flight = set().union(*(link.unacked for link in self.links.values()))
-            woken = await self.store.run("expire", lambda c: hub_store.expire(c, time.time(), in_flight))
+            woken = await self.store.run("expire", lambda c: hub_store.expire(c, time.time()))
             for domain in woken:
                 self.link(domain).changed.fire()
             await trio.sleep(EXPIRY_INTERVAL)
@@ -132,7 +131,7 @@ class Hub:
             await trio.aclose_forcefully(stream)
             return
         identity = peer_identity(stream.getpeercert(binary_form=True))
-        domain = identity.dns_names[0] if identity.dns_names else ""
+        domain = identity.dns_names[0].lower() if identity.dns_names else ""
         if not await self._admit(domain):
             log.warning("refused %s: certificate for %r is not a registered domain", peer, domain)
             await trio.aclose_forcefully(stream)
@@ -193,6 +192,7 @@ class HubConnection:
             await _answer(stream, 400, protocol.encode_error("bad_request", str(exc)))
         except BodyTooLarge as exc:
             log.warning("refused request from %s: %s", self.domain, exc)
+            await _answer(stream, 413, protocol.encode_error("too_large", str(exc)))
         except StoreUnavailable as exc:
             await _answer(stream, 503, protocol.encode_error("unavailable", str(exc)))
 
@@ -212,7 +212,7 @@ class HubConnection:
         await _answer(stream, 200, protocol.encode_outcomes(outcomes))
 
     async def _ack(self, stream: H2Stream) -> None:
-        seqs, failures = protocol.decode_ack(await stream.read_body(4 * 1024 * 1024))
+        seqs, failures = protocol.decode_ack(await stream.read_body(protocol.MAX_TRANSACTION_BYTES))
         woken = await self.hub.store.run(
             "apply_ack", lambda c: hub_store.apply_ack(c, self.domain, seqs, failures)
         )

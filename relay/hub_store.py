@@ -40,7 +40,8 @@ MIGRATIONS: list[list[str]] = [
     [
         # Messages carry their time-to-live; the hub fails the expired ones.
         "ALTER TABLE queue ADD COLUMN expires_at REAL",
-        "CREATE INDEX queue_by_expiry ON queue (expires_at) WHERE expires_at IS NOT NULL",
+        "ALTER TABLE queue ADD COLUMN sweep_at REAL",  # see protocol.sweep_time
+        "CREATE INDEX queue_by_sweep ON queue (sweep_at) WHERE sweep_at IS NOT NULL",
     ],
 ]
 
@@ -105,6 +106,8 @@ def _accept_one(
     dest = envelope.dest
     if dest not in known:
         return Outcome(False, protocol.UNKNOWN_DOMAIN, f"no relay is registered for {dest}"), None
+    if envelope.expires_at is not None and envelope.expires_at < now:
+        return Outcome(False, protocol.EXPIRED, "the message's time-to-live ran out before it reached the hub"), None
     fresh = conn.execute(
         "INSERT OR IGNORE INTO seen (origin, id, dest, at) VALUES (?, ?, ?, ?)",
         (origin, envelope.id, dest, now),
@@ -112,9 +115,12 @@ def _accept_one(
     if not fresh:
         return Outcome(True), None
     stamped = Envelope(**{**envelope.__dict__, "origin": origin})
+    expires_at = envelope.expires_at
+    sweep_at = None if expires_at is None else protocol.sweep_time(envelope.sent_at, expires_at)
     conn.execute(
-        "INSERT INTO queue (domain, lane, kind, origin, payload, expires_at) VALUES (?, ?, 'message', ?, ?, ?)",
-        (dest, lane_of(envelope.priority), origin, protocol.pack(stamped.to_wire()), envelope.expires_at),
+        "INSERT INTO queue (domain, lane, kind, origin, payload, expires_at, sweep_at)"
+        " VALUES (?, ?, 'message', ?, ?, ?, ?)",
+        (dest, lane_of(envelope.priority), origin, protocol.pack(stamped.to_wire()), expires_at, sweep_at),
     )
     return Outcome(True), dest
 
@@ -148,18 +154,16 @@ def accept_receipts(conn: sqlite3.Connection, domain: str, raw_receipts: list[ob
     return outcomes, woken
 
 
-def expire(conn: sqlite3.Connection, now: float, in_flight: set[int]) -> set[str]:
-    """Fail the queued messages past their time-to-live: each origin gets a
-    ``failed`` receipt with reason ``expired``.  Items already on their way
-    to the destination (``in_flight``) are left to its ack.  Returns the
-    domains to wake."""
+def expire(conn: sqlite3.Connection, now: float) -> set[str]:
+    """Fail the queued messages past their time-to-live and its grace (no
+    inbox stream sends them once expired, and one sent just before has been
+    acknowledged by then): each origin gets a ``failed`` receipt with reason
+    ``expired``.  Returns the domains to wake."""
     rows = conn.execute(
-        "SELECT seq, origin, payload FROM queue WHERE kind = 'message' AND expires_at < ?", (now,)
+        "SELECT seq, origin, payload FROM queue WHERE kind = 'message' AND sweep_at < ?", (now,)
     ).fetchall()
     woken: set[str] = set()
     for seq, origin, payload in rows:
-        if seq in in_flight:
-            continue
         conn.execute("DELETE FROM queue WHERE seq = ?", (seq,))
         envelope = Envelope.from_wire(protocol.unpack(payload, "queued envelope"))
         _queue_receipt(conn, origin, Receipt(envelope.id, envelope.rcpt, "failed", protocol.EXPIRED))
@@ -168,15 +172,16 @@ def expire(conn: sqlite3.Connection, now: float, in_flight: set[int]) -> set[str
 
 
 def fetch_inbox(
-    conn: sqlite3.Connection, domain: str, after: dict[int, int], limit: int
+    conn: sqlite3.Connection, domain: str, after: dict[int, int], limit: int, now: float | None = None
 ) -> list[tuple[int, int, str, bytes]]:
     """The next items for ``domain`` past what this stream already sent,
-    urgent lane first: (seq, lane, kind, payload)."""
+    urgent lane first, none past its time-to-live: (seq, lane, kind, payload)."""
     return conn.execute(
         """SELECT seq, lane, kind, payload FROM queue
            WHERE domain = ? AND ((lane = 1 AND seq > ?) OR (lane = 0 AND seq > ?))
+             AND (expires_at IS NULL OR expires_at >= ?)
            ORDER BY lane DESC, seq LIMIT ?""",
-        (domain, after[URGENT], after[NORMAL], limit),
+        (domain, after[URGENT], after[NORMAL], time.time() if now is None else now, limit),
     ).fetchall()
 
 

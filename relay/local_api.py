@@ -111,24 +111,26 @@ class LocalApi:
     async def _submit(self, system: LocalSystem, request: Request) -> Response:
         document = _json_body(request)
         submission = self._validate(system, document, request.headers.get("idempotency-key"))
-        self._check_room(submission.priority)
-        ident, created = await self.store.run("submit", lambda c: relay_store.submit(c, submission))
-        if created:
+        try:
+            ident, status = await self.store.run("submit", lambda c: relay_store.submit(c, submission, self._has_room))
+        except relay_store.StoreFull:
+            log.warning("store at %d of %d bytes: refusing a %s message",
+                        self.store.used_bytes, self.config.store.max_bytes, submission.priority)
+            raise ApiError(503, "store_full", "the relay's store is full; retry later (urgent messages are "
+                           "still taken until the hard ceiling)", [("retry-after", RETRY_AFTER_SECONDS)]) from None
+        if ident == submission.id:
             self.outbox_changed.fire()
             log.info("accepted message %s from %s (%s) for %d recipient(s)",
                      ident, submission.sender, system.name, len(submission.to))
-        return Response.json(202, {"id": ident, "status": "queued"})
+        return Response.json(202, {"id": ident, "status": status})
 
-    def _check_room(self, priority: str) -> None:
+    def _has_room(self, priority: str) -> bool:
         """Back-pressure: above the high-water mark only urgent messages are
         taken, and none above the ceiling; nothing accepted is ever dropped
-        to make room."""
+        to make room.  (Runs in the store's thread, inside the submission.)"""
         limits = self.config.store
         used = self.store.used_bytes
-        if used >= limits.max_bytes or (priority == "normal" and used >= limits.high_water * limits.max_bytes):
-            log.warning("store at %d of %d bytes: refusing a %s message", used, limits.max_bytes, priority)
-            raise ApiError(503, "store_full", "the relay's store is full; retry later (urgent messages are "
-                           "still taken until the hard ceiling)", [("retry-after", RETRY_AFTER_SECONDS)])
+        return used < limits.max_bytes and (priority == "urgent" or used < limits.high_water * limits.max_bytes)
 
     def _validate(self, system: LocalSystem, doc: dict[str, Any], idem_key: str | None) -> Submission:
         unknown = set(doc) - {"from", "to", "body", "thread", "priority"}
@@ -228,8 +230,10 @@ def _json_body(request: Request) -> dict[str, Any]:
         raise ApiError(415, "unsupported_media_type", "expected Content-Type: application/json")
     try:
         document = json.loads(request.body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+        # JSON may escape lone surrogates ("\ud800"), which are not text.
+        json.dumps(document, ensure_ascii=False).encode()
+    except (UnicodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"body is not valid JSON text: {exc}") from None
     if not isinstance(document, dict):
         raise ApiError(400, "invalid_json", "body must be a JSON object")
     return document
@@ -243,7 +247,7 @@ def _int_param(request: Request, name: str, default: int, *, minimum: int) -> in
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or int(raw) < minimum:
+    if not re.fullmatch(r"[0-9]{1,18}", raw) or int(raw) < minimum:
         raise _invalid(name, f"expected an integer >= {minimum}")
     return int(raw)
 

@@ -59,6 +59,17 @@ UNKNOWN_RECIPIENT = "unknown_recipient"
 SENDER_NOT_AUTHENTICATED = "sender_not_authenticated"
 INVALID_ENVELOPE = "invalid_envelope"
 EXPIRED = "expired"
+MISROUTED = "misrouted"
+# Expired items are no longer sent, but only swept (failed with "expired")
+# a grace period later: an exchange that started just before the deadline
+# ends long before, so nothing is both delivered and reported expired.
+EXPIRY_GRACE = 120.0
+
+
+def sweep_time(sent_at: float, expires_at: float) -> float:
+    """When an item that expires at ``expires_at`` is failed as expired:
+    after `EXPIRY_GRACE`, or a tenth of its time-to-live if that is shorter."""
+    return expires_at + min(EXPIRY_GRACE, (expires_at - sent_at) / 10)
 UNKNOWN_MESSAGE = "unknown_message"
 RECEIPT_STATUSES = ("delivered", "failed", "read")
 

@@ -42,7 +42,7 @@ def take_inbound(
         env = item.envelope
         assert env is not None
         if env.dest != domain:
-            failures.append(Failure(item.seq, env.rcpt, "misrouted"))
+            failures.append(Failure(item.seq, env.rcpt, protocol.MISROUTED))
             continue
         served = {a: sorted(systems_serving(a)) for a in env.rcpt}
         unknown = tuple(a for a, systems in served.items() if not systems)

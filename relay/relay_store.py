@@ -31,7 +31,7 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from . import protocol
 from .protocol import Envelope, Outcome, Receipt
@@ -65,6 +65,8 @@ MIGRATIONS: list[list[str]] = [
         # Time-to-live, and the "delayed" notice sent once per message.
         "ALTER TABLE message ADD COLUMN expires_at REAL",
         "UPDATE message SET expires_at = accepted_at + 7 * 86400",
+        "ALTER TABLE message ADD COLUMN sweep_at REAL",  # see protocol.sweep_time
+        f"UPDATE message SET sweep_at = expires_at + {protocol.EXPIRY_GRACE}",
         "ALTER TABLE message ADD COLUMN delay_noticed INTEGER NOT NULL DEFAULT 0",
         "CREATE INDEX message_by_age ON message (delay_noticed, accepted_at)",
         # inbound: unique per receiving domain too; event: notices besides
@@ -122,24 +124,34 @@ class Submission:
     ttl: float = 7 * 86400
 
 
-def submit(conn: sqlite3.Connection, msg: Submission) -> tuple[str, bool]:
-    """Store a new message and its envelopes; return (id, created).
+class StoreFull(Exception):
+    """No room for this message: the store is above its ceiling (or, for a
+    normal message, its high-water mark)."""
+
+
+def submit(conn: sqlite3.Connection, msg: Submission, has_room: Callable[[str], bool] = lambda _: True) -> tuple[str, str]:
+    """Store a new message and its envelopes; return its id and status.
 
     With an Idempotency-Key already used by the same system, nothing is
-    stored and the first message's id is returned.
+    stored and the first message's id and current status are returned,
+    even when the store is full.  Otherwise ``has_room(priority)`` must
+    agree, or `StoreFull` is raised.
     """
     if msg.idem_key is not None:
         row = conn.execute(
             "SELECT id FROM message WHERE system = ? AND idem_key = ?", (msg.system, msg.idem_key)
         ).fetchone()
         if row is not None:
-            return row[0], False
+            statuses = [r[0] for r in conn.execute("SELECT status FROM recipient WHERE message_id = ?", row)]
+            return row[0], overall_status(statuses)
+    if not has_room(msg.priority):
+        raise StoreFull(msg.priority)
     now = time.time()
     conn.execute(
         "INSERT INTO message (id, domain, system, idem_key, sender, recipients, thread, priority, body, accepted_at,"
-        " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " expires_at, sweep_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (msg.id, msg.domain, msg.system, msg.idem_key, msg.sender, protocol.pack(list(msg.to)),
-         msg.thread, msg.priority, msg.body, now, now + msg.ttl),
+         msg.thread, msg.priority, msg.body, now, now + msg.ttl, protocol.sweep_time(now, now + msg.ttl)),
     )
     conn.executemany(
         "INSERT INTO recipient (message_id, address, status, updated_at) VALUES (?, ?, 'queued', ?)",
@@ -151,20 +163,32 @@ def submit(conn: sqlite3.Connection, msg: Submission) -> tuple[str, bool]:
         "INSERT INTO outbox (domain, message_id, dest, lane) VALUES (?, ?, ?, ?)",
         [(msg.domain, msg.id, dest, lane) for dest in dests],
     )
-    return msg.id, True
+    return msg.id, "queued"
 
 
-def next_batch(conn: sqlite3.Connection, domain: str, limit: int) -> list[tuple[int, Envelope]]:
-    """The next envelopes to send, urgent first, each lane in submission order."""
+# A transaction's envelopes add up to at most this many bytes of bodies and
+# addresses, well inside the hub's limit on a transaction's size.
+BATCH_BYTES = protocol.MAX_TRANSACTION_BYTES // 4
+
+
+def next_batch(conn: sqlite3.Connection, domain: str, limit: int, now: float | None = None) -> list[tuple[int, Envelope]]:
+    """The next envelopes to send, urgent first, each lane in submission
+    order; at most ``limit`` of them and about `BATCH_BYTES`, and none past
+    its time-to-live."""
     rows = conn.execute(
         """SELECT o.seq, o.dest, m.id, m.sender, m.recipients, m.thread, m.priority, m.body, m.accepted_at,
                   m.expires_at
            FROM outbox o JOIN message m ON m.id = o.message_id
-           WHERE o.domain = ? ORDER BY o.lane DESC, o.seq LIMIT ?""",
-        (domain, limit),
-    ).fetchall()
+           WHERE o.domain = ? AND (m.expires_at IS NULL OR m.expires_at >= ?)
+           ORDER BY o.lane DESC, o.seq LIMIT ?""",
+        (domain, time.time() if now is None else now, limit),
+    )
     batch = []
+    size = 0
     for seq, dest, ident, sender, recipients, thread, priority, body, accepted_at, expires_at in rows:
+        size += len(body) * 4 + len(recipients) * 2 + 256  # bounds the UTF-8 and msgpack sizes
+        if batch and size > BATCH_BYTES:
+            break
         to = tuple(protocol.unpack(recipients, "stored recipients"))
         rcpt = tuple(a for a in to if protocol.domain_of(a) == dest)
         envelope = Envelope(ident, sender, to, rcpt, body, thread, priority, accepted_at, expires_at=expires_at)
@@ -186,12 +210,12 @@ def apply_outcomes(conn: sqlite3.Connection, results: Iterable[tuple[int, Envelo
 
 
 def expire(conn: sqlite3.Connection, now: float, notified: set[str]) -> int:
-    """Fail the envelopes still queued here past their message's time-to-live;
-    return how many recipients that failed, adding their senders' systems
-    to ``notified``."""
+    """Fail the envelopes still queued here past their message's time-to-live
+    and its grace (one may be in a transaction right now); return how many
+    recipients that failed, adding their senders' systems to ``notified``."""
     rows = conn.execute(
         """SELECT o.seq, o.dest, m.id, m.recipients FROM outbox o JOIN message m ON m.id = o.message_id
-           WHERE m.expires_at < ?""",
+           WHERE m.sweep_at < ?""",
         (now,),
     ).fetchall()
     failed = 0

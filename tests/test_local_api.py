@@ -192,3 +192,34 @@ async def test_curl_submits_and_reads(space: Space, flag: str) -> None:
     )
     [event] = json.loads(read.stdout)["events"]
     assert event["message"]["id"] == ident and event["message"]["body"] == "par curl"
+
+
+async def _raw_http1(url: str, request: bytes) -> bytes:
+    """Send bytes as they are, which no well-behaved client library would."""
+    host, port = url.removeprefix("http://").split(":")
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        await stream.send_all(request)
+        answer = b""
+        with trio.fail_after(STEP):
+            while chunk := await stream.receive_some(65536):
+                answer += chunk
+                if b"\r\n\r\n" in answer:
+                    break
+    return answer
+
+
+async def test_hostile_requests_get_4xx_and_the_relay_keeps_serving(space: Space) -> None:
+    malformed_target = await _raw_http1(space.a.url, b"GET //[x HTTP/1.1\r\nHost: x\r\n\r\n")
+    huge_headers = await _raw_http1(space.a.url, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000
+                                    + b"\r\n\r\n")
+    async with space.a.client() as client:
+        surrogate = await client.post("/v1/messages", content=b'{"from": "alice@chu-nord.test", '
+                                      b'"to": ["bob@clinique-sud.test"], "body": "\\ud800"}',
+                                      headers={"content-type": "application/json"})
+        superscript = await client.get("/v1/events", params={"after": "\u00b2"})
+        enormous = await client.get("/v1/events", params={"after": "9" * 5000})
+    assert malformed_target.startswith(b"HTTP/1.1 400 ")
+    assert huge_headers.startswith(b"HTTP/1.1 431 ")
+    assert (surrogate.status_code, surrogate.json()["error"]["code"]) == (400, "invalid_json")
+    assert superscript.status_code == 400 and enormous.status_code == 400
+    await space.send(space.a, ["bob@clinique-sud.test"], "still here")

@@ -58,7 +58,7 @@ def statuses(conn: sqlite3.Connection, ident: str) -> dict[str, tuple[str, str |
 
 
 def test_submit_stores_the_message_its_recipients_and_one_outbox_row_per_domain(conn) -> None:
-    assert relay_store.submit(conn, submission("msg-00000001", thread="t-1")) == ("msg-00000001", True)
+    assert relay_store.submit(conn, submission("msg-00000001", thread="t-1")) == ("msg-00000001", "queued")
 
     row = conn.execute(
         "SELECT domain, system, sender, recipients, thread, priority, body FROM message WHERE id = ?",
@@ -82,18 +82,30 @@ def test_an_urgent_message_goes_to_the_urgent_lane(conn) -> None:
 
 
 def test_an_idempotency_key_returns_the_first_id_and_creates_nothing(conn) -> None:
-    assert relay_store.submit(conn, submission("msg-00000001", idem_key="k-1")) == ("msg-00000001", True)
+    assert relay_store.submit(conn, submission("msg-00000001", idem_key="k-1")) == ("msg-00000001", "queued")
     before = [count(conn, t) for t in ("message", "recipient", "outbox")]
     again = submission("msg-00000002", idem_key="k-1", body="different, on purpose")
-    assert relay_store.submit(conn, again) == ("msg-00000001", False)
+    assert relay_store.submit(conn, again) == ("msg-00000001", "queued")
     assert [count(conn, t) for t in ("message", "recipient", "outbox")] == before
+    # A replay tells where the first message is now, and needs no room.
+    relay_store.advance(conn, "msg-00000001", [BOB, CAROL, DAVE], "sent")
+    assert relay_store.submit(conn, again, lambda priority: False) == ("msg-00000001", "sent")
     # The key belongs to the system: another system's equal key is another message.
     other = submission("msg-00000003", idem_key="k-1", system="lab")
-    assert relay_store.submit(conn, other) == ("msg-00000003", True)
+    assert relay_store.submit(conn, other) == ("msg-00000003", "queued")
     # Without a key, nothing is deduplicated.
-    assert relay_store.submit(conn, submission("msg-00000004"))[1]
-    assert relay_store.submit(conn, submission("msg-00000005"))[1]
+    assert relay_store.submit(conn, submission("msg-00000004"))[0] == "msg-00000004"
+    assert relay_store.submit(conn, submission("msg-00000005"))[0] == "msg-00000005"
     assert count(conn, "message") == 4
+
+
+def test_a_full_store_refuses_what_has_no_room(conn) -> None:
+    rooms = []
+    with pytest.raises(relay_store.StoreFull):
+        relay_store.submit(conn, submission("msg-00000001", priority="normal"), lambda p: rooms.append(p) or False)
+    assert rooms == ["normal"] and count(conn, "message") == 0
+    urgent = submission("msg-00000002", priority="urgent")
+    assert relay_store.submit(conn, urgent, lambda p: p == "urgent") == ("msg-00000002", "queued")
 
 
 # -- next_batch and apply_outcomes -----------------------------------------------------------
@@ -368,8 +380,8 @@ async def test_units_through_a_store_survive_a_reopen(tmp_path: Path) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(submit, "msg-00000001")
                 nursery.start_soon(submit, "msg-00000002")
-            first = next(ident for ident, created in results if created)
-            assert sorted(results) == sorted([(first, True), (first, False)])
+            first = results[0][0]
+            assert results == [(first, "queued"), (first, "queued")]
             await store.run("take", lambda c: relay_events.take_inbound(c, HOME, [inbound(1)], serving))
 
         async with Store.open(path, relay_store.MIGRATIONS) as store:
@@ -378,3 +390,27 @@ async def test_units_through_a_store_survive_a_reopen(tmp_path: Path) -> None:
     assert sorted(env.dest for _, env in batch) == ["clinique-sud.test", "ehpad-est.test"]
     assert {env.id for _, env in batch} == {first}
     assert [e["message"]["id"] for e in page] == ["in-00000001"]
+
+
+def test_a_version_1_database_migrates_with_its_data(tmp_path: Path) -> None:
+    db = connect(tmp_path / "relay.db")
+    migrate(db, relay_store.MIGRATIONS[:1], "v1")
+    db.execute("INSERT INTO message (id, domain, system, sender, recipients, priority, body, accepted_at)"
+               " VALUES ('msg-00000001', ?, 'messenger', ?, ?, 'normal', 'old', 1000.0)",
+               (HOME, ALICE, protocol.pack([BOB])))
+    db.execute("INSERT INTO recipient VALUES ('msg-00000001', ?, 'queued', NULL, 1000.0)", (BOB,))
+    db.execute("INSERT INTO outbox (domain, message_id, dest, lane) VALUES (?, 'msg-00000001', ?, 0)",
+               (HOME, "clinique-sud.test"))
+    db.execute("INSERT INTO inbound (domain, origin, id, sender, recipients, priority, body, sent_at, received_at)"
+               " VALUES (?, 'clinique-sud.test', 'in-00000001', ?, ?, 'normal', 'hello', 900.0, 950.0)",
+               (HOME, BOB, protocol.pack([ALICE])))
+    db.execute("INSERT INTO event (system, inbound) VALUES ('messenger', 1)")
+    assert migrate(db, relay_store.MIGRATIONS, "v2") == len(relay_store.MIGRATIONS)
+    [(seq, envelope)] = relay_store.next_batch(db, HOME, 10, now=2000.0)
+    assert (envelope.id, envelope.body, envelope.expires_at) == ("msg-00000001", "old", 1000.0 + 7 * 86400)
+    [event] = relay_events.events(db, "messenger", 0, 10)
+    assert (event["cursor"], event["type"], event["message"]["body"]) == (1, "message", "hello")
+    # New events continue after the old cursors.
+    db.execute("INSERT INTO event (system, type, created_at) VALUES ('messenger', 'delayed', 0)")
+    assert db.execute("SELECT max(cursor) FROM event").fetchone()[0] == 2
+    db.close()
