@@ -6,6 +6,17 @@ one pass rather than restarting the daemon once per typo. Unknown keys are
 errors too: a misspelt optional key would otherwise be silently ignored.
 
 The results are immutable, so every task of the daemon can share them.
+
+Fragments: besides ``X.toml`` the loader reads every ``X.d/*.toml`` (in
+sorted order of names, dotfiles skipped) and merges them onto it: tables
+key by key, a later file's scalar or array replacing an earlier one, arrays
+of tables (``[[local_system]]``) put end to end. The Debian package relies
+on it: it ships ``/etc/eimis-relay/relay.toml`` with comments only and never
+changes it, and the admin's settings live in ``relay.d/``, which the package
+does not own, so an upgrade never meets an edited conffile (and never stops
+on dpkg's question about it). Each value remembers the file it came from: a
+problem names that file, and a relative path in it is relative to its
+directory. With no setting anywhere, loading fails with `NotConfigured`.
 """
 
 from __future__ import annotations
@@ -40,6 +51,32 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+class NotConfigured(ConfigError):
+    """Neither the file nor its fragments hold a single setting: a fresh install.
+
+    Its one problem is a whole sentence saying what to do, meant to be
+    printed on its own rather than as one more problem of a file.
+    """
+
+    def __init__(self, path: Path, example: str) -> None:
+        shipped = Path("/usr/share/doc/eimis-relay") / example  # where the Debian package puts it
+        fragments = path.with_suffix(".d")
+        super().__init__([
+            f"eimis-relay is not configured yet: put your settings in {fragments}/NAME.toml "
+            f"(see {shipped if shipped.exists() else example}), "
+            f"then run: eimis-relay check-config --config {path}"
+        ])
+
+
+def defines_table(path: str | os.PathLike, name: str) -> bool:
+    """Whether the file or one of its fragments has a [name] table; False when
+    they cannot be read (loading them then says why)."""
+    try:
+        return name in _File(path).root
+    except ConfigError:
+        return False
 
 
 def is_domain(text: str) -> bool:
@@ -135,6 +172,21 @@ class LocalSystem:
 
 
 @dataclass(frozen=True)
+class TlsPolicy:
+    """How a national-link endpoint treats TLS versions and revocation.
+
+    TLS 1.3 only unless allow_tls12 (then only ECDHE with AEAD suites, per
+    ANSSI); peers are checked against the CRLs in crl_files, and a CRL past
+    its next update either fails every handshake ("fail") or is used anyway
+    with a warning ("warn").
+    """
+
+    allow_tls12: bool = False
+    crl_files: tuple[Path, ...] = ()
+    crl_stale: str = "fail"
+
+
+@dataclass(frozen=True)
 class Uplink:
     """How the relay reaches the hub; server_name is the name the hub's certificate must carry."""
 
@@ -152,6 +204,10 @@ class Uplink:
     backoff_initial: float = 0.5
     backoff_max: float = 60.0
     batch_max: int = 500  # envelopes per transaction
+    tls: TlsPolicy = TlsPolicy()
+    # The organisation identifiers (subject OU) the hub's certificate may
+    # carry; empty: any, as long as it chains to the national CA.
+    hub_org_ids: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -161,6 +217,8 @@ class LocalApi:
     listen: Address = Address("127.0.0.1", 8080)
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # With TLS: local systems must also present a certificate from this CA.
+    tls_client_ca_file: Path | None = None
     max_body_bytes: int = 2 * 1024 * 1024
     max_connections: int = 256
 
@@ -183,6 +241,16 @@ class StoreLimits:
 
 
 @dataclass(frozen=True)
+class MetricsEndpoint:
+    """Where ``/metrics``, ``/healthz`` and ``/readyz`` are served; None: not at all.
+
+    A listener of its own, so that the monitoring network never needs the
+    local API's port (nor its tokens)."""
+
+    listen: Address | None = None
+
+
+@dataclass(frozen=True)
 class RelayConfig:
     """A relay's configuration; state_dir None means the default chosen at startup."""
 
@@ -195,6 +263,9 @@ class RelayConfig:
     local_systems: tuple[LocalSystem, ...]
     delivery: Delivery = Delivery()
     store: StoreLimits = StoreLimits()
+    # SIGTERM: requests in flight get this long to finish before the exit.
+    shutdown_grace: float = 10.0
+    metrics: MetricsEndpoint = MetricsEndpoint()
 
     def system_for_token(self, token: str) -> LocalSystem | None:
         """The system whose token this is, if any.
@@ -227,6 +298,7 @@ class HubConfig:
     keepalive_interval: float = 20.0
     keepalive_timeout: float = 10.0
     max_concurrent_streams: int = 100
+    tls: TlsPolicy = TlsPolicy()
 
 
 def load_relay_config(path: str | os.PathLike) -> RelayConfig:
@@ -245,6 +317,8 @@ def load_relay_config(path: str | os.PathLike) -> RelayConfig:
     local_api = _read_local_api(file.root.table("local_api", required=False))
     store = _read_store(file.root.table("store", required=False))
     local_systems = _read_local_systems(file.root.tables("local_system"), domain)
+    shutdown_grace = relay.get("shutdown_grace", _duration, RelayConfig.shutdown_grace)
+    metrics = _read_metrics(file.root.table("metrics", required=False))
     file.finish()
     return RelayConfig(
         path=file.path,
@@ -256,12 +330,14 @@ def load_relay_config(path: str | os.PathLike) -> RelayConfig:
         local_systems=local_systems,
         delivery=delivery,
         store=store,
+        shutdown_grace=shutdown_grace,
+        metrics=metrics,
     )
 
 
 def load_hub_config(path: str | os.PathLike) -> HubConfig:
     """Read and check the hub's configuration file; raise ConfigError listing every problem."""
-    file = _File(path)
+    file = _File(path, example="hub.example.toml")
     hub = file.root.table("hub")
     domains = hub.get_list("domains", _domain, ())
     values = dict(
@@ -273,6 +349,7 @@ def load_hub_config(path: str | os.PathLike) -> HubConfig:
         cert_file=hub.get("cert_file", file.resolve),
         key_file=hub.get("key_file", file.resolve),
         learn_domains=hub.get("learn_domains", _boolean, False),
+        tls=_read_tls_policy(hub),
         keepalive_interval=hub.get("keepalive_interval", _seconds, HubConfig.keepalive_interval),
         keepalive_timeout=hub.get("keepalive_timeout", _seconds, HubConfig.keepalive_timeout),
         max_concurrent_streams=hub.get(
@@ -301,6 +378,8 @@ def _read_uplink(table: _Table) -> Uplink | None:
         keepalive_interval=table.get("keepalive_interval", _seconds, Uplink.keepalive_interval),
         keepalive_timeout=table.get("keepalive_timeout", _seconds, Uplink.keepalive_timeout),
         batch_max=table.get("batch_max", _integer(1, 500), Uplink.batch_max),
+        tls=_read_tls_policy(table),
+        hub_org_ids=frozenset(table.get_list("hub_org_ids", _org_id, ())),
     )
     if not table.valid:  # the load fails; there is nothing to build
         return None
@@ -315,14 +394,24 @@ def _read_uplink(table: _Table) -> Uplink | None:
     )
 
 
+def _read_tls_policy(table: _Table) -> TlsPolicy:
+    return TlsPolicy(
+        allow_tls12=table.get("allow_tls12", _boolean, False),
+        crl_files=table.get_list("crl_files", table.file.resolve, ()),
+        crl_stale=table.get("crl_stale", _crl_stale, "fail"),
+    )
+
+
 def _read_local_api(table: _Table) -> LocalApi | None:
-    for key, other in [("tls_cert_file", "tls_key_file"), ("tls_key_file", "tls_cert_file")]:
+    for key, other in [("tls_cert_file", "tls_key_file"), ("tls_key_file", "tls_cert_file"),
+                       ("tls_cert_file", "tls_client_ca_file")]:
         if other in table and key not in table:
             table.problem(key, f"missing, required when {other} is set")
     values = dict(
         listen=table.get("listen", _address, LocalApi.listen),
         tls_cert_file=table.get("tls_cert_file", table.file.resolve, None),
         tls_key_file=table.get("tls_key_file", table.file.resolve, None),
+        tls_client_ca_file=table.get("tls_client_ca_file", table.file.resolve, None),
         max_body_bytes=table.get("max_body_bytes", _integer(1), LocalApi.max_body_bytes),
         max_connections=table.get("max_connections", _integer(1), LocalApi.max_connections),
     )
@@ -335,6 +424,11 @@ def _read_store(table: _Table) -> StoreLimits | None:
         high_water=table.get("high_water", _fraction, StoreLimits.high_water),
     )
     return StoreLimits(**values) if table.valid else None
+
+
+def _read_metrics(table: _Table) -> MetricsEndpoint | None:
+    listen = table.get("listen", _address, None)
+    return MetricsEndpoint(listen) if table.valid else None
 
 
 def _read_local_systems(tables: list[_Table], domain: str | None) -> tuple[LocalSystem, ...]:
@@ -379,7 +473,8 @@ def _read_local_systems(tables: list[_Table], domain: str | None) -> tuple[Local
 
 def _require_unique(table: _Table, key: str, value: object, seen: dict[Any, _Table]) -> None:
     if value is not None and (first := seen.setdefault(value, table)) is not table:
-        table.problem(key, f"same {key} as {first.label}")
+        elsewhere = "" if first.origin == table.origin else f" in {table.file.name_of(first.origin)}"
+        table.problem(key, f"same {key} as {first.label}{elsewhere}")
 
 
 # Field parsers: each turns a TOML value into a typed one, or raises _Invalid
@@ -518,6 +613,11 @@ def _size(value: object) -> int:
     raise _expected('a size > 0 (bytes, or a string like "500MiB", "2GiB")', value)
 
 
+_crl_stale = _string('"fail" or "warn"', ("fail", "warn").__contains__)
+_org_id = _string("an organisation identifier: 1 + FINESS or 3 + SIRET digits",
+                  lambda text: re.fullmatch(r"1[0-9]{9}|3[0-9]{14}", text) is not None)
+
+
 def _fraction(value: object) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1:
         return float(value)
@@ -596,35 +696,115 @@ def _array_of_tables(value: object) -> list[dict]:
 _REQUIRED: Any = object()  # the default of a key that must be present
 
 
-class _File:
-    """A configuration file being read: where it is, and the problems found so far."""
+class _Merged(dict):
+    """A table merged from several files: `origins` names the file each key's
+    value came from, `origin` the first file that gave the table anything, and
+    `index` the position of an item of an array of tables in its own file."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, origin: Path | None, index: int | None = None) -> None:
+        super().__init__()
+        self.origin = origin
+        self.origins: dict[str, Path] = {}
+        self.index = index
+
+
+def _merge(into: _Merged, data: dict[str, Any], origin: Path) -> None:
+    """Merge one file's `data` onto what the files before it gave."""
+    if into.origin is None and data:
+        into.origin = origin
+    for key, value in data.items():
+        old = into.get(key)
+        if isinstance(old, _Merged) and isinstance(value, dict):
+            _merge(old, value, origin)
+        elif _is_tables(old) and _is_tables(value):
+            old.extend(_merged(item, origin, index) for index, item in enumerate(value))
+        else:
+            into[key] = _tagged(value, origin)
+            into.origins[key] = origin
+
+
+def _index_in_file(data: dict[str, Any], index: int) -> int:
+    own = getattr(data, "index", None)
+    return index if own is None else own
+
+
+def _is_tables(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, dict) for item in value)
+
+
+def _tagged(value: Any, origin: Path) -> Any:
+    """`value` with its tables turned into _Merged ones that know `origin`."""
+    if isinstance(value, dict):
+        return _merged(value, origin)
+    if _is_tables(value):
+        return [_merged(item, origin, index) for index, item in enumerate(value)]
+    return value
+
+
+def _merged(data: dict[str, Any], origin: Path, index: int | None = None) -> _Merged:
+    table = _Merged(origin, index)
+    _merge(table, data, origin)
+    return table
+
+
+class _File:
+    """A configuration file and its fragments being read: where they are, and
+    the problems found so far."""
+
+    def __init__(self, path: str | os.PathLike, example: str = "config.example.toml") -> None:
         self.path = Path(path).absolute()
         self.problems: list[str] = []
         self.tables: list[_Table] = []
-        self.root = _Table(self, "", self._parse())
+        self.reading = self.path  # the file of the value being parsed: `resolve` is relative to it
+        data = _Merged(None)
+        unreadable = []
+        for file in [self.path, *self._fragments()]:
+            try:
+                _merge(data, self._parse(file), file)
+            except ConfigError as error:
+                unreadable += error.problems
+        if unreadable:
+            raise ConfigError(unreadable)
+        if not data:
+            raise NotConfigured(self.path, example)
+        self.root = _Table(self, "", data)
 
-    def _parse(self) -> dict[str, Any]:
+    def _fragments(self) -> list[Path]:
+        """X.d/*.toml for X.toml, sorted by name; none when there is no such directory."""
+        directory = self.path.with_suffix(".d")
         try:
-            text = self.path.read_text(encoding="utf-8")
+            names = sorted(entry.name for entry in os.scandir(directory) if entry.is_file())
+        except FileNotFoundError:
+            return []
+        except OSError as error:
+            raise ConfigError([f"{directory.name}: cannot read {directory}: {error.strerror or error}"]) from None
+        return [directory / name for name in names if name.endswith(".toml") and not name.startswith(".")]
+
+    def _parse(self, path: Path) -> dict[str, Any]:
+        name = self.name_of(path)
+        try:
+            text = path.read_text(encoding="utf-8")
         except OSError as error:
             reason = error.strerror or error
-            raise ConfigError([f"{self.path.name}: cannot read {self.path}: {reason}"]) from None
+            raise ConfigError([f"{name}: cannot read {path}: {reason}"]) from None
         except UnicodeDecodeError:
-            raise ConfigError([f"{self.path.name}: not UTF-8 text"]) from None
+            raise ConfigError([f"{name}: not UTF-8 text"]) from None
         try:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as error:
-            raise ConfigError([f"{self.path.name}: invalid TOML: {error}"]) from None
+            raise ConfigError([f"{name}: invalid TOML: {error}"]) from None
 
-    def problem(self, where: str, message: str) -> None:
-        self.problems.append(f"{self.path.name}: {where}: {message}")
+    def name_of(self, path: Path) -> str:
+        """How problems name a file: "relay.toml", or "relay.d/10-site.toml" for a fragment."""
+        return path.name if path == self.path else f"{path.parent.name}/{path.name}"
+
+    def problem(self, where: str, message: str, origin: Path | None = None) -> None:
+        self.problems.append(f"{self.name_of(origin or self.path)}: {where}: {message}")
 
     def resolve(self, value: object) -> Path:
-        """Parse a path; a relative one is relative to this file, so that a config moves with its files."""
+        """Parse a path; a relative one is relative to the file it is written in, so that a config moves with its files."""
         if isinstance(value, str) and value:
-            return self.path.parent / value
+            return self.reading.parent / value
         raise _expected("a path", value)
 
     def finish(self) -> None:
@@ -651,6 +831,9 @@ class _Table:
         self._present = present
         self._data = data
         self._read: set[str] = set()
+        # Which file each key came from; an absent table's problems go to the first file.
+        self.origin: Path = getattr(data, "origin", None) or file.path
+        self._origins: dict[str, Path] = getattr(data, "origins", {})
         file.tables.append(self)
 
     def __contains__(self, key: str) -> bool:
@@ -660,7 +843,9 @@ class _Table:
         return f"{self.label}.{key}" if self.label else f"[{key}]"
 
     def problem(self, key: str, message: str) -> None:
-        self.file.problem(self.where(key), message)
+        """Report a problem with `key` (or "key[2]"), naming the file it came
+        from, or for a missing key the file that holds the table."""
+        self.file.problem(self.where(key), message, self._origins.get(key.partition("[")[0], self.origin))
         self.valid = False
 
     def get(self, key: str, parse: _Parser[_T], default: _T = _REQUIRED) -> _T | None:
@@ -671,6 +856,7 @@ class _Table:
             if default is _REQUIRED and self._present:
                 self.problem(key, "missing required key")
             return None if default is _REQUIRED else default
+        self.file.reading = self._origins.get(key, self.origin)
         try:
             return parse(self._data[key])
         except _Invalid as invalid:
@@ -700,7 +886,9 @@ class _Table:
     def tables(self, key: str) -> list[_Table]:
         """The tables of an optional array of tables ([[key]] in TOML)."""
         items = self.get(key, _array_of_tables, []) or []
-        return [_Table(self.file, f"{self.where(key)}[{index}]", data) for index, data in enumerate(items)]
+        # Numbered within their own file, which is the one their problems name.
+        return [_Table(self.file, f"{self.where(key)}[{_index_in_file(data, index)}]", data)
+                for index, data in enumerate(items)]
 
     def unread(self) -> list[tuple[str, Any]]:
         return [(key, value) for key, value in self._data.items() if key not in self._read]

@@ -44,7 +44,9 @@ async def run_relay(config: RelayConfig, *, task_status: trio.TaskStatus[list[tr
         api = LocalApi(config, store, outbox_changed, lambda: uplink.state.value)
         uplink = Uplink(config, store, outbox_changed, api.events_arrived)
         local = config.local_api
-        tls = local_server_context(local.tls_cert_file, local.tls_key_file) if local.tls_cert_file else None
+        tls = None
+        if local.tls_cert_file is not None:
+            tls = local_server_context(local.tls_cert_file, local.tls_key_file, local.tls_client_ca_file)
         server = HttpServer(api, max_body=local.max_body_bytes, too_large=too_large(local.max_body_bytes),
                             tls=tls, max_connections=local.max_connections)
         listeners = await trio.open_tcp_listeners(local.listen.port, host=local.listen.host)

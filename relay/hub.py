@@ -38,8 +38,9 @@ import trio
 from . import hub_store, protocol
 from .config import HubConfig
 from .http2 import BodyTooLarge, H2Stream, Http2Connection, Http2Settings, header
-from .pki import peer_identity
+from .pki import PeerIdentity, peer_identity
 from .protocol import ProtocolViolation
+from .revocation import Revoked, RevocationList
 from .store import Store, StoreUnavailable
 from .tls import hub_server_context
 from .wakeup import Signal
@@ -70,7 +71,8 @@ class Hub:
         self.config = config
         self.store = store
         self.links: dict[str, DomainLink] = {}
-        self._ssl = hub_server_context(config.cert_file, config.key_file, config.ca_file)
+        self._ssl = hub_server_context(config.cert_file, config.key_file, config.ca_file, config.tls)
+        self._revocation = RevocationList(config.tls, config.ca_file)
         self._known: set[str] = set()
         self._connections: set[Http2Connection] = set()
 
@@ -130,8 +132,15 @@ class Hub:
             log.warning("%s did not negotiate ALPN h2; closing", peer)
             await trio.aclose_forcefully(stream)
             return
-        identity = peer_identity(stream.getpeercert(binary_form=True))
+        der = stream.getpeercert(binary_form=True)
+        identity = peer_identity(der)
         domain = identity.dns_names[0].lower() if identity.dns_names else ""
+        try:
+            self._revocation.check(der)
+        except Revoked as exc:
+            log.warning("refused %s (%s): %s", peer, _who(identity), exc)
+            await trio.aclose_forcefully(stream)
+            return
         if not await self._admit(domain):
             log.warning("refused %s: certificate for %r is not a registered domain", peer, domain)
             await trio.aclose_forcefully(stream)
@@ -147,7 +156,7 @@ class Hub:
         self._connections.add(conn)
         log.info("relay %s connected from %s (org %s)", domain, peer, identity.org_id or "-")
         try:
-            await conn.run(HubConnection(self, domain, conn).handle)
+            await conn.run(HubConnection(self, domain, identity, conn).handle)
         finally:
             self._connections.discard(conn)
             link.connected -= 1
@@ -167,9 +176,10 @@ class Hub:
 class HubConnection:
     """Serves the streams of one authenticated relay connection."""
 
-    def __init__(self, hub: Hub, domain: str, conn: Http2Connection) -> None:
+    def __init__(self, hub: Hub, domain: str, identity: PeerIdentity, conn: Http2Connection) -> None:
         self.hub = hub
         self.domain = domain
+        self.identity = identity
         self.conn = conn
 
     async def handle(self, stream: H2Stream) -> None:
@@ -201,12 +211,14 @@ class HubConnection:
             raise ProtocolViolation("transaction id: expected 8-64 characters of [A-Za-z0-9_-]")
         body = await stream.read_body(protocol.MAX_TRANSACTION_BYTES)
         raw = protocol.decode_transaction(body)
+        org = self.identity.org_id or ""
         outcomes, woken = await self.hub.store.run(
-            "accept_transaction", lambda c: hub_store.accept_transaction(c, self.domain, txn_id, raw)
+            "accept_transaction", lambda c: hub_store.accept_transaction(c, self.domain, txn_id, raw, org)
         )
-        for outcome in outcomes:
-            if outcome.reason == protocol.SENDER_NOT_AUTHENTICATED:
-                log.warning("relay %s sent an envelope with a sender of another domain: refused", self.domain)
+        forged = sum(outcome.reason == protocol.SENDER_NOT_AUTHENTICATED for outcome in outcomes)
+        if forged:
+            log.warning("refused %d envelope(s) with a sender not of %s from %s", forged, self.domain,
+                        _who(self.identity))
         for dest in woken:
             self.hub.link(dest).changed.fire()
         await _answer(stream, 200, protocol.encode_outcomes(outcomes))
@@ -229,8 +241,8 @@ class HubConnection:
             "accept_receipts", lambda c: hub_store.accept_receipts(c, self.domain, raw)
         )
         if not all(o.accepted for o in outcomes):
-            log.warning("relay %s sent %d receipt(s) about messages it never received: refused",
-                        self.domain, sum(not o.accepted for o in outcomes))
+            log.warning("refused %d receipt(s) about messages never received from %s",
+                        sum(not o.accepted for o in outcomes), _who(self.identity))
         for origin in woken:
             self.hub.link(origin).changed.fire()
         await _answer(stream, 200, protocol.encode_outcomes(outcomes))
@@ -294,6 +306,12 @@ def _peer(tcp: trio.SocketStream) -> str:
 def _sockname(listener: trio.SocketListener) -> str:
     host, port, *_ = listener.socket.getsockname()
     return f"{host}:{port}"
+
+
+def _who(identity: PeerIdentity) -> str:
+    """A certificate's identity, for the log: names, organisation, serial."""
+    return (f"certificate {','.join(identity.dns_names) or '(no DNS name)'} org {identity.org_id or '-'} "
+            f"serial {identity.serial:x}")
 
 
 def _reason(exc: BaseException) -> str:

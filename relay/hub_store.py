@@ -64,7 +64,7 @@ def known_domains(conn: sqlite3.Connection) -> set[str]:
 
 
 def accept_transaction(
-    conn: sqlite3.Connection, origin: str, txn_id: str, raw_envelopes: list[object]
+    conn: sqlite3.Connection, origin: str, txn_id: str, raw_envelopes: list[object], origin_org: str = ""
 ) -> tuple[list[Outcome], set[str]]:
     """Queue a relay's envelopes; return the per-envelope answers and the
     destination domains that got something new (to wake their streams).
@@ -80,7 +80,7 @@ def accept_transaction(
     outcomes: list[Outcome] = []
     woken: set[str] = set()
     for raw in raw_envelopes:
-        outcome, dest = _accept_one(conn, origin, raw, known, now)
+        outcome, dest = _accept_one(conn, origin, origin_org, raw, known, now)
         outcomes.append(outcome)
         if dest:
             woken.add(dest)
@@ -92,7 +92,7 @@ def accept_transaction(
 
 
 def _accept_one(
-    conn: sqlite3.Connection, origin: str, raw: object, known: set[str], now: float
+    conn: sqlite3.Connection, origin: str, origin_org: str, raw: object, known: set[str], now: float
 ) -> tuple[Outcome, str | None]:
     try:
         envelope = Envelope.from_wire(raw)
@@ -114,7 +114,7 @@ def _accept_one(
     ).rowcount
     if not fresh:
         return Outcome(True), None
-    stamped = Envelope(**{**envelope.__dict__, "origin": origin})
+    stamped = Envelope(**{**envelope.__dict__, "origin": origin, "origin_org": origin_org})
     expires_at = envelope.expires_at
     sweep_at = None if expires_at is None else protocol.sweep_time(envelope.sent_at, expires_at)
     conn.execute(

@@ -114,6 +114,9 @@ class Envelope:
     # After this moment (seconds since 1970) nobody delivers it any more:
     # it fails with reason "expired".  None: it never expires.
     expires_at: float | None = None
+    # Stamped by the hub beside ``origin``: the organisation identifier
+    # (subject OU: 1 + FINESS or 3 + SIRET) of the sending relay's certificate.
+    origin_org: str = ""
 
     @property
     def dest(self) -> str:
@@ -134,6 +137,8 @@ class Envelope:
             wire["origin"] = self.origin
         if self.expires_at is not None:
             wire["expires_at"] = self.expires_at
+        if self.origin_org:
+            wire["origin_org"] = self.origin_org
         return wire
 
     @classmethod
@@ -168,7 +173,10 @@ class Envelope:
         origin = m.get("origin", "")
         if not isinstance(origin, str):
             raise ProtocolViolation("envelope.origin: expected a string")
-        return cls(ident, sender, to, rcpt, body, thread, priority, sent_at, origin, expires_at)
+        origin_org = m.get("origin_org", "")
+        if not isinstance(origin_org, str) or len(origin_org) > 64:
+            raise ProtocolViolation("envelope.origin_org: expected a string of at most 64 characters")
+        return cls(ident, sender, to, rcpt, body, thread, priority, sent_at, origin, expires_at, origin_org)
 
 
 @dataclass(frozen=True)

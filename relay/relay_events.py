@@ -52,10 +52,10 @@ def take_inbound(
         if not systems:
             continue
         cursor = conn.execute(
-            "INSERT OR IGNORE INTO inbound (domain, origin, id, sender, recipients, thread, priority, body, sent_at,"
-            " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (domain, env.origin, env.id, env.sender, protocol.pack(list(env.to)), env.thread, env.priority,
-             env.body, env.sent_at, now),
+            "INSERT OR IGNORE INTO inbound (domain, origin, origin_org, id, sender, recipients, thread, priority,"
+            " body, sent_at, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (domain, env.origin, env.origin_org or None, env.id, env.sender, protocol.pack(list(env.to)),
+             env.thread, env.priority, env.body, env.sent_at, now),
         )
         if cursor.rowcount:
             conn.executemany(
@@ -69,14 +69,14 @@ def take_inbound(
 def events(conn: sqlite3.Connection, system: str, after: int, limit: int) -> list[dict]:
     """A page of a system's events, in cursor order, as the API shows them."""
     rows = conn.execute(
-        """SELECT e.cursor, e.type, e.notice, i.id, i.origin, i.sender, i.recipients, i.body, i.thread,
-                  i.priority, i.sent_at
+        """SELECT e.cursor, e.type, e.notice, i.id, i.origin, i.origin_org, i.sender, i.recipients, i.body,
+                  i.thread, i.priority, i.sent_at
            FROM event e LEFT JOIN inbound i ON i.rowid = e.inbound
            WHERE e.system = ? AND e.cursor > ? ORDER BY e.cursor LIMIT ?""",
         (system, after, limit),
     ).fetchall()
     page = []
-    for cursor, kind, notice, ident, origin, sender, recipients, body, thread, priority, sent_at in rows:
+    for cursor, kind, notice, ident, origin, origin_org, sender, recipients, body, thread, priority, sent_at in rows:
         if kind != "message":
             page.append({"cursor": cursor, "type": kind, "notice": json.loads(notice)})
             continue
@@ -91,7 +91,8 @@ def events(conn: sqlite3.Connection, system: str, after: int, limit: int) -> lis
                 "thread": thread,
                 "priority": priority,
                 "sent_at": iso(sent_at),
-                "origin": {"domain": origin},
+                # Verified by the hub from the sending relay's certificate.
+                "origin": {"domain": origin, "organisation": origin_org},
             },
         })
     return page

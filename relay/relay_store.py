@@ -74,9 +74,9 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TABLE inbound2 (
             rowid INTEGER PRIMARY KEY, domain TEXT NOT NULL, origin TEXT NOT NULL, id TEXT NOT NULL,
             sender TEXT NOT NULL, recipients BLOB NOT NULL, thread TEXT, priority TEXT NOT NULL,
-            body TEXT NOT NULL, sent_at REAL NOT NULL, received_at REAL NOT NULL,
+            body TEXT NOT NULL, sent_at REAL NOT NULL, received_at REAL NOT NULL, origin_org TEXT,
             UNIQUE (domain, origin, id))""",
-        "INSERT INTO inbound2 SELECT * FROM inbound",
+        "INSERT INTO inbound2 SELECT *, NULL FROM inbound",
         """CREATE TABLE event2 (
             cursor INTEGER PRIMARY KEY AUTOINCREMENT, system TEXT NOT NULL, type TEXT NOT NULL,
             inbound INTEGER REFERENCES inbound2 (rowid), notice TEXT, created_at REAL NOT NULL, read_at REAL)""",

@@ -38,7 +38,9 @@ from .backoff import RetryPolicy
 from .config import RelayConfig
 from .http2 import ConnectionClosed, H2Stream, Http2Connection, Http2Settings, StreamReset, status_of
 from .protocol import InboxItem, ProtocolViolation
+from .pki import peer_identity
 from .proxy import open_tunnel
+from .revocation import Revoked, RevocationList
 from .store import Store, StoreUnavailable
 from .tls import relay_client_context
 from .wakeup import Signal
@@ -76,9 +78,9 @@ class Uplink:
         self.store = store
         self.outbox_changed = outbox_changed
         self._on_events = on_events
-        self._ssl = relay_client_context(
-            config.uplink.cert_file, config.uplink.key_file, config.uplink.ca_file
-        )
+        up = config.uplink
+        self._ssl = relay_client_context(up.cert_file, up.key_file, up.ca_file, up.tls)
+        self._revocation = RevocationList(up.tls, up.ca_file)
         self._policy = RetryPolicy(config.uplink.backoff_initial, config.uplink.backoff_max)
         self._pending: tuple[str, list[tuple[int, protocol.Envelope]]] | None = None
         self.state = UplinkState.CONNECTING
@@ -102,8 +104,8 @@ class Uplink:
             started = trio.current_time()
             try:
                 await self._connect_and_serve()
-            except* (OSError, ssl.SSLError, trio.BrokenResourceError, trio.TooSlowError,
-                     ConnectionClosed, StreamReset, ProtocolViolation, UplinkError, StoreUnavailable) as group:
+            except* (OSError, ssl.SSLError, trio.BrokenResourceError, trio.TooSlowError, ConnectionClosed,
+                     StreamReset, ProtocolViolation, UplinkError, Revoked, StoreUnavailable) as group:
                 self.last_error = "; ".join(_describe(e) for e in _leaves(group))
                 log.warning("uplink to %s: %s", self.config.uplink.hub_url, self.last_error)
             self._conn = None
@@ -126,9 +128,11 @@ class Uplink:
             except BaseException:
                 await trio.aclose_forcefully(tls)
                 raise
-        if tls.selected_alpn_protocol() != protocol.ALPN:
+        try:
+            self._check_hub(tls)
+        except (UplinkError, Revoked):
             await trio.aclose_forcefully(tls)
-            raise UplinkError("the hub did not negotiate HTTP/2 (ALPN h2)")
+            raise
         settings = Http2Settings(keepalive_interval=up.keepalive_interval, keepalive_timeout=up.keepalive_timeout)
         conn = Http2Connection(tls, client=True, settings=settings, name=f"hub {up.server_name}")
         async with trio.open_nursery(strict_exception_groups=True) as nursery:
@@ -140,6 +144,18 @@ class Uplink:
             nursery.start_soon(self._sender, conn)
             nursery.start_soon(self._receiver, conn)
         raise ConnectionClosed("connection to the hub ended")
+
+    def _check_hub(self, tls: trio.SSLStream) -> None:
+        """What the handshake does not check: ALPN, revocation, organisation."""
+        if tls.selected_alpn_protocol() != protocol.ALPN:
+            raise UplinkError("the hub did not negotiate HTTP/2 (ALPN h2)")
+        der = tls.getpeercert(binary_form=True)
+        self._revocation.check(der)
+        allowed = self.config.uplink.hub_org_ids
+        org = peer_identity(der).org_id
+        if allowed and org not in allowed:
+            raise UplinkError(f"the hub's certificate is of organisation {org or '(none)'}, "
+                              f"not one of hub_org_ids ({', '.join(sorted(allowed))})")
 
     async def aclose(self) -> None:
         """Graceful stop: end the inbox stream, let a transaction in flight finish."""

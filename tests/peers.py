@@ -76,7 +76,12 @@ class SilentLink:
 
     async def _forward(self, client: trio.SocketStream) -> None:
         self.connections += 1
-        async with client, await trio.open_tcp_stream("127.0.0.1", self.target_port) as upstream:
+        try:
+            upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+        except OSError:  # the target is not listening (yet): like a refused connection
+            await client.aclose()
+            return
+        async with client, upstream:
             with trio.CancelScope() as scope:
                 self._live.append(scope)
                 async with trio.open_nursery(strict_exception_groups=True) as nursery:

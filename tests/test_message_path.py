@@ -20,7 +20,7 @@ async def test_message_crosses_and_turns_delivered(space: Space) -> None:
     assert message["body"] == "Rappeler le patient de la chambre 12"
     assert message["thread"] == "t-42"
     assert message["priority"] == "normal"
-    assert message["origin"] == {"domain": "chu-nord.test"}
+    assert message["origin"] == {"domain": "chu-nord.test", "organisation": "1750000001"}
     document = await space.wait_status(a, ident, "delivered")
     assert document == {"id": ident, "status": "delivered",
                         "recipients": {"bob@clinique-sud.test": {"status": "delivered"}}}
@@ -34,7 +34,7 @@ async def test_messages_flow_both_ways(space: Space) -> None:
     [at_a] = await space.events(a, 1)
     assert (at_b["message"]["id"], at_b["message"]["body"]) == (to_b, "aller")
     assert (at_a["message"]["id"], at_a["message"]["body"]) == (to_a, "retour")
-    assert at_a["message"]["origin"] == {"domain": "clinique-sud.test"}
+    assert at_a["message"]["origin"] == {"domain": "clinique-sud.test", "organisation": "1130000002"}
     await space.wait_status(a, to_b, "delivered")
     await space.wait_status(b, to_a, "delivered")
 

@@ -275,7 +275,8 @@ def test_the_duplicate_filter_is_per_origin(conn) -> None:
     _, woken = relay_events.take_inbound(conn, HOME, [inbound(2, origin="ehpad-est.test")], serving)
     assert woken == {"messenger", "lab"}
     page = relay_events.events(conn, "messenger", 0, 10)
-    assert [e["message"]["origin"] for e in page] == [{"domain": "clinique-sud.test"}, {"domain": "ehpad-est.test"}]
+    assert [e["message"]["origin"] for e in page] == [
+        {"domain": "clinique-sud.test", "organisation": None}, {"domain": "ehpad-est.test", "organisation": None}]
 
 
 def test_unknown_recipients_are_reported_every_time(conn) -> None:
@@ -357,7 +358,7 @@ def test_an_event_carries_the_message(conn) -> None:
             "thread": "dossier-7",
             "priority": "urgent",
             "sent_at": "2023-11-14T22:13:20.250Z",
-            "origin": {"domain": "clinique-sud.test"},
+            "origin": {"domain": "clinique-sud.test", "organisation": None},
         },
     }
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", event["message"]["sent_at"])
