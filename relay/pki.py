@@ -158,6 +158,41 @@ def issue_certificate(
     return _write_pair(Path(out_dir), dns_names[0], cert, key)
 
 
+def make_crl(
+    ca_cert: Path,
+    ca_key: Path,
+    out: Path,
+    *,
+    revoked: Iterable[Path] = (),
+    days: int = 7,
+    last_update: datetime | None = None,
+) -> tuple[Path]:
+    """Write a CRL signed by the demo CA, revoking the given certificates.
+
+    ``last_update`` (default now) and ``days`` until the next update let
+    tests make a stale CRL.
+    """
+    issuer = _load_chain(Path(ca_cert))[0]
+    issuer_key = _load_private_key(Path(ca_key))
+    if not _same_public_key(issuer.public_key(), issuer_key.public_key()):
+        raise ValueError(f"{ca_key}: CA key does not match CA certificate {ca_cert}")
+    last_update = last_update or datetime.now(timezone.utc) - _CLOCK_SKEW
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuer.subject)
+        .last_update(last_update)
+        .next_update(last_update + timedelta(days=days))
+    )
+    for path in revoked:
+        serial = load_certificates(Path(path))[0].serial_number
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(last_update).build()
+        )
+    out = Path(out)
+    out.write_bytes(builder.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    return (out,)
+
+
 def make_key_and_csr(out_dir: Path, *, domain: str, org_id: str | None = None) -> tuple[Path, Path]:
     """Make ``out_dir/<domain>.key`` and ``<domain>.csr`` to enrol with the national PKI.
 

@@ -40,6 +40,14 @@ def register(subparsers) -> None:
     csr.add_argument("--out", type=Path, required=True, metavar="DIR")
     csr.set_defaults(func=_csr)
 
+    crl = commands.add_parser("crl", help="write a demo CRL revoking the given certificates")
+    crl.add_argument("--ca-cert", type=Path, required=True, metavar="PEM")
+    crl.add_argument("--ca-key", type=Path, required=True, metavar="KEY")
+    crl.add_argument("--revoke", type=Path, action="append", default=[], metavar="CERT")
+    crl.add_argument("--days", type=int, default=7, help="days until the next update")
+    crl.add_argument("--out", type=Path, required=True, metavar="FILE")
+    crl.set_defaults(func=_crl)
+
 
 def _create_ca(args: argparse.Namespace) -> int:
     return _run(pki.create_ca, args.out, common_name=args.name, days=args.days)
@@ -55,6 +63,10 @@ def _issue(args: argparse.Namespace) -> int:
 
 def _csr(args: argparse.Namespace) -> int:
     return _run(pki.make_key_and_csr, args.out, domain=args.domain, org_id=args.org_id)
+
+
+def _crl(args: argparse.Namespace) -> int:
+    return _run(pki.make_crl, args.ca_cert, args.ca_key, args.out, revoked=args.revoke, days=args.days)
 
 
 def _run(make, *args, **kwargs) -> int:
