@@ -13,6 +13,7 @@ from . import __version__, check_config, demo, pki_cli
 from .config import ConfigError, load_hub_config, load_relay_config
 from .daemon import run_hub, run_relay
 from .paths import default_config
+from .permissions import exposed_secrets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +45,8 @@ def _run(args: argparse.Namespace) -> int:
         config = load_relay_config(path)
     except ConfigError as exc:
         return _config_failed(path, exc)
+    if problems := exposed_secrets(config):
+        return _refuse(problems)
     _setup_logging(config.log_level)
     trio.run(run_relay, config)
     return 0
@@ -55,6 +58,8 @@ def _hub(args: argparse.Namespace) -> int:
         config = load_hub_config(path)
     except ConfigError as exc:
         return _config_failed(path, exc)
+    if problems := exposed_secrets(config):
+        return _refuse(problems)
     _setup_logging(config.log_level)
     trio.run(run_hub, config)
     return 0
@@ -66,6 +71,13 @@ def _config_failed(path: Path, exc: ConfigError) -> int:
         print(f"  {problem}", file=sys.stderr)
     print(f"Fix it (see config.example.toml), then check it with: eimis-relay check-config --config {path}",
           file=sys.stderr)
+    return 1
+
+
+def _refuse(problems: list[str]) -> int:
+    print("eimis-relay: refusing to start, secrets are exposed:", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
     return 1
 
 

@@ -43,17 +43,17 @@ class Housekeeping:
 
     async def tick(self, now: float) -> None:
         notified: set[str] = set()
-        expired = await self.store.run("expire", lambda c: relay_store.expire(c, now, notified))
+        expired = await self.store.run_patiently("expire", lambda c: relay_store.expire(c, now, notified))
         if expired:
             log.warning("%d recipient(s) failed: message time-to-live ran out before the hub took them", expired)
-        delayed = await self.store.run(
+        delayed = await self.store.run_patiently(
             "notice_delays", lambda c: relay_store.notice_delays(c, now, self.delivery.delay_warning)
         )
         retention = self.delivery.event_retention
-        pruned = await self.store.run("prune_events", lambda c: relay_events.prune(c, now, retention))
+        pruned = await self.store.run_patiently("prune_events", lambda c: relay_events.prune(c, now, retention))
         if pruned:
             log.info("dropped %d event(s) older than the retention period", pruned)
-        forgotten = await self.store.run("prune_messages", lambda c: relay_store.prune(c, now, retention))
+        forgotten = await self.store.run_patiently("prune_messages", lambda c: relay_store.prune(c, now, retention))
         if forgotten:
             log.info("forgot %d sent message(s) older than the retention period", forgotten)
         self.expired += expired

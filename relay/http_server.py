@@ -191,12 +191,16 @@ class HttpServer:
         headers: dict[str, str] = {}
         for name, value in stream.headers or []:
             headers[name.decode("latin-1").lower()] = value.decode("latin-1")
-        with trio.fail_after(REQUEST_TIMEOUT):
-            body = await _h2_body(stream, self._max_body)
-        if body is None:
-            response = self._too_large()
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                body = await _h2_body(stream, self._max_body)
+        except trio.TooSlowError:
+            response = _error(408, "request_timeout", f"request not received within {REQUEST_TIMEOUT:g} s")
         else:
-            response = await self._respond(headers.get(":method", ""), headers.get(":path", "/"), headers, body)
+            if body is None:
+                response = self._too_large()
+            else:
+                response = await self._respond(headers.get(":method", ""), headers.get(":path", "/"), headers, body)
         await stream.send_response(
             response.status,
             [(k.encode(), v.encode()) for k, v in [*response.headers, ("content-length", str(len(response.body)))]],

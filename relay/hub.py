@@ -99,7 +99,7 @@ class Hub:
 
     async def _expire_periodically(self) -> None:
         while True:
-            woken = await self.store.run("expire", lambda c: hub_store.expire(c, time.time()))
+            woken = await self.store.run_patiently("expire", lambda c: hub_store.expire(c, time.time()))
             for domain in woken:
                 self.link(domain).changed.fire()
             await trio.sleep(EXPIRY_INTERVAL)
@@ -261,7 +261,7 @@ class HubConnection:
                 room = INBOX_WINDOW - len(link.unacked)
                 rows = []
                 if room > 0:
-                    rows = await self.hub.store.run(
+                    rows = await self.hub.store.run_patiently(  # the 200 is sent: no 503 now
                         "fetch_inbox",
                         lambda c: hub_store.fetch_inbox(c, self.domain, sent, min(room, INBOX_FETCH)),
                     )

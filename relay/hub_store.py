@@ -106,14 +106,12 @@ def _accept_one(
     dest = envelope.dest
     if dest not in known:
         return Outcome(False, protocol.UNKNOWN_DOMAIN, f"no relay is registered for {dest}"), None
+    if conn.execute("SELECT 1 FROM seen WHERE origin = ? AND id = ? AND dest = ?",
+                    (origin, envelope.id, dest)).fetchone():
+        return Outcome(True), None  # a replay of what was accepted before, even if expired since
     if envelope.expires_at is not None and envelope.expires_at < now:
         return Outcome(False, protocol.EXPIRED, "the message's time-to-live ran out before it reached the hub"), None
-    fresh = conn.execute(
-        "INSERT OR IGNORE INTO seen (origin, id, dest, at) VALUES (?, ?, ?, ?)",
-        (origin, envelope.id, dest, now),
-    ).rowcount
-    if not fresh:
-        return Outcome(True), None
+    conn.execute("INSERT INTO seen (origin, id, dest, at) VALUES (?, ?, ?, ?)", (origin, envelope.id, dest, now))
     stamped = Envelope(**{**envelope.__dict__, "origin": origin, "origin_org": origin_org})
     expires_at = envelope.expires_at
     sweep_at = None if expires_at is None else protocol.sweep_time(envelope.sent_at, expires_at)
@@ -175,11 +173,15 @@ def fetch_inbox(
     conn: sqlite3.Connection, domain: str, after: dict[int, int], limit: int, now: float | None = None
 ) -> list[tuple[int, int, str, bytes]]:
     """The next items for ``domain`` past what this stream already sent,
-    urgent lane first, none past its time-to-live: (seq, lane, kind, payload)."""
+    urgent lane first, none already swept as expired: (seq, lane, kind, payload).
+
+    An item is still sent during its expiry grace: one whose first delivery
+    was committed but not acknowledged then gets its ack, and its origin a
+    ``delivered`` rather than an ``expired``."""
     return conn.execute(
         """SELECT seq, lane, kind, payload FROM queue
            WHERE domain = ? AND ((lane = 1 AND seq > ?) OR (lane = 0 AND seq > ?))
-             AND (expires_at IS NULL OR expires_at >= ?)
+             AND (sweep_at IS NULL OR sweep_at >= ?)
            ORDER BY lane DESC, seq LIMIT ?""",
         (domain, after[URGENT], after[NORMAL], time.time() if now is None else now, limit),
     ).fetchall()

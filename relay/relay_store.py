@@ -173,13 +173,14 @@ BATCH_BYTES = protocol.MAX_TRANSACTION_BYTES // 4
 
 def next_batch(conn: sqlite3.Connection, domain: str, limit: int, now: float | None = None) -> list[tuple[int, Envelope]]:
     """The next envelopes to send, urgent first, each lane in submission
-    order; at most ``limit`` of them and about `BATCH_BYTES`, and none past
-    its time-to-live."""
+    order; at most ``limit`` of them and about `BATCH_BYTES`.  Envelopes
+    are still sent during their expiry grace: one the hub accepted while
+    the answer was lost is then answered "accepted", not failed here."""
     rows = conn.execute(
         """SELECT o.seq, o.dest, m.id, m.sender, m.recipients, m.thread, m.priority, m.body, m.accepted_at,
                   m.expires_at
            FROM outbox o JOIN message m ON m.id = o.message_id
-           WHERE o.domain = ? AND (m.expires_at IS NULL OR m.expires_at >= ?)
+           WHERE o.domain = ? AND (m.sweep_at IS NULL OR m.sweep_at >= ?)
            ORDER BY o.lane DESC, o.seq LIMIT ?""",
         (domain, time.time() if now is None else now, limit),
     )

@@ -49,6 +49,10 @@ Unit = Callable[[sqlite3.Connection], T]
 MAX_GROUP = 512
 
 
+# How long a background duty waits before trying a failed unit again.
+PATIENCE = 1.0
+
+
 class StoreUnavailable(Exception):
     """The store could not commit; nothing of the failed group was written."""
 
@@ -148,6 +152,15 @@ class Store:
         if job.error is not None:
             raise job.error
         return job.result
+
+    async def run_patiently(self, name: str, fn: Unit[T]) -> T:
+        """`run`, waiting out `StoreUnavailable`: for background duties,
+        which have no client to answer 503 to and must not die of a full disk."""
+        while True:
+            try:
+                return await self.run(name, fn)
+            except StoreUnavailable:
+                await trio.sleep(PATIENCE)
 
     # -- the writer thread ------------------------------------------------------
 

@@ -56,17 +56,17 @@ class WebhookPusher:
 
     async def run(self) -> None:
         name = self.system.name
-        cursor = await self.store.run("webhook_position", lambda c: relay_events.webhook_position(c, name))
+        cursor = await self.store.run_patiently("webhook_position", lambda c: relay_events.webhook_position(c, name))
         while True:
             arrived = self.arrived.watch()
-            page = await self.store.run("events", lambda c: relay_events.events(c, name, cursor, PAGE))
+            page = await self.store.run_patiently("events", lambda c: relay_events.events(c, name, cursor, PAGE))
             if not page:
                 await arrived.wait()
                 continue
             for event in page:
                 await self._deliver(event)
                 cursor = event["cursor"]
-                await self.store.run(
+                await self.store.run_patiently(
                     "webhook_advance", lambda c, at=cursor: relay_events.set_webhook_position(c, name, at)
                 )
 

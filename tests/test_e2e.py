@@ -111,3 +111,15 @@ async def test_unconfigured_relay_says_what_to_do(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "relay.toml" in result.stderr and "check-config" in result.stderr
+
+
+async def test_a_private_key_others_can_read_stops_the_start(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "relay", "demo", "--dir", str(tmp_path), "--init-only"],
+                   check=True, capture_output=True)
+    key = tmp_path / "pki" / "chu-nord.test.key"
+    key.chmod(0o640)
+    result = subprocess.run([sys.executable, "-m", "relay", "run", "--config", str(tmp_path / "relay-a.toml")],
+                            capture_output=True, text=True, timeout=STEP)
+    assert result.returncode == 1
+    assert f"{key} is readable by group or others (mode 640): chmod 600 {key}" in result.stderr
+    assert "PRIVATE KEY" not in result.stderr
