@@ -41,6 +41,7 @@ makes every request idempotent.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -66,6 +67,12 @@ CONNECTION_WINDOW = 16 * 1024 * 1024
 STREAM_WINDOW = 1024 * 1024
 MAX_FRAME_SIZE = 64 * 1024
 READ_CHUNK = 64 * 1024
+
+# Flood limits, per connection and per FLOOD_WINDOW seconds: control frames
+# a peer may make us answer, and streams it may reset (CVE-2023-44487,
+# "rapid reset").  Honest peers stay orders of magnitude below.
+FLOOD_WINDOW = 10.0
+FLOOD_LIMITS = {"reset": 500, "ping": 50, "settings": 50}
 
 
 class ConnectionClosed(Exception):
@@ -247,6 +254,7 @@ class Http2Connection:
         self._no_streams = trio.Event()
         self._no_streams.set()
         self._cancel_scope: trio.CancelScope | None = None
+        self._flood_guard = _FloodGuard()
 
     @property
     def is_open(self) -> bool:
@@ -404,6 +412,11 @@ class Http2Connection:
                     return
                 for event in events:
                     self._dispatch(event)
+                    if flood := self._flood_guard.exceeded(event):
+                        log.warning("%s floods the connection (%s): closing it", self.name, flood)
+                        self._h2.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+                        await self._flush_then_stop()
+                        return
                 self._kick()
                 if self._closed is not None:
                     return
@@ -631,6 +644,32 @@ class Http2Connection:
             if self._cancel_scope is not None and not self._cancel_scope.cancel_called:
                 # Let the reader notice; the writer stops with the nursery.
                 self._cancel_scope.cancel()
+
+
+class _FloodGuard:
+    """Counts what a peer makes us do for nothing, in fixed windows."""
+
+    _KINDS = {
+        h2.events.StreamReset: "reset",
+        h2.events.PingReceived: "ping",
+        h2.events.RemoteSettingsChanged: "settings",
+    }
+
+    def __init__(self) -> None:
+        self._window_start = -math.inf
+        self._counts: dict[str, int] = {}
+
+    def exceeded(self, event: h2.events.Event) -> str | None:
+        kind = self._KINDS.get(type(event))
+        if kind is None:
+            return None
+        now = trio.current_time()
+        if now - self._window_start > FLOOD_WINDOW:
+            self._window_start, self._counts = now, {}
+        self._counts[kind] = self._counts.get(kind, 0) + 1
+        if self._counts[kind] > FLOOD_LIMITS[kind]:
+            return f"more than {FLOOD_LIMITS[kind]} {kind} frames in {FLOOD_WINDOW:g} s"
+        return None
 
 
 def status_of(headers: Headers) -> int:

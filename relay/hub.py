@@ -32,6 +32,7 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass, field
+from email.utils import formatdate
 
 import trio
 
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 INBOX_WINDOW = 2000
 INBOX_FETCH = 200
 HANDSHAKE_TIMEOUT = 10.0
+# A request's body must arrive within this.
+BODY_TIMEOUT = 30.0
 # How often queued messages are checked against their time-to-live.
 EXPIRY_INTERVAL = 30.0
 
@@ -75,6 +78,18 @@ class Hub:
         self._revocation = RevocationList(config.tls, config.ca_file)
         self._known: set[str] = set()
         self._connections: set[Http2Connection] = set()
+
+    async def swap_config(self, config: HubConfig) -> None:
+        """Use ``config`` from now on (SIGHUP, or renewed files): new
+        handshakes present the new certificate and check the new CA and
+        CRLs; connections already up go on.  Newly listed domains are
+        registered.  Raises what loading the TLS files raises, before
+        anything changes."""
+        tls = hub_server_context(config.cert_file, config.key_file, config.ca_file, config.tls)
+        self.config, self._ssl, self._revocation = config, tls, RevocationList(config.tls, config.ca_file)
+        await self.store.run("register_configured_domains",
+                             lambda c: hub_store.register_domains(c, config.domains, learnt=False))
+        self._known = await self.store.run("known_domains", hub_store.known_domains)
 
     def link(self, domain: str) -> DomainLink:
         return self.links.setdefault(domain, DomainLink())
@@ -205,11 +220,14 @@ class HubConnection:
             await _answer(stream, 413, protocol.encode_error("too_large", str(exc)))
         except StoreUnavailable as exc:
             await _answer(stream, 503, protocol.encode_error("unavailable", str(exc)))
+        except trio.TooSlowError:
+            log.warning("request from %s not received within %g s", self.domain, BODY_TIMEOUT)
+            await _answer(stream, 408, protocol.encode_error("timeout", "request body too slow"))
 
     async def _transaction(self, stream: H2Stream, txn_id: str) -> None:
         if not protocol.is_token(txn_id):
             raise ProtocolViolation("transaction id: expected 8-64 characters of [A-Za-z0-9_-]")
-        body = await stream.read_body(protocol.MAX_TRANSACTION_BYTES)
+        body = await _read_body(stream)
         raw = protocol.decode_transaction(body)
         org = self.identity.org_id or ""
         outcomes, woken = await self.hub.store.run(
@@ -224,7 +242,7 @@ class HubConnection:
         await _answer(stream, 200, protocol.encode_outcomes(outcomes))
 
     async def _ack(self, stream: H2Stream) -> None:
-        seqs, failures = protocol.decode_ack(await stream.read_body(protocol.MAX_TRANSACTION_BYTES))
+        seqs, failures = protocol.decode_ack(await _read_body(stream))
         woken = await self.hub.store.run(
             "apply_ack", lambda c: hub_store.apply_ack(c, self.domain, seqs, failures)
         )
@@ -236,7 +254,7 @@ class HubConnection:
         await _answer(stream, 200, protocol.pack({"v": protocol.VERSION}))
 
     async def _receipts(self, stream: H2Stream) -> None:
-        raw = protocol.decode_receipts(await stream.read_body(protocol.MAX_TRANSACTION_BYTES))
+        raw = protocol.decode_receipts(await _read_body(stream))
         outcomes, woken = await self.hub.store.run(
             "accept_receipts", lambda c: hub_store.accept_receipts(c, self.domain, raw)
         )
@@ -254,7 +272,7 @@ class HubConnection:
         with trio.CancelScope() as scope:
             link.inbox_scope = scope
             link.unacked.clear()
-            stream.send_headers([(b":status", b"200"), (b"content-type", protocol.MSGPACK)])
+            stream.send_headers([(b":status", b"200"), (b"content-type", protocol.MSGPACK), _date()])
             sent = {hub_store.URGENT: 0, hub_store.NORMAL: 0}
             while True:
                 changed = link.changed.watch()
@@ -291,8 +309,21 @@ def _inbox_item(seq: int, kind: str, payload: bytes) -> bytes:
     )
 
 
+async def _read_body(stream: H2Stream) -> bytes:
+    """A request body, bounded in size and in time (a stream that never
+    sends its body must not hold a handler forever)."""
+    with trio.fail_after(BODY_TIMEOUT):
+        return await stream.read_body(protocol.MAX_TRANSACTION_BYTES)
+
+
 async def _answer(stream: H2Stream, status: int, body: bytes) -> None:
-    await stream.send_response(status, [(b"content-type", protocol.MSGPACK)], body)
+    await stream.send_response(status, [(b"content-type", protocol.MSGPACK), _date()], body)
+
+
+def _date() -> tuple[bytes, bytes]:
+    """The Date header (RFC 9110 §6.6.1): ``eimis-relay doctor`` measures a
+    relay's clock offset against it."""
+    return b"date", formatdate(usegmt=True).encode()
 
 
 def _peer(tcp: trio.SocketStream) -> str:
