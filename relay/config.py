@@ -146,6 +146,11 @@ class LocalSystem:
     webhook_url: str | None = None
     webhook_secret: bytes | None = field(default=None, repr=False)
     webhook_timeout: float = 10.0  # one delivery attempt, connection to answer
+    # Requests per second (average, bursts of rate_burst); 0: no limit.
+    rate_limit: float = 0.0
+    rate_burst: int = 100
+    # The largest message body this system may send, in UTF-8 bytes.
+    max_message_bytes: int = 256 * 1024
 
     def may_send_as(self, address: str) -> bool:
         """Whether this system may send messages from `address`."""
@@ -453,6 +458,9 @@ def _read_local_systems(tables: list[_Table], domain: str | None) -> tuple[Local
             table.problem("webhook_secret_file", "missing, required when webhook_url is set")
         secret = _read_secret(table, "webhook_secret_file", secret_file) if secret_file else None
         webhook_timeout = table.get("webhook_timeout", _duration, LocalSystem.webhook_timeout)
+        rate_limit = table.get("rate_limit", _non_negative, LocalSystem.rate_limit)
+        rate_burst = table.get("rate_burst", _integer(1), LocalSystem.rate_burst)
+        max_message_bytes = table.get("max_message_bytes", _integer(1, 256 * 1024), LocalSystem.max_message_bytes)
         _require_unique(table, "name", name, names)
         _require_unique(table, "token_sha256", token_sha256, tokens)
         if table.valid:
@@ -466,6 +474,9 @@ def _read_local_systems(tables: list[_Table], domain: str | None) -> tuple[Local
                     webhook_url=webhook_url,
                     webhook_secret=secret,
                     webhook_timeout=webhook_timeout,
+                    rate_limit=rate_limit,
+                    rate_burst=rate_burst,
+                    max_message_bytes=max_message_bytes,
                 )
             )
     return tuple(systems)
@@ -616,6 +627,12 @@ def _size(value: object) -> int:
 _crl_stale = _string('"fail" or "warn"', ("fail", "warn").__contains__)
 _org_id = _string("an organisation identifier: 1 + FINESS or 3 + SIRET digits",
                   lambda text: re.fullmatch(r"1[0-9]{9}|3[0-9]{14}", text) is not None)
+
+
+def _non_negative(value: object) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf:
+        return float(value)
+    raise _expected("a number >= 0", value)
 
 
 def _fraction(value: object) -> float:

@@ -26,6 +26,7 @@ import trio
 from . import protocol, relay_events, relay_store
 from .config import LocalSystem, RelayConfig
 from .http_server import Request, Response
+from .ratelimit import TokenBucket
 from .relay_store import Submission
 from .store import Store, StoreUnavailable
 from .wakeup import Signal
@@ -59,6 +60,7 @@ class LocalApi:
         self.outbox_changed = outbox_changed
         self._uplink_state = uplink_state
         self._events: dict[str, Signal] = {}
+        self._buckets = {s.name: TokenBucket(s.rate_limit, s.rate_burst) for s in config.local_systems if s.rate_limit}
 
     def events_arrived(self, systems: Iterable[str]) -> None:
         for name in systems:
@@ -83,6 +85,7 @@ class LocalApi:
             _method(request, "GET")
             return Response.json(200, {"status": "ok", "uplink": self._uplink_state()})
         system = self._authenticate(request)
+        self._throttle(system)
         if request.path == "/v1/messages":
             _method(request, "POST")
             return await self._submit(system, request)
@@ -105,6 +108,12 @@ class LocalApi:
         if system is None:
             raise ApiError(401, "unauthorized", "invalid token", [("www-authenticate", "Bearer")])
         return system
+
+    def _throttle(self, system: LocalSystem) -> None:
+        bucket = self._buckets.get(system.name)
+        if bucket is not None and (wait := bucket.take(trio.current_time())):
+            raise ApiError(429, "rate_limited", f"more than {system.rate_limit:g} requests per second from this "
+                           "system", [("retry-after", str(max(1, round(wait))))])
 
     # -- POST /v1/messages ------------------------------------------------------------
 
@@ -155,8 +164,8 @@ class LocalApi:
         body = doc.get("body")
         if not isinstance(body, str):
             raise _invalid("body", "expected a string")
-        if len(body.encode()) > protocol.MAX_BODY_BYTES:
-            raise ApiError(413, "too_large", f"body: larger than {protocol.MAX_BODY_BYTES} bytes")
+        if len(body.encode()) > system.max_message_bytes:
+            raise ApiError(413, "too_large", f"body: larger than {system.max_message_bytes} bytes")
         thread = doc.get("thread")
         if thread is not None and (not isinstance(thread, str) or len(thread) > protocol.MAX_THREAD_CHARS):
             raise _invalid("thread", f"expected a string of at most {protocol.MAX_THREAD_CHARS} characters")

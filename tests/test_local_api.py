@@ -10,7 +10,10 @@ import httpx
 import pytest
 import trio
 
+from dataclasses import replace
+
 from conftest import STEP, Space
+from relay.ratelimit import TokenBucket
 
 
 @pytest.fixture(params=["http/1.1", "h2c"])
@@ -220,3 +223,30 @@ async def test_hostile_requests_get_4xx_and_the_relay_keeps_serving(space: Space
     assert (surrogate.status_code, surrogate.json()["error"]["code"]) == (400, "invalid_json")
     assert superscript.status_code == 400 and enormous.status_code == 400
     await space.send(space.a, ["bob@clinique-sud.test"], "still here")
+
+
+def test_token_bucket_arithmetic() -> None:
+    bucket = TokenBucket(rate=2.0, burst=3)
+    assert [bucket.take(10.0) for _ in range(4)] == [0.0, 0.0, 0.0, 0.5]
+    assert bucket.take(10.5) == 0.0  # one token came back in half a second
+    assert bucket.take(10.5) == 0.5
+
+
+async def test_a_system_over_its_rate_limit_gets_429(stopped_space: Space) -> None:
+    space = stopped_space
+    system = replace(space.a.config.local_systems[0], rate_limit=1.0, rate_burst=3, max_message_bytes=100)
+    space.a.config = replace(space.a.config, local_systems=(system,))
+    await space.start()
+    async with space.a.client() as client:
+        document = {"from": "alice@chu-nord.test", "to": ["bob@clinique-sud.test"], "body": "x"}
+        answers = [(await client.post("/v1/messages", json=document)).status_code for _ in range(3)]
+        limited = await client.post("/v1/messages", json=document)
+    assert answers == [202, 202, 202]
+    assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
+    assert int(limited.headers["retry-after"]) >= 1
+    async with space.b.client() as other:  # another system is not affected
+        assert (await other.get("/v1/events")).status_code == 200
+    await trio.sleep(1.1)
+    async with space.a.client() as client:
+        too_long = await client.post("/v1/messages", json={**document, "body": "x" * 101})
+    assert too_long.status_code == 413 and too_long.json()["error"]["message"] == "body: larger than 100 bytes"
