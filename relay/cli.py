@@ -9,7 +9,7 @@ from pathlib import Path
 
 import trio
 
-from . import __version__, check_config, demo, pki_cli
+from . import __version__, check_config, demo, pki_cli, sealing
 from .config import ConfigError, load_hub_config, load_relay_config
 from .daemon import run_hub, run_relay
 from .paths import default_config
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     check_config.register(commands)
     demo.register(commands)
     pki_cli.register(commands)
+    sealing.register(commands)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -117,8 +117,8 @@ def _accept_one(
     sweep_at = None if expires_at is None else protocol.sweep_time(envelope.sent_at, expires_at)
     conn.execute(
         "INSERT INTO queue (domain, lane, kind, origin, payload, expires_at, sweep_at)"
-        " VALUES (?, ?, 'message', ?, ?, ?, ?)",
-        (dest, lane_of(envelope.priority), origin, protocol.pack(stamped.to_wire()), expires_at, sweep_at),
+        " VALUES (?, ?, 'message', ?, seal(?, ?), ?, ?)",
+        (dest, lane_of(envelope.priority), origin, protocol.pack(stamped.to_wire()), dest, expires_at, sweep_at),
     )
     return Outcome(True), dest
 
@@ -158,7 +158,7 @@ def expire(conn: sqlite3.Connection, now: float) -> set[str]:
     acknowledged by then): each origin gets a ``failed`` receipt with reason
     ``expired``.  Returns the domains to wake."""
     rows = conn.execute(
-        "SELECT seq, origin, payload FROM queue WHERE kind = 'message' AND sweep_at < ?", (now,)
+        "SELECT seq, origin, unseal(payload, domain) FROM queue WHERE kind = 'message' AND sweep_at < ?", (now,)
     ).fetchall()
     woken: set[str] = set()
     for seq, origin, payload in rows:
@@ -179,7 +179,7 @@ def fetch_inbox(
     was committed but not acknowledged then gets its ack, and its origin a
     ``delivered`` rather than an ``expired``."""
     return conn.execute(
-        """SELECT seq, lane, kind, payload FROM queue
+        """SELECT seq, lane, kind, unseal(payload, domain) FROM queue
            WHERE domain = ? AND ((lane = 1 AND seq > ?) OR (lane = 0 AND seq > ?))
              AND (sweep_at IS NULL OR sweep_at >= ?)
            ORDER BY lane DESC, seq LIMIT ?""",
@@ -196,7 +196,7 @@ def apply_ack(conn: sqlite3.Connection, domain: str, seqs: list[int], failures: 
     woken: set[str] = set()
     for seq in seqs:
         row = conn.execute(
-            "SELECT kind, origin, payload FROM queue WHERE seq = ? AND domain = ?", (seq, domain)
+            "SELECT kind, origin, unseal(payload, domain) FROM queue WHERE seq = ? AND domain = ?", (seq, domain)
         ).fetchone()
         if row is None:
             continue

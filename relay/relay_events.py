@@ -53,9 +53,9 @@ def take_inbound(
             continue
         cursor = conn.execute(
             "INSERT OR IGNORE INTO inbound (domain, origin, origin_org, id, sender, recipients, thread, priority,"
-            " body, sent_at, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " body, sent_at, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, seal(?, ?), ?, ?)",
             (domain, env.origin, env.origin_org or None, env.id, env.sender, protocol.pack(list(env.to)),
-             env.thread, env.priority, env.body, env.sent_at, now),
+             env.thread, env.priority, env.body, env.id, env.sent_at, now),
         )
         if cursor.rowcount:
             conn.executemany(
@@ -69,8 +69,8 @@ def take_inbound(
 def events(conn: sqlite3.Connection, system: str, after: int, limit: int) -> list[dict]:
     """A page of a system's events, in cursor order, as the API shows them."""
     rows = conn.execute(
-        """SELECT e.cursor, e.type, e.notice, i.id, i.origin, i.origin_org, i.sender, i.recipients, i.body,
-                  i.thread, i.priority, i.sent_at
+        """SELECT e.cursor, e.type, e.notice, i.id, i.origin, i.origin_org, i.sender, i.recipients,
+                  unseal(i.body, i.id), i.thread, i.priority, i.sent_at
            FROM event e LEFT JOIN inbound i ON i.rowid = e.inbound
            WHERE e.system = ? AND e.cursor > ? ORDER BY e.cursor LIMIT ?""",
         (system, after, limit),

@@ -149,9 +149,9 @@ def submit(conn: sqlite3.Connection, msg: Submission, has_room: Callable[[str], 
     now = time.time()
     conn.execute(
         "INSERT INTO message (id, domain, system, idem_key, sender, recipients, thread, priority, body, accepted_at,"
-        " expires_at, sweep_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " expires_at, sweep_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, seal(?, ?), ?, ?, ?)",
         (msg.id, msg.domain, msg.system, msg.idem_key, msg.sender, protocol.pack(list(msg.to)),
-         msg.thread, msg.priority, msg.body, now, now + msg.ttl, protocol.sweep_time(now, now + msg.ttl)),
+         msg.thread, msg.priority, msg.body, msg.id, now, now + msg.ttl, protocol.sweep_time(now, now + msg.ttl)),
     )
     conn.executemany(
         "INSERT INTO recipient (message_id, address, status, updated_at) VALUES (?, ?, 'queued', ?)",
@@ -177,8 +177,8 @@ def next_batch(conn: sqlite3.Connection, domain: str, limit: int, now: float | N
     are still sent during their expiry grace: one the hub accepted while
     the answer was lost is then answered "accepted", not failed here."""
     rows = conn.execute(
-        """SELECT o.seq, o.dest, m.id, m.sender, m.recipients, m.thread, m.priority, m.body, m.accepted_at,
-                  m.expires_at
+        """SELECT o.seq, o.dest, m.id, m.sender, m.recipients, m.thread, m.priority, unseal(m.body, m.id),
+                  m.accepted_at, m.expires_at
            FROM outbox o JOIN message m ON m.id = o.message_id
            WHERE o.domain = ? AND (m.sweep_at IS NULL OR m.sweep_at >= ?)
            ORDER BY o.lane DESC, o.seq LIMIT ?""",

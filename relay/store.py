@@ -39,6 +39,9 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import trio
 
+from . import sealing
+from .sealing import KeyRing
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -74,8 +77,9 @@ class _Job:
 _STOP = object()
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """Open the database with the durability settings the guarantees rely on."""
+def connect(path: Path, ring: KeyRing | None = None) -> sqlite3.Connection:
+    """Open the database with the durability settings the guarantees rely on,
+    and SQL's ``seal()``/``unseal()`` bound to ``ring`` (see `relay.sealing`)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not path.exists():
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -83,6 +87,7 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
+    sealing.install(conn, ring)
     return conn
 
 
@@ -132,8 +137,8 @@ class Store:
         self.used_bytes = _used_bytes(conn)
 
     @classmethod
-    def open(cls, path: Path, migrations: Sequence[Sequence[str]]) -> _StoreContext:
-        return _StoreContext(cls, path, migrations)
+    def open(cls, path: Path, migrations: Sequence[Sequence[str]], ring: KeyRing | None = None) -> _StoreContext:
+        return _StoreContext(cls, path, migrations, ring)
 
     @property
     def is_open(self) -> bool:
@@ -281,13 +286,14 @@ def _wake(group: list[_Job]) -> None:
 
 
 class _StoreContext:
-    def __init__(self, cls: type[Store], path: Path, migrations: Sequence[Sequence[str]]) -> None:
-        self._cls, self._path, self._migrations = cls, path, migrations
+    def __init__(self, cls: type[Store], path: Path, migrations: Sequence[Sequence[str]],
+                 ring: KeyRing | None) -> None:
+        self._cls, self._path, self._migrations, self._ring = cls, path, migrations, ring
         self._store: Store | None = None
 
     async def __aenter__(self) -> Store:
         def open_and_migrate() -> sqlite3.Connection:
-            conn = connect(self._path)
+            conn = connect(self._path, self._ring)
             try:
                 migrate(conn, self._migrations, str(self._path))
             except BaseException:

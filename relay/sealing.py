@@ -1,0 +1,140 @@
+"""Encryption at rest: message bodies sealed with AES-256-GCM in the stores.
+
+Theory of operation
+-------------------
+The key ring is a small file in the state directory (mode 0600, created on
+first start): one line per key, ``<id> <base64 key>``, the last line being
+the key that seals new data.  Rotation appends a key; older keys stay so
+that everything sealed before remains readable.
+
+SQL does the work: `install` registers ``seal(value, context)`` and
+``unseal(value, context)`` on the store's connection, so the units of work
+write ``seal(?, ?)`` and read ``unseal(body, id)`` and never handle keys.
+The context (a message id, a domain) is the AEAD's associated data: a
+sealed body moved to another row no longer opens.  Values written before
+encryption existed (plain TEXT) are read as they are.
+
+What this protects: a copied database file, a backup, a disk sent for
+repair.  It does not protect against someone who can read the key file
+too (root, or the service account): see docs/security.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import secrets
+import sqlite3
+import struct
+from pathlib import Path
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+MAGIC = b"EIMIS-SEALED-1"
+_HEADER = struct.Struct(">HB12s")  # key id, kind (0 text, 1 bytes), nonce
+KEY_FILE = "sealing.keys"
+
+
+class KeyRingError(Exception):
+    """The key file is missing, unreadable, exposed or malformed."""
+
+
+class KeyRing:
+    def __init__(self, keys: dict[int, bytes], current: int) -> None:
+        self._aead = {key_id: AESGCM(key) for key_id, key in keys.items()}
+        self.current = current
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> KeyRing:
+        """The ring in ``path``, made with one fresh key if there is none yet."""
+        if not path.exists():
+            _append_key(path, 1)
+        return cls.load(path)
+
+    @classmethod
+    def load(cls, path: Path) -> KeyRing:
+        try:
+            mode = path.stat().st_mode
+            lines = path.read_text().split()
+        except OSError as exc:
+            raise KeyRingError(f"{path}: {exc.strerror or exc}") from None
+        if mode & 0o077:
+            raise KeyRingError(f"{path} is readable by group or others (mode {mode & 0o777:o}): chmod 600 {path}")
+        keys: dict[int, bytes] = {}
+        try:
+            for key_id, encoded in zip(lines[::2], lines[1::2], strict=True):
+                key = base64.b64decode(encoded, validate=True)
+                if len(key) != 32:
+                    raise ValueError
+                keys[int(key_id)] = key
+        except ValueError:
+            raise KeyRingError(f"{path}: not a key ring (lines of '<id> <base64 of 32 bytes>')") from None
+        if not keys:
+            raise KeyRingError(f"{path}: no key")
+        return cls(keys, int(lines[-2]))
+
+    def seal(self, value: str | bytes | None, context: str) -> bytes | None:
+        if value is None or value == "":
+            return value
+        kind, data = (0, value.encode()) if isinstance(value, str) else (1, bytes(value))
+        nonce = secrets.token_bytes(12)
+        sealed = self._aead[self.current].encrypt(nonce, data, context.encode())
+        return MAGIC + _HEADER.pack(self.current, kind, nonce) + sealed
+
+    def unseal(self, value: str | bytes | None, context: str) -> str | bytes | None:
+        if not isinstance(value, bytes) or not value.startswith(MAGIC):
+            return value  # written before encryption at rest, or empty
+        key_id, kind, nonce = _HEADER.unpack_from(value, len(MAGIC))
+        aead = self._aead.get(key_id)
+        if aead is None:
+            raise KeyRingError(f"data sealed with key {key_id}, which the key ring no longer has")
+        data = aead.decrypt(nonce, value[len(MAGIC) + _HEADER.size:], context.encode())
+        return data.decode() if kind == 0 else data
+
+
+def install(conn: sqlite3.Connection, ring: KeyRing | None) -> None:
+    """Make ``seal()`` and ``unseal()`` available to SQL on ``conn``.
+
+    Without a ring (tests of the SQL alone) both return the value as is."""
+    if ring is None:
+        conn.create_function("seal", 2, lambda value, context: value, deterministic=True)
+        conn.create_function("unseal", 2, lambda value, context: value, deterministic=True)
+    else:
+        conn.create_function("seal", 2, ring.seal)
+        conn.create_function("unseal", 2, ring.unseal, deterministic=True)
+
+
+def rotate(path: Path) -> int:
+    """Add a new key that seals from now on (after a restart); return its id."""
+    ring = KeyRing.load(path)
+    _append_key(path, ring.current + 1)
+    return ring.current + 1
+
+
+def _append_key(path: Path, key_id: int) -> None:
+    line = f"{key_id} {base64.b64encode(secrets.token_bytes(32)).decode()}\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("rotate-key", help="add a new key for encryption at rest (old data stays readable)")
+    parser.add_argument("--state-dir", type=Path, required=True, metavar="DIR",
+                        help=f"the relay's or hub's state directory, holding {KEY_FILE}")
+    parser.set_defaults(func=_rotate_command)
+
+
+def _rotate_command(args: argparse.Namespace) -> int:
+    path = args.state_dir / KEY_FILE
+    try:
+        key_id = rotate(path)
+    except KeyRingError as exc:
+        print(f"eimis-relay rotate-key: {exc}")
+        return 1
+    print(f"{path}: key {key_id} added; restart the daemon to seal new data with it")
+    return 0
