@@ -235,6 +235,7 @@ class Delivery:
     message_ttl: float = 7 * 86400  # undelivered after this: failed, reason "expired"
     delay_warning: float = 15 * 60  # not delivered after this: a "delayed" event
     event_retention: float = 30 * 86400  # events a system never read are dropped after this
+    audit_retention: float = 183 * 86400  # six months, the French norm for health messaging
 
 
 @dataclass(frozen=True)
@@ -304,6 +305,7 @@ class HubConfig:
     keepalive_timeout: float = 10.0
     max_concurrent_streams: int = 100
     tls: TlsPolicy = TlsPolicy()
+    audit_retention: float = 183 * 86400
 
 
 def load_relay_config(path: str | os.PathLike) -> RelayConfig:
@@ -317,6 +319,7 @@ def load_relay_config(path: str | os.PathLike) -> RelayConfig:
         message_ttl=relay.get("message_ttl", _duration, Delivery.message_ttl),
         delay_warning=relay.get("delay_warning", _duration, Delivery.delay_warning),
         event_retention=relay.get("event_retention", _duration, Delivery.event_retention),
+        audit_retention=relay.get("audit_retention", _duration, Delivery.audit_retention),
     )
     uplink = _read_uplink(file.root.table("uplink"))
     local_api = _read_local_api(file.root.table("local_api", required=False))
@@ -355,6 +358,7 @@ def load_hub_config(path: str | os.PathLike) -> HubConfig:
         key_file=hub.get("key_file", file.resolve),
         learn_domains=hub.get("learn_domains", _boolean, False),
         tls=_read_tls_policy(hub),
+        audit_retention=hub.get("audit_retention", _duration, HubConfig.audit_retention),
         keepalive_interval=hub.get("keepalive_interval", _seconds, HubConfig.keepalive_interval),
         keepalive_timeout=hub.get("keepalive_timeout", _seconds, HubConfig.keepalive_timeout),
         max_concurrent_streams=hub.get(

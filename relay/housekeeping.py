@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 import trio
 
-from . import relay_events, relay_store
+from . import audit, relay_events, relay_store
 from .config import Delivery
 from .store import Store
 
@@ -56,6 +56,10 @@ class Housekeeping:
         forgotten = await self.store.run_patiently("prune_messages", lambda c: relay_store.prune(c, now, retention))
         if forgotten:
             log.info("forgot %d sent message(s) older than the retention period", forgotten)
+        audited = await self.store.run_patiently(
+            "prune_audit", lambda c: audit.prune(c, now, self.delivery.audit_retention))
+        if audited:
+            log.info("dropped %d audit entries older than the retention period", audited)
         self.expired += expired
         self.delayed += len(delayed)
         self._on_events(notified | delayed)

@@ -36,7 +36,7 @@ from email.utils import formatdate
 
 import trio
 
-from . import hub_store, protocol
+from . import audit, hub_store, protocol
 from .config import HubConfig
 from .http2 import BodyTooLarge, H2Stream, Http2Connection, Http2Settings, header
 from .pki import PeerIdentity, peer_identity
@@ -115,6 +115,8 @@ class Hub:
     async def _expire_periodically(self) -> None:
         while True:
             woken = await self.store.run_patiently("expire", lambda c: hub_store.expire(c, time.time()))
+            await self.store.run_patiently(
+                "prune_audit", lambda c: audit.prune(c, time.time(), self.config.audit_retention))
             for domain in woken:
                 self.link(domain).changed.fire()
             await trio.sleep(EXPIRY_INTERVAL)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import sqlite3
 import time
 
-from . import protocol
+from . import audit, protocol
 from .protocol import Envelope, Failure, Outcome, Receipt
 
 MIGRATIONS: list[list[str]] = [
@@ -43,6 +43,7 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE queue ADD COLUMN sweep_at REAL",  # see protocol.sweep_time
         "CREATE INDEX queue_by_sweep ON queue (sweep_at) WHERE sweep_at IS NOT NULL",
     ],
+    audit.MIGRATION,
 ]
 
 URGENT, NORMAL = 1, 0
@@ -82,6 +83,9 @@ def accept_transaction(
     for raw in raw_envelopes:
         outcome, dest = _accept_one(conn, origin, origin_org, raw, known, now)
         outcomes.append(outcome)
+        ident = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
+        audit.record(conn, f"relay:{origin}", "accepted" if outcome.accepted else "refused", ident,
+                     dest, outcome.reason or "queued")
         if dest:
             woken.add(dest)
     conn.execute(
@@ -145,8 +149,10 @@ def accept_receipts(conn: sqlite3.Connection, domain: str, raw_receipts: list[ob
         ):
             outcomes.append(Outcome(False, protocol.UNKNOWN_MESSAGE,
                                     f"{domain} received no message {receipt.id} from {receipt.origin or '?'}"))
+            audit.record(conn, f"relay:{domain}", "refused", receipt.id, receipt.origin, protocol.UNKNOWN_MESSAGE)
             continue
         _queue_receipt(conn, receipt.origin, Receipt(receipt.id, receipt.rcpt, "read"))
+        audit.record(conn, f"relay:{domain}", "read", receipt.id, receipt.origin, "routed")
         outcomes.append(Outcome(True))
         woken.add(receipt.origin)
     return outcomes, woken
@@ -165,6 +171,7 @@ def expire(conn: sqlite3.Connection, now: float) -> set[str]:
         conn.execute("DELETE FROM queue WHERE seq = ?", (seq,))
         envelope = Envelope.from_wire(protocol.unpack(payload, "queued envelope"))
         _queue_receipt(conn, origin, Receipt(envelope.id, envelope.rcpt, "failed", protocol.EXPIRED))
+        audit.record(conn, "hub", "expired", envelope.id, origin, "failed")
         woken.add(origin)
     return woken
 
@@ -205,6 +212,7 @@ def apply_ack(conn: sqlite3.Connection, domain: str, seqs: list[int], failures: 
         if kind != "message":
             continue
         envelope = Envelope.from_wire(protocol.unpack(payload, "queued envelope"))
+        audit.record(conn, f"relay:{domain}", "delivered", envelope.id, origin, "acknowledged")
         failure = failed.get(seq)
         lost = tuple(a for a in envelope.rcpt if failure and a in failure.rcpt)
         taken = tuple(a for a in envelope.rcpt if a not in lost)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 import trio
 
-from . import protocol, relay_events, relay_store
+from . import audit, protocol, relay_events, relay_store
 from .config import LocalSystem, RelayConfig
 from .http_server import Request, Response
 from .ratelimit import TokenBucket
@@ -74,11 +74,25 @@ class LocalApi:
         try:
             return await self._route(request)
         except ApiError as exc:
+            if request.method == "POST":
+                await self._audit_refusal(request, exc)
             return exc.response()
         except StoreUnavailable:
             log.error("local API: store unavailable, answering 503")
             return ApiError(503, "unavailable", "the relay cannot store messages right now; retry later",
                             [("retry-after", RETRY_AFTER_SECONDS)]).response()
+
+    async def _audit_refusal(self, request: Request, exc: ApiError) -> None:
+        """A refused write goes into the audit trail (metadata only)."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        system = self.config.system_for_token(token.strip()) if scheme.lower() == "bearer" else None
+        actor = f"system:{system.name}" if system else "unauthenticated"
+        outcome = f"{exc.status} {exc.code}"
+        try:
+            await self.store.run("audit_refusal",
+                                 lambda c: audit.record(c, actor, "refused", None, request.path, outcome))
+        except StoreUnavailable:
+            pass  # the refusal itself is still answered; the log has it
 
     async def _route(self, request: Request) -> Response:
         if request.path == "/healthz":

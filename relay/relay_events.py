@@ -13,7 +13,7 @@ import sqlite3
 import time
 from typing import Callable, Iterable
 
-from . import protocol
+from . import audit, protocol
 from .protocol import Failure, InboxItem
 from .relay_store import advance, iso
 
@@ -38,11 +38,13 @@ def take_inbound(
         if item.receipt is not None:
             r = item.receipt
             advance(conn, r.id, r.rcpt, r.status, r.reason, woken)
+            audit.record(conn, "hub", f"receipt {r.status}", r.id, ",".join(r.rcpt), r.reason)
             continue
         env = item.envelope
         assert env is not None
         if env.dest != domain:
             failures.append(Failure(item.seq, env.rcpt, protocol.MISROUTED))
+            audit.record(conn, "hub", "refused", env.id, env.origin, protocol.MISROUTED)
             continue
         served = {a: sorted(systems_serving(a)) for a in env.rcpt}
         unknown = tuple(a for a, systems in served.items() if not systems)
@@ -58,6 +60,7 @@ def take_inbound(
              env.thread, env.priority, env.body, env.id, env.sent_at, now),
         )
         if cursor.rowcount:
+            audit.record(conn, "hub", "received", env.id, env.origin, f"for {', '.join(systems)}")
             conn.executemany(
                 "INSERT INTO event (system, type, inbound, created_at) VALUES (?, 'message', ?, ?)",
                 [(system, cursor.lastrowid, now) for system in systems],
@@ -124,6 +127,7 @@ def mark_read(
         "INSERT INTO receipt_out (domain, origin, id, rcpt, status) VALUES (?, ?, ?, ?, 'read')",
         (domain, origin, ident, protocol.pack(rcpt)),
     )
+    audit.record(conn, f"system:{system}", "read", ident, origin, "receipt queued")
     return True
 
 

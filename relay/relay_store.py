@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from . import protocol
+from . import audit, protocol
 from .protocol import Envelope, Outcome, Receipt
 
 MIGRATIONS: list[list[str]] = [
@@ -95,6 +95,7 @@ MIGRATIONS: list[list[str]] = [
             id TEXT NOT NULL, rcpt BLOB NOT NULL, status TEXT NOT NULL)""",
         "CREATE TABLE webhook (system TEXT PRIMARY KEY, cursor INTEGER NOT NULL)",
     ],
+    audit.MIGRATION,
 ]
 
 URGENT, NORMAL = 1, 0
@@ -163,6 +164,7 @@ def submit(conn: sqlite3.Connection, msg: Submission, has_room: Callable[[str], 
         "INSERT INTO outbox (domain, message_id, dest, lane) VALUES (?, ?, ?, ?)",
         [(msg.domain, msg.id, dest, lane) for dest in dests],
     )
+    audit.record(conn, f"system:{msg.system}", "accepted", msg.id, "local", f"{len(msg.to)} recipient(s)")
     return msg.id, "queued"
 
 
@@ -207,6 +209,7 @@ def apply_outcomes(conn: sqlite3.Connection, results: Iterable[tuple[int, Envelo
             advance(conn, envelope.id, envelope.rcpt, "sent")
         else:
             advance(conn, envelope.id, envelope.rcpt, "failed", outcome.reason, notified)
+        audit.record(conn, "relay", "sent", envelope.id, f"hub for {envelope.dest}", outcome.reason or "accepted")
     return notified
 
 
@@ -224,6 +227,7 @@ def expire(conn: sqlite3.Connection, now: float, notified: set[str]) -> int:
         _leave_outbox(conn, seq, ident)
         rcpt = [a for a in protocol.unpack(recipients, "stored recipients") if protocol.domain_of(a) == dest]
         failed += advance(conn, ident, rcpt, "failed", protocol.EXPIRED, notified)
+        audit.record(conn, "relay", "expired", ident, dest, "failed")
     return failed
 
 
@@ -400,8 +404,8 @@ def queue_message(conn: sqlite3.Connection, ident: str, with_body: bool) -> dict
     """Everything known about one message sent from here; its body only
     when asked, and only while the relay still holds it."""
     row = conn.execute(
-        "SELECT sender, system, priority, thread, accepted_at, expires_at, body, delay_noticed FROM message"
-        " WHERE id = ?", (ident,)
+        "SELECT sender, system, priority, thread, accepted_at, expires_at, unseal(body, id), delay_noticed"
+        " FROM message WHERE id = ?", (ident,)
     ).fetchone()
     if row is None:
         return None

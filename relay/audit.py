@@ -1,0 +1,115 @@
+"""The audit trail: who did what to which message, when, with what outcome.
+
+Theory of operation
+-------------------
+Every entry is metadata only -- never a body -- and is written by the
+same unit of work, in the same transaction, as the action it records: an
+action that committed is in the trail, one that rolled back is not.
+
+Entries are hash-chained: each carries the SHA-256 of the previous entry's
+hash and its own fields, so an edited, inserted or deleted entry breaks
+the chain from there on, and `verify` says where.  Old entries leave after
+the retention period (six months by default, the French norm for health
+messaging); the anchor table keeps the hash of the last entry removed, so
+the rest of the chain still verifies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+MIGRATION = [
+    """CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+        message_id TEXT, peer TEXT, outcome TEXT, hash TEXT NOT NULL)""",
+    "CREATE INDEX audit_by_time ON audit (at)",
+    "CREATE TABLE audit_anchor (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, hash TEXT NOT NULL)",
+]
+
+GENESIS = "0" * 64
+RETENTION = 183 * 86400.0
+
+
+def record(
+    conn: sqlite3.Connection,
+    actor: str,
+    action: str,
+    message_id: str | None = None,
+    peer: str | None = None,
+    outcome: str | None = None,
+) -> None:
+    """Append one entry; call it from the unit of work that does the action."""
+    row = conn.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone() or _anchor(conn)[1:]
+    at = time.time()
+    seq = conn.execute(
+        "INSERT INTO audit (at, actor, action, message_id, peer, outcome, hash) VALUES (?, ?, ?, ?, ?, ?, '')",
+        (at, actor, action, message_id, peer, outcome),
+    ).lastrowid
+    conn.execute("UPDATE audit SET hash = ? WHERE seq = ?",
+                 (_chain(row[0], seq, at, actor, action, message_id, peer, outcome), seq))
+
+
+def prune(conn: sqlite3.Connection, now: float, retention: float = RETENTION) -> int:
+    """Drop entries older than ``retention``, keeping the chain verifiable."""
+    last = conn.execute("SELECT seq, hash FROM audit WHERE at < ? ORDER BY seq DESC LIMIT 1",
+                        (now - retention,)).fetchone()
+    if last is None:
+        return 0
+    dropped = conn.execute("DELETE FROM audit WHERE seq <= ?", (last[0],)).rowcount
+    conn.execute("INSERT INTO audit_anchor (id, seq, hash) VALUES (1, ?, ?)"
+                 " ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash", last)
+    return dropped
+
+
+def verify(conn: sqlite3.Connection) -> tuple[int, str | None]:
+    """Walk the chain: (entries checked, the first problem or None)."""
+    expected_seq, previous = _anchor(conn)
+    checked = 0
+    for seq, at, actor, action, message_id, peer, outcome, digest in conn.execute(
+        "SELECT seq, at, actor, action, message_id, peer, outcome, hash FROM audit ORDER BY seq"
+    ):
+        if expected_seq is not None and seq != expected_seq + 1:
+            return checked, f"entries {expected_seq + 1} to {seq - 1} are missing"
+        if _chain(previous, seq, at, actor, action, message_id, peer, outcome) != digest:
+            return checked, f"entry {seq} ({action} at {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(at))} UTC) " \
+                            "was altered, or an entry before it was"
+        expected_seq, previous, checked = seq, digest, checked + 1
+    return checked, None
+
+
+def _anchor(conn: sqlite3.Connection) -> tuple[int | None, str]:
+    row = conn.execute("SELECT seq, hash FROM audit_anchor WHERE id = 1").fetchone()
+    return (row[0], row[1]) if row else (None, GENESIS)
+
+
+def _chain(previous: str, *fields: object) -> str:
+    return hashlib.sha256((previous + json.dumps(fields, separators=(",", ":"))).encode()).hexdigest()
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("audit-verify", help="check that the audit trail has not been altered")
+    parser.add_argument("--db", type=Path, required=True, metavar="FILE",
+                        help="the relay's relay.db or the hub's hub.db (read only; the daemon may run)")
+    parser.set_defaults(func=_verify_command)
+
+
+def _verify_command(args: argparse.Namespace) -> int:
+    try:
+        conn = sqlite3.connect(f"{args.db.absolute().as_uri()}?mode=ro", uri=True)
+        try:
+            checked, problem = verify(conn)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        print(f"{args.db}: cannot read the audit trail: {exc}")
+        return 1
+    if problem is not None:
+        print(f"{args.db}: audit trail BROKEN after {checked} good entries: {problem}")
+        return 1
+    print(f"{args.db}: audit trail intact ({checked} entries)")
+    return 0

@@ -1,0 +1,74 @@
+"""The audit trail: metadata of every action, hash-chained, verifiable."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import Space
+from relay import audit
+from relay.store import connect, migrate
+
+
+@pytest.fixture
+def conn(tmp_path: Path):
+    db = connect(tmp_path / "audit.db")
+    migrate(db, [audit.MIGRATION], "audit")
+    yield db
+    db.close()
+
+
+def test_the_chain_verifies_and_finds_tampering(conn: sqlite3.Connection) -> None:
+    for n in range(5):
+        audit.record(conn, "system:messenger", "accepted", f"msg-{n}", "local", "queued")
+    assert audit.verify(conn) == (5, None)
+    conn.execute("UPDATE audit SET outcome = 'refused' WHERE seq = 3")
+    checked, problem = audit.verify(conn)
+    assert checked == 2 and problem.startswith("entry 3 (accepted")
+    conn.execute("UPDATE audit SET outcome = 'queued' WHERE seq = 3")
+    conn.execute("DELETE FROM audit WHERE seq = 4")
+    assert audit.verify(conn) == (3, "entries 4 to 4 are missing")
+
+
+def test_pruning_keeps_the_rest_verifiable(conn: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    for n, moment in enumerate([1000.0, 1001.0, 5000.0, 5001.0]):
+        monkeypatch.setattr(audit.time, "time", lambda moment=moment: moment)
+        audit.record(conn, "relay", "sent", f"msg-{n}", "hub", "accepted")
+    assert audit.prune(conn, now=5000.0, retention=1000.0) == 2
+    assert conn.execute("SELECT seq FROM audit_anchor").fetchone() == (2,)
+    assert audit.verify(conn) == (2, None)
+    audit.record(conn, "relay", "sent", "msg-9", "hub", "accepted")
+    assert audit.verify(conn) == (3, None)
+    conn.execute("DELETE FROM audit WHERE seq = 3")  # deleting the oldest kept entry is seen too
+    assert audit.verify(conn)[1] == "entries 3 to 3 are missing"
+
+
+async def test_a_message_leaves_metadata_only_entries_at_every_hop(space: Space) -> None:
+    body = "Compte rendu opératoire confidentiel"
+    ident = await space.send(space.a, ["bob@clinique-sud.test"], body)
+    await space.events(space.b, 1)
+    await space.wait_status(space.a, ident, "delivered")
+    async with space.a.client() as client:  # a refused write is recorded too
+        await client.post("/v1/messages", json={"from": "mallory@chu-nord.test", "to": ["bob@clinique-sud.test"],
+                                                "body": "x"})
+    actions = {}
+    for name in ("state-relay-a/relay.db", "state-hub/hub.db", "state-relay-b/relay.db"):
+        path = space.directory / name
+        reader = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+        rows = reader.execute("SELECT actor, action, message_id, peer, outcome FROM audit").fetchall()
+        assert audit.verify(reader)[1] is None
+        reader.close()
+        assert all(body not in " ".join(map(str, row)) for row in rows)
+        actions[name.split("/")[0]] = [(action, message_id) for _, action, message_id, _, _ in rows]
+        result = subprocess.run([sys.executable, "-m", "relay", "audit-verify", "--db", str(path)],
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0 and "intact" in result.stdout
+    assert ("accepted", ident) in actions["state-relay-a"] and ("sent", ident) in actions["state-relay-a"]
+    assert ("receipt delivered", ident) in actions["state-relay-a"]
+    assert ("refused", None) in actions["state-relay-a"]
+    assert ("accepted", ident) in actions["state-hub"] and ("delivered", ident) in actions["state-hub"]
+    assert ("received", ident) in actions["state-relay-b"]
