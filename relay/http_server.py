@@ -211,7 +211,8 @@ class HttpServer:
 
     async def _serve_h11(self, stream: trio.abc.Stream, initial: bytes) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
-        conn.receive_data(initial)
+        if initial:  # (an empty one would tell h11 the client closed)
+            conn.receive_data(initial)
         while True:
             if not conn.trailing_data[0]:  # between requests: the client may idle a while
                 with trio.fail_after(IDLE_TIMEOUT):

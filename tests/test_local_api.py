@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import ssl
 
 import httpx
 import pytest
@@ -13,6 +14,7 @@ import trio
 from dataclasses import replace
 
 from conftest import STEP, Space
+from relay import pki
 from relay.ratelimit import TokenBucket
 
 
@@ -250,3 +252,27 @@ async def test_a_system_over_its_rate_limit_gets_429(stopped_space: Space) -> No
     async with space.a.client() as client:
         too_long = await client.post("/v1/messages", json={**document, "body": "x" * 101})
     assert too_long.status_code == 413 and too_long.json()["error"]["message"] == "body: larger than 100 bytes"
+
+
+async def test_local_tls_with_client_certificates(stopped_space: Space) -> None:
+    space = stopped_space
+    pki_dir = space.directory / "pki"
+    ca, ca_key = pki_dir / "ca.pem", pki_dir / "ca.key"
+    server = pki.issue_certificate(ca, ca_key, space.directory / "local", dns_names=["localhost"],
+                                   ip_addresses=["127.0.0.1"], role="local")
+    client = pki.issue_certificate(ca, ca_key, space.directory / "vendor", dns_names=["messenger.chu-nord.test"],
+                                   role="relay")
+    local = replace(space.a.config.local_api, tls_cert_file=server[0], tls_key_file=server[1], tls_client_ca_file=ca)
+    space.a.config = replace(space.a.config, local_api=local)
+    await space.start_hub()
+    await space.start_relay(space.a, wait_connected=False)
+    url = space.a.url.replace("http://", "https://")
+    headers = {"Authorization": f"Bearer {space.a.token}"}
+    with_cert = ssl.create_default_context(cafile=ca)
+    with_cert.load_cert_chain(*client)
+    async with httpx.AsyncClient(base_url=url, verify=with_cert, headers=headers, timeout=STEP) as good:
+        assert (await good.get("/v1/events")).status_code == 200
+    async with httpx.AsyncClient(base_url=url, verify=ssl.create_default_context(cafile=ca), headers=headers,
+                                 timeout=STEP) as anonymous:
+        with pytest.raises(httpx.TransportError):
+            await anonymous.get("/v1/events")
