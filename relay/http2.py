@@ -673,10 +673,12 @@ class _FloodGuard:
 
 
 def status_of(headers: Headers) -> int:
+    """The response's status; a peer that sends none, or nonsense, has
+    broken the exchange (`StreamReset`, which callers already handle)."""
     for name, value in headers:
-        if name == b":status":
+        if name == b":status" and value.isdigit() and len(value) == 3:
             return int(value)
-    raise ValueError("response without :status")
+    raise StreamReset("response without a valid :status")
 
 
 def header(headers: Headers, name: bytes) -> bytes | None:

@@ -173,7 +173,7 @@ class Hub:
         self._connections.add(conn)
         log.info("relay %s connected from %s (org %s)", domain, peer, identity.org_id or "-")
         try:
-            await conn.run(HubConnection(self, domain, identity, conn).handle)
+            await conn.run(HubConnection(self, domain, identity, der, conn).handle)
         finally:
             self._connections.discard(conn)
             link.connected -= 1
@@ -193,16 +193,23 @@ class Hub:
 class HubConnection:
     """Serves the streams of one authenticated relay connection."""
 
-    def __init__(self, hub: Hub, domain: str, identity: PeerIdentity, conn: Http2Connection) -> None:
+    def __init__(self, hub: Hub, domain: str, identity: PeerIdentity, der: bytes, conn: Http2Connection) -> None:
         self.hub = hub
         self.domain = domain
         self.identity = identity
+        self._der = der
         self.conn = conn
 
     async def handle(self, stream: H2Stream) -> None:
         headers = stream.headers or []
         method = header(headers, b":method")
         path = (header(headers, b":path") or b"").decode("ascii", "replace")
+        try:
+            self.hub._revocation.check(self._der)  # a CRL that changed also ends open connections
+        except Revoked as exc:
+            log.warning("refused a request from %s: %s; closing its connection", _who(self.identity), exc)
+            self.conn.abort()
+            return
         try:
             if method == b"POST" and path.startswith(protocol.PATH_TRANSACTION):
                 await self._transaction(stream, path[len(protocol.PATH_TRANSACTION):])

@@ -42,6 +42,8 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE queue ADD COLUMN expires_at REAL",
         "ALTER TABLE queue ADD COLUMN sweep_at REAL",  # see protocol.sweep_time
         "CREATE INDEX queue_by_sweep ON queue (sweep_at) WHERE sweep_at IS NOT NULL",
+        # Read receipts are taken only about messages the relay acknowledged.
+        "ALTER TABLE seen ADD COLUMN delivered INTEGER NOT NULL DEFAULT 0",
     ],
     audit.MIGRATION,
 ]
@@ -140,7 +142,8 @@ def accept_receipts(conn: sqlite3.Connection, domain: str, raw_receipts: list[ob
             outcomes.append(Outcome(False, protocol.INVALID_ENVELOPE, str(exc)))
             continue
         received = conn.execute(
-            "SELECT 1 FROM seen WHERE origin = ? AND id = ? AND dest = ?", (receipt.origin, receipt.id, domain)
+            "SELECT 1 FROM seen WHERE origin = ? AND id = ? AND dest = ? AND delivered = 1",
+            (receipt.origin, receipt.id, domain),
         ).fetchone()
         if (
             receipt.status != "read"
@@ -169,6 +172,8 @@ def expire(conn: sqlite3.Connection, now: float) -> set[str]:
     woken: set[str] = set()
     for seq, origin, payload in rows:
         conn.execute("DELETE FROM queue WHERE seq = ?", (seq,))
+        if payload is None:  # unreadable (see relay.sealing): nothing to tell anyone
+            continue
         envelope = Envelope.from_wire(protocol.unpack(payload, "queued envelope"))
         _queue_receipt(conn, origin, Receipt(envelope.id, envelope.rcpt, "failed", protocol.EXPIRED))
         audit.record(conn, "hub", "expired", envelope.id, origin, "failed")
@@ -185,13 +190,18 @@ def fetch_inbox(
     An item is still sent during its expiry grace: one whose first delivery
     was committed but not acknowledged then gets its ack, and its origin a
     ``delivered`` rather than an ``expired``."""
-    return conn.execute(
+    rows = conn.execute(
         """SELECT seq, lane, kind, unseal(payload, domain) FROM queue
            WHERE domain = ? AND ((lane = 1 AND seq > ?) OR (lane = 0 AND seq > ?))
              AND (sweep_at IS NULL OR sweep_at >= ?)
            ORDER BY lane DESC, seq LIMIT ?""",
         (domain, after[URGENT], after[NORMAL], time.time() if now is None else now, limit),
     ).fetchall()
+    damaged = [row[0] for row in rows if row[3] is None]
+    for seq in damaged:  # unreadable (see relay.sealing): it would block the queue forever
+        conn.execute("DELETE FROM queue WHERE seq = ?", (seq,))
+        audit.record(conn, "hub", "dropped", None, domain, f"queue item {seq} cannot be opened")
+    return [row for row in rows if row[3] is not None]
 
 
 def apply_ack(conn: sqlite3.Connection, domain: str, seqs: list[int], failures: list[Failure]) -> set[str]:
@@ -213,6 +223,8 @@ def apply_ack(conn: sqlite3.Connection, domain: str, seqs: list[int], failures: 
             continue
         envelope = Envelope.from_wire(protocol.unpack(payload, "queued envelope"))
         audit.record(conn, f"relay:{domain}", "delivered", envelope.id, origin, "acknowledged")
+        conn.execute("UPDATE seen SET delivered = 1 WHERE origin = ? AND id = ? AND dest = ?",
+                     (origin, envelope.id, domain))
         failure = failed.get(seq)
         lost = tuple(a for a in envelope.rcpt if failure and a in failure.rcpt)
         taken = tuple(a for a in envelope.rcpt if a not in lost)

@@ -74,8 +74,13 @@ class LocalApi:
         try:
             return await self._route(request)
         except ApiError as exc:
-            if request.method == "POST":
+            # Refusals of an authenticated system's writes are audited; the
+            # anonymous and the throttled are only logged, or they could
+            # fill the store with audit entries.
+            if request.method == "POST" and exc.status not in (401, 429):
                 await self._audit_refusal(request, exc)
+            elif exc.status in (401, 429):
+                log.info("local API: %s %s refused: %s %s", request.method, request.path[:100], exc.status, exc.code)
             return exc.response()
         except StoreUnavailable:
             log.error("local API: store unavailable, answering 503")
@@ -88,9 +93,9 @@ class LocalApi:
         system = self.config.system_for_token(token.strip()) if scheme.lower() == "bearer" else None
         actor = f"system:{system.name}" if system else "unauthenticated"
         outcome = f"{exc.status} {exc.code}"
+        path = request.path[:100]
         try:
-            await self.store.run("audit_refusal",
-                                 lambda c: audit.record(c, actor, "refused", None, request.path, outcome))
+            await self.store.run("audit_refusal", lambda c: audit.record(c, actor, "refused", None, path, outcome))
         except StoreUnavailable:
             pass  # the refusal itself is still answered; the log has it
 

@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 
 from .config import HubConfig, RelayConfig
+from .paths import state_dir
+from .sealing import KEY_FILE
 
 
 def exposed_secrets(config: RelayConfig | HubConfig) -> list[str]:
@@ -26,9 +28,10 @@ def exposed_secrets(config: RelayConfig | HubConfig) -> list[str]:
 
 
 def _secret_files(config: RelayConfig | HubConfig) -> list[Path]:
+    sealing_keys = state_dir(config.state_dir) / KEY_FILE
     if isinstance(config, HubConfig):
-        return [config.key_file]
-    files = [config.uplink.key_file]
+        return [config.key_file, sealing_keys]
+    files = [config.uplink.key_file, sealing_keys]
     if config.local_api.tls_key_file is not None:
         files.append(config.local_api.tls_key_file)
     return files

@@ -14,22 +14,27 @@ The context (a message id, a domain) is the AEAD's associated data: a
 sealed body moved to another row no longer opens.  Values written before
 encryption existed (plain TEXT) are read as they are.
 
-What this protects: a copied database file, a backup, a disk sent for
-repair.  It does not protect against someone who can read the key file
-too (root, or the service account): see docs/security.md.
+What this protects: a copied database file or a backup of the store
+alone.  It does not protect against whoever can read the key file too
+(root, the service account, a copy of the whole state directory or disk):
+keep backups of the store apart from the key ring (docs/security.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import logging
 import os
 import secrets
 import sqlite3
 import struct
 from pathlib import Path
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"EIMIS-SEALED-1"
 _HEADER = struct.Struct(">HB12s")  # key id, kind (0 text, 1 bytes), nonce
@@ -83,13 +88,20 @@ class KeyRing:
         return MAGIC + _HEADER.pack(self.current, kind, nonce) + sealed
 
     def unseal(self, value: str | bytes | None, context: str) -> str | bytes | None:
+        """The clear value; None (and an error in the log) when it cannot be
+        opened: a damaged row must not look like the whole store failing."""
         if not isinstance(value, bytes) or not value.startswith(MAGIC):
             return value  # written before encryption at rest, or empty
-        key_id, kind, nonce = _HEADER.unpack_from(value, len(MAGIC))
-        aead = self._aead.get(key_id)
-        if aead is None:
-            raise KeyRingError(f"data sealed with key {key_id}, which the key ring no longer has")
-        data = aead.decrypt(nonce, value[len(MAGIC) + _HEADER.size:], context.encode())
+        try:
+            key_id, kind, nonce = _HEADER.unpack_from(value, len(MAGIC))
+            aead = self._aead.get(key_id)
+            if aead is None:
+                raise KeyRingError(f"sealed with key {key_id}, which the key ring no longer has")
+            data = aead.decrypt(nonce, value[len(MAGIC) + _HEADER.size:], context.encode())
+        except (KeyRingError, InvalidTag, struct.error) as exc:
+            log.error("sealing: a value of %s cannot be opened (%s): damaged, moved or tampered with",
+                      context, exc.__class__.__name__ if isinstance(exc, InvalidTag) else exc)
+            return None
         return data.decode() if kind == 0 else data
 
 

@@ -280,3 +280,14 @@ async def test_a_replay_in_the_same_group_queues_once(tmp_path: Path) -> None:
         async with Store.open(path, hub_store.MIGRATIONS) as store:
             rows = await store.run("fetch", lambda c: hub_store.fetch_inbox(c, SUD, {URGENT: 0, NORMAL: 0}, 10))
     assert len(rows) == 1
+
+
+def test_read_receipts_only_about_messages_the_relay_acknowledged(conn) -> None:
+    hub_store.accept_transaction(conn, NORD, "txn-read-0001", [envelope("msg-read-0001", rcpt=(BOB,))])
+    read = Receipt("msg-read-0001", (BOB,), "read", origin=NORD).to_wire()
+    [refused], _ = hub_store.accept_receipts(conn, SUD, [read])
+    assert (refused.accepted, refused.reason) == (False, protocol.UNKNOWN_MESSAGE)  # queued, not yet taken
+    [(seq, *_)] = hub_store.fetch_inbox(conn, SUD, {hub_store.URGENT: 0, hub_store.NORMAL: 0}, 10)
+    hub_store.apply_ack(conn, SUD, [seq], [])
+    [accepted], woken = hub_store.accept_receipts(conn, SUD, [read])
+    assert accepted.accepted and woken == {NORD}

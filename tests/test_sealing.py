@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cryptography.exceptions import InvalidTag
 
 from conftest import Space
 from relay.sealing import KEY_FILE, KeyRing, KeyRingError, rotate
@@ -21,8 +20,7 @@ def test_seal_and_unseal_round_trip_bound_to_their_context(tmp_path: Path) -> No
     assert SECRET.encode() not in sealed
     assert ring.unseal(sealed, "msg-1") == SECRET
     assert ring.unseal(ring.seal(b"\x00bytes", "d"), "d") == b"\x00bytes"
-    with pytest.raises(InvalidTag):
-        ring.unseal(sealed, "msg-2")  # moved to another row: no longer opens
+    assert ring.unseal(sealed, "msg-2") is None  # moved to another row: no longer opens (and is logged)
     assert ring.unseal("written before encryption", "msg-1") == "written before encryption"
 
 

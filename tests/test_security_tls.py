@@ -186,3 +186,22 @@ async def test_forged_sender_is_refused_and_logged_with_the_certificate(
     async with space.b.client() as client:
         assert (await client.get("/v1/events", params={"wait": 0.5})).json()["events"] == []
     await _legitimate_traffic_still_flows(space)
+
+
+async def test_a_relay_revoked_while_connected_is_cut_off(stopped_space: Space, ca: Path) -> None:
+    space = stopped_space
+    crl = space.directory / "national.crl"
+    ca_key = space.directory / "pki" / "ca.key"
+    pki.make_crl(ca, ca_key, crl)  # nobody revoked yet
+    space.hub_config = replace(space.hub_config, tls=TlsPolicy(crl_files=(crl,)))
+    await space.start()
+    await _legitimate_traffic_still_flows(space)
+    pki.make_crl(ca, ca_key, crl, revoked=[space.directory / "pki" / "chu-nord.test.pem"])
+    async with space.a.client() as client:  # relay A's next request meets the new CRL
+        await client.post("/v1/messages", json={"from": "alice@chu-nord.test", "to": ["bob@clinique-sud.test"],
+                                                "body": "after revocation"})
+    with trio.fail_after(STEP):
+        await space.wait_uplink(space.a, "down")
+    async with space.b.client() as client:
+        events = (await client.get("/v1/events", params={"wait": 1})).json()["events"]
+    assert [e["message"]["body"] for e in events] == ["still served"]
