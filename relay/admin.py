@@ -54,6 +54,10 @@ MAX_REQUEST = 64 * 1024
 # busy store, at worst).
 REQUEST_TIMEOUT = 10.0
 CLIENT_TIMEOUT = 30.0
+# `holder` probes the lock by taking it shared for an instant; a daemon
+# starting at that very instant tries again for this long before it
+# concludes that another process really holds the store.
+PROBE_GRACE = 1.0
 # sockaddr_un.sun_path on Linux, with its terminating NUL.
 MAX_SOCKET_PATH = 107
 
@@ -94,11 +98,16 @@ class StateLock:
         """Take the lock and say who holds it, or raise `StoreBusy`."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StoreBusy(self.directory, read_holder(self.path)) from None
+        deadline = time.monotonic() + PROBE_GRACE
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise StoreBusy(self.directory, read_holder(self.path)) from None
+                time.sleep(0.01)  # before the loop runs anything: blocking is fine
         info = {"pid": os.getpid(), "command": command, "since": time.time(),
                 "admin_socket": str(admin_socket) if admin_socket else None}
         os.ftruncate(fd, 0)

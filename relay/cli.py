@@ -9,7 +9,8 @@ from pathlib import Path
 
 import trio
 
-from . import __version__, check_config, demo, pki_cli, sealing
+from . import __version__, audit, check_config, demo, doctor, ops_cli, pki_cli, sealing
+from .admin import StoreBusy
 from .config import ConfigError, load_hub_config, load_relay_config
 from .daemon import run_hub, run_relay
 from .paths import default_config
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.register(commands)
     pki_cli.register(commands)
     sealing.register(commands)
+    audit.register(commands)
+    ops_cli.register(commands)
+    doctor.register(commands)
 
     args = parser.parse_args(argv)
     return args.func(args)
@@ -49,7 +53,11 @@ def _run(args: argparse.Namespace) -> int:
     if problems := exposed_secrets(config):
         return _refuse(problems)
     _setup_logging(config.log_level)
-    trio.run(run_relay, config)
+    try:
+        trio.run(run_relay, config)
+    except StoreBusy as exc:
+        print(f"eimis-relay: cannot start: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

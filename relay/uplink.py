@@ -24,9 +24,12 @@ again and the inbound table's unique key drops the copies.
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
+import os
 import secrets
+import sqlite3
 import ssl
 import time
 from typing import Callable, Iterable
@@ -78,9 +81,8 @@ class Uplink:
         self.store = store
         self.outbox_changed = outbox_changed
         self._on_events = on_events
-        up = config.uplink
-        self._ssl = relay_client_context(up.cert_file, up.key_file, up.ca_file, up.tls)
-        self._revocation = RevocationList(up.tls, up.ca_file)
+        self._ssl, self._revocation = _national_tls(config)
+        self._tls_stamp = _tls_stamp(config)
         self._policy = RetryPolicy(config.uplink.backoff_initial, config.uplink.backoff_max)
         self._pending: tuple[str, list[tuple[int, protocol.Envelope]]] | None = None
         self.state = UplinkState.CONNECTING
@@ -90,10 +92,58 @@ class Uplink:
         self._conn: Http2Connection | None = None
         self._receiver_scope = trio.CancelScope()
         self._inbox: H2Stream | None = None
+        self._nursery: trio.Nursery | None = None
+        # For the operations tools: fired on every state change; recipients
+        # by (what, priority), what being sent, refused, delivered or failed;
+        # when the hub's certificate expires (seen at the last handshake).
+        self.changed = Signal()
+        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.hub_cert_expires: float | None = None
+        self.on_delivered: Callable[[str, float], None] = lambda priority, seconds: None
+        self._dial_now = trio.Event()
+        self._rolling_over = False
 
     def _set_state(self, state: UplinkState) -> None:
         if state is not self.state:
             self.state, self.since = state, time.time()
+            self.changed.fire()
+
+    def swap_config(self, config: RelayConfig) -> None:
+        """Use ``config`` from now on (SIGHUP, or a renewed certificate on disk).
+
+        Raises what loading its TLS files raises (`ssl.SSLError`, `OSError`,
+        `ValueError`) before anything changes.  When the certificate, key,
+        CA, CRLs or the way to the hub changed, the connection rolls over:
+        the inbox stream ends, a transaction in flight gets its answer, and
+        the relay dials again at once with the new material.  Nothing queued
+        is touched: the outbox is in the store, the inbox resumes at the
+        hub's last acknowledged item."""
+        tls, revocation = _national_tls(config)
+        stamp = _tls_stamp(config)
+        self.config, self._ssl, self._revocation = config, tls, revocation
+        self._policy = RetryPolicy(config.uplink.backoff_initial, config.uplink.backoff_max)
+        if stamp != self._tls_stamp:
+            self._tls_stamp = stamp
+            if self._conn is not None and self._nursery is not None:
+                self._rolling_over = True
+                self._nursery.start_soon(self._roll_over)
+            else:
+                self.retry_now()
+
+    async def _roll_over(self) -> None:
+        await self.aclose()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def retry_now(self) -> None:
+        """Cut the wait before the next dial short (``eimis-relay queue retry``)."""
+        if self._conn is None:
+            self._dial_now.set()
+
+    def in_flight(self) -> set[str]:
+        """Ids of the messages in the transaction sent and not yet answered:
+        purging one of them cannot stop it any more."""
+        return {envelope.id for _, envelope in self._pending[1]} if self._pending else set()
 
     async def run(self) -> None:
         """Keep a connection to the hub up, forever."""
@@ -106,14 +156,21 @@ class Uplink:
                 await self._connect_and_serve()
             except* (OSError, ssl.SSLError, trio.BrokenResourceError, trio.TooSlowError, ConnectionClosed,
                      StreamReset, ProtocolViolation, UplinkError, Revoked, StoreUnavailable) as group:
-                self.last_error = "; ".join(_describe(e) for e in _leaves(group))
-                log.warning("uplink to %s: %s", self.config.uplink.hub_url, self.last_error)
-            self._conn = None
+                if not self._rolling_over:
+                    self.last_error = "; ".join(_describe(e) for e in _leaves(group))
+                    log.warning("uplink to %s: %s", self.config.uplink.hub_url, self.last_error)
+            self._conn = self._nursery = None
+            if self._rolling_over:
+                self._rolling_over = False
+                log.info("uplink: reconnecting with the new certificate and settings")
+                continue
             self._set_state(UplinkState.DOWN)
             failures = 0 if trio.current_time() - started > STABLE_AFTER else failures + 1
             delay = self._policy.delay(failures - 1 if failures else 0)
             log.info("uplink: reconnecting in %.1f s", delay)
-            await trio.sleep(delay)
+            with trio.move_on_after(delay):
+                await self._dial_now.wait()
+            self._dial_now = trio.Event()
 
     async def _connect_and_serve(self) -> None:
         up = self.config.uplink
@@ -133,11 +190,12 @@ class Uplink:
         except (UplinkError, Revoked):
             await trio.aclose_forcefully(tls)
             raise
+        self.hub_cert_expires = peer_identity(tls.getpeercert(binary_form=True)).not_after.timestamp()
         settings = Http2Settings(keepalive_interval=up.keepalive_interval, keepalive_timeout=up.keepalive_timeout)
         conn = Http2Connection(tls, client=True, settings=settings, name=f"hub {up.server_name}")
         async with trio.open_nursery(strict_exception_groups=True) as nursery:
             await nursery.start(conn.run)
-            self._conn = conn
+            self._conn, self._nursery = conn, nursery
             self._set_state(UplinkState.CONNECTED)
             self.last_error = None
             log.info("uplink connected to %s", up.hub_url)
@@ -193,6 +251,7 @@ class Uplink:
         self._pending = None
         self._on_events(notified)
         for (_, env), outcome in zip(batch, outcomes):
+            self.counts["sent" if outcome.accepted else "refused", env.priority] += len(env.rcpt)
             if not outcome.accepted:
                 log.warning("hub refused message %s for %s: %s", env.id, env.dest, outcome.reason)
         return True
@@ -268,10 +327,14 @@ class Uplink:
 
     async def _take(self, conn: Http2Connection, items: list[InboxItem]) -> None:
         await self._wait_for_room()
-        failures, woken = await self.store.run(
-            "take_inbound",
-            lambda c: relay_events.take_inbound(c, self.config.domain, items, self._systems_serving),
-        )
+        receipts = [item.receipt for item in items if item.receipt is not None]
+
+        def take(db: sqlite3.Connection) -> tuple:
+            facts = relay_store.delivery_facts(db, (r.id for r in receipts))
+            return relay_events.take_inbound(db, self.config.domain, items, self._systems_serving), facts
+
+        (failures, woken), facts = await self.store.run("take_inbound", take)
+        self._count_receipts(receipts, facts)
         self._on_events(woken)
         await self._post(conn, protocol.PATH_ACK, protocol.encode_ack([item.seq for item in items], failures))
 
@@ -287,6 +350,38 @@ class Uplink:
 
     def _systems_serving(self, address: str) -> list[str]:
         return [system.name for system in self.config.systems_serving(address)]
+
+    def _count_receipts(self, receipts: list[protocol.Receipt], facts: dict[str, tuple[str, float]]) -> None:
+        """Delivery counters and latency (acceptance here to the destination
+        relay's commit), for the receipts about messages sent from here."""
+        now = time.time()
+        for receipt in receipts:
+            if receipt.id not in facts or receipt.status not in ("delivered", "failed"):
+                continue
+            priority, accepted_at = facts[receipt.id]
+            self.counts[receipt.status, priority] += len(receipt.rcpt)
+            if receipt.status == "delivered":
+                self.on_delivered(priority, now - accepted_at)
+
+
+def _national_tls(config: RelayConfig) -> tuple[ssl.SSLContext, RevocationList]:
+    """The TLS context and revocation list of the link to the hub."""
+    up = config.uplink
+    return relay_client_context(up.cert_file, up.key_file, up.ca_file, up.tls), RevocationList(up.tls, up.ca_file)
+
+
+def _tls_stamp(config: RelayConfig) -> tuple:
+    """What the connection to the hub is made of: its settings, and the
+    identity of each file it loads, so that a file renewed in place counts."""
+    up = config.uplink
+    files = []
+    for path in (up.cert_file, up.key_file, up.ca_file, *up.tls.crl_files):
+        try:
+            info = os.stat(path)
+            files.append((str(path), info.st_ino, info.st_size, info.st_mtime_ns))
+        except OSError:
+            files.append((str(path), None))
+    return (up.hub_host, up.hub_port, up.server_name, up.proxy, up.tls, tuple(files))
 
 
 def _error_text(body: bytes) -> str:

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from processes import DemoSpace
+
 pytestmark = pytest.mark.e2e
 
 
@@ -41,5 +43,34 @@ async def test_ready_watchdog_and_stopping(tmp_path: Path) -> None:
             process.wait()
         sock.close()
     ready = next(m for m in messages if m.startswith("READY=1"))
-    assert "STATUS=relay chu-nord.test serving" in ready.split("\n")
+    assert "STATUS=relay chu-nord.test serving; connecting to the hub" in ready.split("\n")
     assert messages.index(ready) < messages.index("WATCHDOG=1")
+
+
+async def test_status_lines_follow_the_uplink_and_the_queue(tmp_path: Path) -> None:
+    """``STATUS=`` says whether the hub is reachable and how deep the
+    outbound queue is, each time that changes."""
+    space = DemoSpace(tmp_path)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
+    address = str(tmp_path / "notify.sock")
+    await sock.bind(address)
+    relay = space.a.process
+    relay.popen = subprocess.Popen([sys.executable, "-m", "relay", *relay.argv], env={**os.environ,
+                                   "NOTIFY_SOCKET": address}, stderr=subprocess.DEVNULL)
+    statuses: list[str] = []
+
+    async def until(predicate) -> None:
+        with trio.fail_after(20):
+            while not statuses or not predicate(statuses[-1]):
+                message = (await sock.recv(4096)).decode()
+                statuses.extend(line[7:] for line in message.split("\n") if line.startswith("STATUS="))
+
+    try:
+        await until(lambda s: s.startswith("hub ") and "outbound queue 0 " in s)  # no hub yet
+        await space.a.send("bob@clinique-sud.test", "waits for the hub")
+        await until(lambda s: s.startswith("hub ") and "outbound queue 1 (0 urgent)" in s)
+        space.hub.start()
+        await until(lambda s: s == "connected to hub.eimis.test; outbound queue 0 (0 urgent)")
+    finally:
+        space.close()
+        sock.close()
