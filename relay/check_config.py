@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import ssl
-import tomllib
 from pathlib import Path
 
 from . import pki
-from .config import ConfigError, HubConfig, RelayConfig, load_hub_config, load_relay_config
+from .config import ConfigError, HubConfig, RelayConfig, defines_table, load_hub_config, load_relay_config
 from .paths import default_config
 from .tls import local_server_context
 
@@ -71,9 +70,6 @@ def _first_name_is_domain(cert_file: Path, domain: str) -> list[pki.Finding]:
 
 
 def _is_hub(path: Path) -> bool:
-    """A hub's file has a [hub] table; anything unreadable goes to the relay
-    loader, whose error names the problem."""
-    try:
-        return "hub" in tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return False
+    """A hub's file (or one of its fragments) has a [hub] table; anything
+    unreadable goes to the relay loader, whose error names the problem."""
+    return defines_table(path, "hub")

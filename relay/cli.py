@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -11,10 +12,11 @@ import trio
 
 from . import __version__, audit, check_config, demo, doctor, ops_cli, pki_cli, sealing
 from .admin import StoreBusy
-from .config import ConfigError, load_hub_config, load_relay_config
+from .config import ConfigError, NotConfigured, load_hub_config, load_relay_config
 from .daemon import run_hub, run_relay
 from .paths import default_config
 from .permissions import exposed_secrets
+from .sealing import KeyRingError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,9 +57,9 @@ def _run(args: argparse.Namespace) -> int:
     _setup_logging(config.log_level)
     try:
         trio.run(run_relay, config)
-    except StoreBusy as exc:
+    except (StoreBusy, KeyRingError) as exc:
         print(f"eimis-relay: cannot start: {exc}", file=sys.stderr)
-        return 1
+        return os.EX_CONFIG
     return 0
 
 
@@ -70,24 +72,36 @@ def _hub(args: argparse.Namespace) -> int:
     if problems := exposed_secrets(config):
         return _refuse(problems)
     _setup_logging(config.log_level)
-    trio.run(run_hub, config)
+    try:
+        trio.run(run_hub, config)
+    except (StoreBusy, KeyRingError) as exc:
+        print(f"eimis-relay: cannot start: {exc}", file=sys.stderr)
+        return os.EX_CONFIG
     return 0
 
 
+# Exit status for a configuration problem (EX_CONFIG, 78): the units say
+# RestartPreventExitStatus=78, so systemd does not restart in a loop what
+# only an admin can fix.
+
+
 def _config_failed(path: Path, exc: ConfigError) -> int:
+    if isinstance(exc, NotConfigured):
+        print(exc.problems[0], file=sys.stderr)
+        return os.EX_CONFIG
     print(f"eimis-relay: cannot start, the configuration {path} is not valid:", file=sys.stderr)
     for problem in exc.problems:
         print(f"  {problem}", file=sys.stderr)
     print(f"Fix it (see config.example.toml), then check it with: eimis-relay check-config --config {path}",
           file=sys.stderr)
-    return 1
+    return os.EX_CONFIG
 
 
 def _refuse(problems: list[str]) -> int:
     print("eimis-relay: refusing to start, secrets are exposed:", file=sys.stderr)
     for problem in problems:
         print(f"  {problem}", file=sys.stderr)
-    return 1
+    return os.EX_CONFIG
 
 
 def _setup_logging(level: str) -> None:

@@ -241,3 +241,20 @@ def test_the_shipped_header_and_the_example_as_a_fragment(tmp_path):
     (tmp_path / "relay.d" / "site.toml").write_text((ROOT / "config.example.toml").read_text())
 
     assert load_relay_config(path).domain == "chu-nord.test"
+
+
+# The Debian package's conffiles. dpkg asks what to do when a conffile the
+# admin edited changes in a new version, and unattended-upgrades then skips
+# the package, silently: these files must stay as they are, byte for byte.
+# Settings belong in code defaults or in relay.d/, never here.
+SHIPPED_CONFFILES = {
+    "relay.toml": "61a9cd42d769c66cd1666f944a6c0f4a8c3d9ac6d14323e4584a8ce7e440814d",
+    "hub.toml": "6dc740ab2f76bed7d1c4efdbbbf5307e9380c80d50b9a23b5e95b09bb4092cd1",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_CONFFILES))
+def test_the_shipped_conffiles_never_change(name):
+    text = (ROOT / "packaging" / "etc" / name).read_bytes()
+
+    assert hashlib.sha256(text).hexdigest() == SHIPPED_CONFFILES[name]

@@ -109,7 +109,7 @@ async def test_unconfigured_relay_says_what_to_do(tmp_path: Path) -> None:
         [sys.executable, "-m", "relay", "run", "--config", str(tmp_path / "relay.toml")],
         capture_output=True, text=True, timeout=STEP, env={**os.environ, "CONFIGURATION_DIRECTORY": str(tmp_path)},
     )
-    assert result.returncode == 1
+    assert result.returncode == 78  # EX_CONFIG: systemd does not restart it in a loop
     assert "relay.toml" in result.stderr and "check-config" in result.stderr
 
 
@@ -120,6 +120,16 @@ async def test_a_private_key_others_can_read_stops_the_start(tmp_path: Path) -> 
     key.chmod(0o640)
     result = subprocess.run([sys.executable, "-m", "relay", "run", "--config", str(tmp_path / "relay-a.toml")],
                             capture_output=True, text=True, timeout=STEP)
-    assert result.returncode == 1
+    assert result.returncode == 78
     assert f"{key} is readable by group or others (mode 640): chmod 600 {key}" in result.stderr
     assert "PRIVATE KEY" not in result.stderr
+
+
+async def test_a_fresh_install_says_it_is_not_configured_yet(tmp_path: Path) -> None:
+    shipped = tmp_path / "relay.toml"
+    shipped.write_text("# Settings go in relay.d/*.toml.\n")
+    result = subprocess.run([sys.executable, "-m", "relay", "run", "--config", str(shipped)],
+                            capture_output=True, text=True, timeout=STEP)
+    assert result.returncode == 78
+    [line] = result.stderr.splitlines()
+    assert line.startswith("eimis-relay is not configured yet: put your settings in") and "relay.d" in line
