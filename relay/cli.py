@@ -47,33 +47,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    path = args.config or default_config("relay.toml")
-    try:
-        config = load_relay_config(path)
-    except ConfigError as exc:
-        return _config_failed(path, exc)
-    if problems := exposed_secrets(config):
-        return _refuse(problems)
-    _setup_logging(config.log_level)
-    try:
-        trio.run(run_relay, config)
-    except (StoreBusy, KeyRingError) as exc:
-        print(f"eimis-relay: cannot start: {exc}", file=sys.stderr)
-        return os.EX_CONFIG
-    return 0
+    return _start(args.config or default_config("relay.toml"), load_relay_config, run_relay)
 
 
 def _hub(args: argparse.Namespace) -> int:
-    path = args.config or default_config("hub.toml")
+    return _start(args.config or default_config("hub.toml"), load_hub_config, run_hub)
+
+
+def _start(path: Path, load, daemon) -> int:
+    """Load and check everything that can be checked, then run ``daemon``;
+    every refusal is one clear message and EX_CONFIG."""
     try:
-        config = load_hub_config(path)
+        config = load(path)
     except ConfigError as exc:
         return _config_failed(path, exc)
     if problems := exposed_secrets(config):
         return _refuse(problems)
     _setup_logging(config.log_level)
     try:
-        trio.run(run_hub, config)
+        trio.run(daemon, config)
     except (StoreBusy, KeyRingError) as exc:
         print(f"eimis-relay: cannot start: {exc}", file=sys.stderr)
         return os.EX_CONFIG
