@@ -7,7 +7,23 @@ import h11
 import trio
 
 
-class WebhookReceiver:
+class LoopbackServer:
+    """A test server on 127.0.0.1 and a port the kernel picks; subclasses
+    handle each connection in `_handle`."""
+
+    port = 0
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        async with listeners[0]:
+            await trio.serve_listeners(self._handle, listeners, task_status=task_status)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        raise NotImplementedError
+
+
+class WebhookReceiver(LoopbackServer):
     """A local system's webhook endpoint: records what it gets, and fails
     or hangs on request to exercise the retries."""
 
@@ -16,13 +32,7 @@ class WebhookReceiver:
         self.attempts: list[str] = []  # the Event-Id of every attempt
         self.fail_next = 0
         self.hang_next = 0
-        self.port = 0
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        async with listeners[0]:
-            await trio.serve_listeners(self._handle, listeners, task_status=task_status)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         async with stream:
@@ -51,7 +61,7 @@ class WebhookReceiver:
                                   + conn.send(h11.EndOfMessage()))
 
 
-class SilentLink:
+class SilentLink(LoopbackServer):
     """Forwards TCP connections to ``target_port``; `go_silent` makes every
     connection open at that moment stop forwarding without closing (no FIN,
     no RST), as a broken firewall or a dead route would.  New connections
@@ -59,22 +69,16 @@ class SilentLink:
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.port = 0
         self.connections = 0
         self._live: list[trio.CancelScope] = []
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        async with listeners[0]:
-            await trio.serve_listeners(self._forward, listeners, task_status=task_status)
 
     def go_silent(self) -> None:
         for scope in self._live:
             scope.cancel()
         self._live.clear()
 
-    async def _forward(self, client: trio.SocketStream) -> None:
+    async def _handle(self, client: trio.SocketStream) -> None:
         self.connections += 1
         try:
             upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)

@@ -21,6 +21,7 @@ import trio
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
+from peers import LoopbackServer
 from processes import STEP, DemoSpace
 from relay import pki, relay_store
 from relay.demo import HUB_NAME
@@ -402,7 +403,7 @@ async def test_doctor_passes_a_healthy_relay(ops: OpsSpace) -> None:
         assert f"ok       {topic}" in report, topic
 
 
-class InterceptingProxy:
+class InterceptingProxy(LoopbackServer):
     """A TLS-inspecting CONNECT proxy: it answers the handshake itself, with
     a certificate for the hub's name from a CA of its own."""
 
@@ -411,13 +412,7 @@ class InterceptingProxy:
         cert, key = pki.issue_certificate(ca, ca_key, directory, dns_names=[HUB_NAME], role="hub")
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.load_cert_chain(cert, key)
-        self.port = 0
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        async with listeners[0]:
-            await trio.serve_listeners(self._handle, listeners, task_status=task_status)
 
     async def _handle(self, client: trio.SocketStream) -> None:
         head = b""

@@ -9,23 +9,18 @@ import pytest
 import trio
 
 from conftest import Space
+from peers import LoopbackServer
 from relay.config import Proxy
 
 
-class ConnectProxy:
+class ConnectProxy(LoopbackServer):
     """A minimal CONNECT proxy that records what it was asked, and can
     demand basic credentials."""
 
     def __init__(self, credentials: tuple[str, str] | None = None) -> None:
         self.credentials = credentials
         self.requests: list[bytes] = []
-        self.port = 0
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        async with listeners[0]:
-            await trio.serve_listeners(self._handle, listeners, task_status=task_status)
 
     async def _handle(self, client: trio.SocketStream) -> None:
         async with client:
