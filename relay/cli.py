@@ -66,9 +66,12 @@ def _start(path: Path, load, daemon) -> int:
     _setup_logging(config.log_level)
     try:
         trio.run(daemon, config)
-    except (StoreBusy, KeyRingError) as exc:
+    except KeyRingError as exc:
         print(f"eimis-relay: cannot start: {exc}", file=sys.stderr)
         return os.EX_CONFIG
+    except StoreBusy as exc:  # another daemon has the store: systemd may try again later
+        print(f"eimis-relay: cannot start: {exc}", file=sys.stderr)
+        return os.EX_TEMPFAIL
     return 0
 
 

@@ -107,7 +107,7 @@ async def test_status_says_healthy_or_not_and_whether_the_relay_runs(ops: OpsSpa
 async def test_a_second_daemon_on_the_same_store_refuses_to_start(ops: OpsSpace) -> None:
     await ops.start()
     result = await cli("run", "--config", ops.config_a)
-    assert result.returncode == 1
+    assert result.returncode == 75  # EX_TEMPFAIL: free to start once the other one stops
     assert f"in use by eimis-relay run (pid {ops.a.process.popen.pid})".encode() in result.stderr
 
 
