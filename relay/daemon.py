@@ -84,7 +84,7 @@ async def _serve_relay(config: RelayConfig, store: Store, admin_socket: Path,
     def current() -> RelayConfig:
         return reloader.config
 
-    metrics = RelayMetrics(current, store, uplink, lambda: webhooks.pushers)
+    metrics = RelayMetrics(current, store, uplink, lambda: webhooks.pushers, housekeeping)
     server = HttpServer(metrics.count_accepted(api), max_body=local.max_body_bytes,
                         too_large=too_large(local.max_body_bytes), tls=tls, max_connections=local.max_connections)
     listeners = await trio.open_tcp_listeners(local.listen.port, host=local.listen.host)

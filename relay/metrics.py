@@ -31,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from . import __version__, relay_store
 from .config import RelayConfig
 from .http_server import Request, Response
+from .housekeeping import Housekeeping
 from .operations import certificates
 from .store import Store, StoreUnavailable
 from .uplink import Uplink, UplinkState
@@ -48,10 +49,11 @@ class RelayMetrics:
     """The registry of one relay and the routes that serve it."""
 
     def __init__(self, config: Callable[[], RelayConfig], store: Store, uplink: Uplink,
-                 webhooks: Callable[[], Iterable[WebhookPusher]]) -> None:
+                 webhooks: Callable[[], Iterable[WebhookPusher]], housekeeping: Housekeeping) -> None:
         self.config = config
         self.store = store
         self.uplink = uplink
+        self.housekeeping = housekeeping
         self.registry = CollectorRegistry()
         Info("eimis_relay_build", "The relay's version", registry=self.registry).info(
             {"version": __version__, "python": platform.python_version()})
@@ -123,6 +125,12 @@ class _RelayCollector:
             for priority in PRIORITIES:
                 family.add_metric([priority], uplink.counts[what, priority])
             yield family
+        chores = self.metrics.housekeeping
+        yield CounterMetricFamily("eimis_relay_messages_delayed",
+                                  "Messages still not delivered after delay_warning (one delayed event each)",
+                                  value=chores.delayed)
+        yield CounterMetricFamily("eimis_relay_recipients_expired",
+                                  "Recipients failed here because the time-to-live ran out", value=chores.expired)
         yield GaugeMetricFamily("eimis_relay_uplink_connected", "1 when connected to the hub",
                                 value=int(uplink.state is UplinkState.CONNECTED))
         yield CounterMetricFamily("eimis_relay_uplink_reconnects", "Connection attempts after the first",

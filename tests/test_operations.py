@@ -206,6 +206,8 @@ async def test_metrics_readyz_and_healthz(ops: OpsSpace) -> None:
         assert samples[("eimis_relay_uplink_connected", ())] == 1
         assert samples[("eimis_relay_outbound_queue", (("priority", "normal"),))] == 0
         assert samples[("eimis_relay_inbound_unread", (("system", "demo-messenger"),))] == 0
+        assert samples[("eimis_relay_messages_delayed_total", ())] == 0  # all delivered within delay_warning
+        assert samples[("eimis_relay_recipients_expired_total", ())] == 0
         assert ("eimis_relay_build_info", (("python", sys.version.split()[0]), ("version", "0.1.0"))) in samples
         cert = pki.load_certificates(ops.directory / "pki" / "chu-nord.test.pem")[0]
         expires = samples[("eimis_relay_certificate_expiry_timestamp_seconds", (("certificate", "relay"),))]
