@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 
 import trio
 
-from . import __version__, audit, check_config, demo, doctor, ops_cli, pki_cli, sealing
+from . import __version__, audit, check_config, demo, doctor, logs, ops_cli, pki_cli, sealing
 from .admin import StoreBusy
 from .config import ConfigError, NotConfigured, load_hub_config, load_relay_config
 from .daemon import run_hub, run_relay
@@ -63,7 +62,7 @@ def _start(path: Path, load, daemon) -> int:
         return _config_failed(path, exc)
     if problems := exposed_secrets(config):
         return _refuse(problems)
-    _setup_logging(config.log_level)
+    _setup_logging(config)
     try:
         trio.run(daemon, config)
     except KeyRingError as exc:
@@ -99,9 +98,5 @@ def _refuse(problems: list[str]) -> int:
     return os.EX_CONFIG
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+def _setup_logging(config) -> None:
+    logs.setup(config.log_level, config.log_format)

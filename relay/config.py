@@ -264,6 +264,7 @@ class RelayConfig:
     domain: str
     state_dir: Path | None
     log_level: str
+    log_format: str
     uplink: Uplink
     local_api: LocalApi
     local_systems: tuple[LocalSystem, ...]
@@ -306,6 +307,7 @@ class HubConfig:
     max_concurrent_streams: int = 100
     tls: TlsPolicy = TlsPolicy()
     audit_retention: float = 183 * 86400
+    log_format: str = "logfmt"
 
 
 def load_relay_config(path: str | os.PathLike) -> RelayConfig:
@@ -315,6 +317,7 @@ def load_relay_config(path: str | os.PathLike) -> RelayConfig:
     domain = relay.get("domain", _domain)
     state_dir = relay.get("state_dir", file.resolve, None)
     log_level = relay.get("log_level", _log_level, _DEFAULT_LOG_LEVEL)
+    log_format = relay.get("log_format", _log_format, "logfmt")
     delivery = Delivery(
         message_ttl=relay.get("message_ttl", _duration, Delivery.message_ttl),
         delay_warning=relay.get("delay_warning", _duration, Delivery.delay_warning),
@@ -333,6 +336,7 @@ def load_relay_config(path: str | os.PathLike) -> RelayConfig:
         domain=domain,
         state_dir=state_dir,
         log_level=log_level,
+        log_format=log_format,
         uplink=uplink,
         local_api=local_api,
         local_systems=local_systems,
@@ -353,6 +357,7 @@ def load_hub_config(path: str | os.PathLike) -> HubConfig:
         listen=hub.get("listen", _address),
         state_dir=hub.get("state_dir", file.resolve, None),
         log_level=hub.get("log_level", _log_level, _DEFAULT_LOG_LEVEL),
+        log_format=hub.get("log_format", _log_format, "logfmt"),
         ca_file=hub.get("ca_file", file.resolve),
         cert_file=hub.get("cert_file", file.resolve),
         key_file=hub.get("key_file", file.resolve),
@@ -523,6 +528,7 @@ def _string(what: str, accept: Callable[[str], object], *, fold_case: bool = Fal
 _domain = _string("a DNS name", is_domain, fold_case=True)
 _host = _string("a host name or IP address", _is_host, fold_case=True)
 _log_level = _string(f"one of {', '.join(_LOG_LEVELS)}", _LOG_LEVELS.__contains__)
+_log_format = _string('"logfmt" or "json"', ("logfmt", "json").__contains__)
 _system_name = _string("a name of letters, digits, '.', '_' and '-'", _SYSTEM_NAME.fullmatch)
 
 

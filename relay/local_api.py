@@ -149,7 +149,7 @@ class LocalApi:
         if ident == submission.id:
             self.outbox_changed.fire()
             log.info("accepted message %s from %s (%s) for %d recipient(s)",
-                     ident, submission.sender, system.name, len(submission.to))
+                     ident, submission.sender, system.name, len(submission.to), extra={"message_id": ident})
         return Response.json(202, {"id": ident, "status": status})
 
     def _has_room(self, priority: str) -> bool:

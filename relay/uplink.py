@@ -253,7 +253,8 @@ class Uplink:
         for (_, env), outcome in zip(batch, outcomes):
             self.counts["sent" if outcome.accepted else "refused", env.priority] += len(env.rcpt)
             if not outcome.accepted:
-                log.warning("hub refused message %s for %s: %s", env.id, env.dest, outcome.reason)
+                log.warning("hub refused message %s for %s: %s", env.id, env.dest, outcome.reason,
+                            extra={"message_id": env.id})
         return True
 
     async def _send_receipts(self, conn: Http2Connection) -> bool:
