@@ -18,7 +18,7 @@ from pathlib import Path
 
 import trio
 
-from . import hub_store, relay_store
+from . import audit, hub_store, relay_store
 from .admin import AdminServer, StateLock, socket_path
 from .config import HubConfig, RelayConfig, load_hub_config, load_relay_config
 from .http_server import HttpServer
@@ -78,6 +78,7 @@ async def _serve_relay(config: RelayConfig, store: Store, admin_socket: Path,
         webhooks.apply(new.local_systems)
         reload_local_tls(tls, new)
         apply_log_level(new)
+        await store.run_patiently("audit_reload", lambda c: audit.record(c, "admin", "reload", None, None, "applied"))
 
     reloader = Reloader(config, load=load_relay_config, prepare=prepare_relay, apply=apply, files=relay_files)
 
@@ -138,6 +139,8 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[list[trio.S
         async def apply(new: HubConfig) -> None:
             await hub.swap_config(new)
             apply_log_level(new)
+            await store.run_patiently("audit_reload",
+                                      lambda c: audit.record(c, "admin", "reload", None, None, "applied"))
 
         reloader = Reloader(config, load=load_hub_config, prepare=prepare_hub, apply=apply, files=hub_files)
         with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:

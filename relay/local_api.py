@@ -60,7 +60,7 @@ class LocalApi:
         self.outbox_changed = outbox_changed
         self._uplink_state = uplink_state
         self._events: dict[str, Signal] = {}
-        self._buckets = {s.name: TokenBucket(s.rate_limit, s.rate_burst) for s in config.local_systems if s.rate_limit}
+        self._buckets: dict[tuple[str, float, int], TokenBucket] = {}
 
     def events_arrived(self, systems: Iterable[str]) -> None:
         for name in systems:
@@ -129,8 +129,12 @@ class LocalApi:
         return system
 
     def _throttle(self, system: LocalSystem) -> None:
-        bucket = self._buckets.get(system.name)
-        if bucket is not None and (wait := bucket.take(trio.current_time())):
+        if not system.rate_limit:
+            return
+        # Keyed by the limits too: a reload that changes them starts afresh.
+        key = (system.name, system.rate_limit, system.rate_burst)
+        bucket = self._buckets.setdefault(key, TokenBucket(system.rate_limit, system.rate_burst))
+        if wait := bucket.take(trio.current_time()):
             raise ApiError(429, "rate_limited", f"more than {system.rate_limit:g} requests per second from this "
                            "system", [("retry-after", str(max(1, round(wait))))])
 

@@ -472,6 +472,7 @@ def retry_failed(conn: sqlite3.Connection, idents: list[str] | None, ttl: float,
             conn.execute("UPDATE message SET expires_at = ?, sweep_at = ?, delay_noticed = 0 WHERE id = ?",
                          (now + ttl, protocol.sweep_time(now, now + ttl), ident))
             results[ident] = RETRIED
+        audit.record(conn, "admin", "queue retry", ident, None, results[ident])
     return results
 
 
@@ -487,7 +488,9 @@ def purge(conn: sqlite3.Connection, ident: str) -> tuple[int, set[str]] | None:
         "SELECT address FROM recipient WHERE message_id = ? AND status = 'queued'", (ident,))]
     for (seq,) in conn.execute("SELECT seq FROM outbox WHERE message_id = ?", (ident,)).fetchall():
         _leave_outbox(conn, seq, ident)
-    return advance(conn, ident, queued, "failed", PURGED, notified), notified
+    failed = advance(conn, ident, queued, "failed", PURGED, notified)
+    audit.record(conn, "admin", "queue purge", ident, None, f"{failed} recipient(s) failed")
+    return failed, notified
 
 
 def queue_summary(conn: sqlite3.Connection) -> dict:
