@@ -40,12 +40,13 @@ makes every request idempotent.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 from collections import deque
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterator
 
 import h2.config
 import h2.connection
@@ -565,17 +566,30 @@ class Http2Connection:
 
     def _send_headers(self, stream_id: int, headers: Headers, end_stream: bool) -> None:
         self._check_open()
-        self._h2.send_headers(stream_id, headers, end_stream=end_stream)
+        with self._h2_refusals(stream_id):
+            self._h2.send_headers(stream_id, headers, end_stream=end_stream)
         self._kick()
         if end_stream:
             self._ended_locally(stream_id)
 
     def _send_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         self._check_open()
-        self._h2.send_data(stream_id, data, end_stream=end_stream)
+        with self._h2_refusals(stream_id):
+            self._h2.send_data(stream_id, data, end_stream=end_stream)
         self._kick()
         if end_stream:
             self._ended_locally(stream_id)
+
+    @contextlib.contextmanager
+    def _h2_refusals(self, stream_id: int) -> Iterator[None]:
+        """h2's refusals to send, in our terms: a stream gone, or a
+        connection h2 already considers closed (a GOAWAY in the same read)."""
+        try:
+            yield
+        except h2.exceptions.StreamClosedError:
+            raise StreamReset(f"stream {stream_id} is closed") from None
+        except h2.exceptions.ProtocolError:
+            raise ConnectionClosed(f"connection to {self.name} is closing") from None
 
     def _send_window(self, stream_id: int) -> int:
         self._check_open()

@@ -190,13 +190,17 @@ def fetch_inbox(
     An item is still sent during its expiry grace: one whose first delivery
     was committed but not acknowledged then gets its ack, and its origin a
     ``delivered`` rather than an ``expired``."""
-    rows = conn.execute(
-        """SELECT seq, lane, kind, unseal(payload, domain) FROM queue
-           WHERE domain = ? AND ((lane = 1 AND seq > ?) OR (lane = 0 AND seq > ?))
-             AND (sweep_at IS NULL OR sweep_at >= ?)
-           ORDER BY lane DESC, seq LIMIT ?""",
-        (domain, after[URGENT], after[NORMAL], time.time() if now is None else now, limit),
-    ).fetchall()
+    now = time.time() if now is None else now
+    rows = []
+    for lane in (URGENT, NORMAL):  # one range scan of the (domain, lane, seq) index each
+        rows += conn.execute(
+            """SELECT seq, lane, kind, unseal(payload, domain) FROM queue
+               WHERE domain = ? AND lane = ? AND seq > ? AND (sweep_at IS NULL OR sweep_at >= ?)
+               ORDER BY seq LIMIT ?""",
+            (domain, lane, after[lane], now, limit - len(rows)),
+        ).fetchall()
+        if len(rows) >= limit:
+            break
     damaged = [row[0] for row in rows if row[3] is None]
     for seq in damaged:  # unreadable (see relay.sealing): it would block the queue forever
         conn.execute("DELETE FROM queue WHERE seq = ?", (seq,))
