@@ -118,10 +118,7 @@ async def _serve_relay(config: RelayConfig, store: Store, admin_socket: Path,
                      f", metrics on {_names(metrics_listeners)}" if metrics_listeners else "")
             notify("READY=1", f"STATUS=relay {config.domain} serving; connecting to the hub")
             task_status.started(listeners)
-            async for signum in signals:
-                log.info("received %s: shutting down", signal.Signals(signum).name)
-                break
-            notify("STOPPING=1")
+            await _until_stopped(signals)
             grace = reloader.config.shutdown_grace
             async with trio.open_nursery(strict_exception_groups=True) as closing:
                 closing.start_soon(server.shutdown, grace)
@@ -151,13 +148,18 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[list[trio.S
                 nursery.start_soon(watchdog)
                 notify("READY=1", f"STATUS=hub {config.name} serving")
                 task_status.started(listeners)
-                async for signum in signals:
-                    log.info("received %s: shutting down", signal.Signals(signum).name)
-                    break
-                notify("STOPPING=1")
+                await _until_stopped(signals)
                 await hub.shutdown()
                 nursery.cancel_scope.cancel()
     log.info("hub %s stopped", config.name)
+
+
+async def _until_stopped(signals) -> None:
+    """Wait for SIGTERM or SIGINT, then tell systemd the stop has begun."""
+    async for signum in signals:
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        break
+    notify("STOPPING=1")
 
 
 def _key_ring(directory: Path) -> KeyRing:
