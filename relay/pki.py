@@ -31,7 +31,7 @@ _ORGANISATION = "EIMIS demo"
 # Relays and the hub act both as TLS clients and servers (each calls the other);
 # the local API, reached by the hospital's own systems, is only ever a server.
 _EXTENDED_KEY_USAGES = {
-    "relay": [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH],
+    "relay": [ExtendedKeyUsageOID.CLIENT_AUTH],  # never a TLS server: it cannot pose as the hub
     "hub": [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
     "local": [ExtendedKeyUsageOID.SERVER_AUTH],
 }

@@ -66,7 +66,7 @@ def test_issued_certificate_shape(ca, tmp_path):
 @pytest.mark.parametrize(
     "role, usages",
     [
-        ("relay", {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH}),
+        ("relay", {ExtendedKeyUsageOID.CLIENT_AUTH}),
         ("hub", {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH}),
         ("local", {ExtendedKeyUsageOID.SERVER_AUTH}),
     ],
@@ -375,10 +375,12 @@ def test_tls_hub_as_server_relay_as_client(ca, tmp_path):
     assert (seen.dns_names, seen.org_id) == ((DOMAIN,), ORG_ID)
 
 
-def test_tls_relay_as_server_hub_as_client(ca, tmp_path):
+def test_tls_rejects_a_relay_certificate_as_server(ca, tmp_path):
+    """A relay's certificate is for clientAuth only: it cannot pose as the hub."""
     hub = issue(ca, tmp_path / "hub", domain="hub.test", role="hub")
     relay = issue(ca, tmp_path / "relay", role="relay")
-    assert pki.peer_identity(handshake(relay, hub, ca[0], DOMAIN)).dns_names == ("hub.test",)
+    with pytest.raises(ssl.SSLCertVerificationError, match="unsuitable certificate purpose"):
+        handshake(relay, hub, ca[0], DOMAIN)
 
 
 def test_tls_rejects_local_certificate_as_client(ca, tmp_path):

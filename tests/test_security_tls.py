@@ -205,3 +205,25 @@ async def test_a_relay_revoked_while_connected_is_cut_off(stopped_space: Space, 
     async with space.b.client() as client:
         events = (await client.get("/v1/events", params={"wait": 1})).json()["events"]
     assert [e["message"]["body"] for e in events] == ["still served"]
+
+
+@pytest.mark.parametrize("case", ["hub certificate from another CA", "hub certificate for another name",
+                                  "hub certificate without serverAuth"])
+async def test_relays_refuse_a_hub_they_should_not_trust(stopped_space: Space, case: str) -> None:
+    space = stopped_space
+    pki_dir = space.directory / "pki"
+    if case == "hub certificate from another CA":
+        ca, key = pki.create_ca(space.directory / "rogue-ca", common_name="EIMIS Demo National CA")
+        cert = pki.issue_certificate(ca, key, space.directory / "rogue", dns_names=["hub.eimis.test"],
+                                     ip_addresses=["127.0.0.1"], role="hub")
+    elif case == "hub certificate for another name":
+        cert = _issue(space, "elsewhere", dns_names=["hub.elsewhere.test"], role="hub")
+    else:
+        cert = _issue(space, "client-only", dns_names=["hub.eimis.test"], role="relay")
+    space.hub_config = replace(space.hub_config, cert_file=cert[0], key_file=cert[1])
+    await space.start_hub()
+    await space.start_relay(space.a, wait_connected=False)
+    with trio.fail_after(STEP):
+        await space.wait_uplink(space.a, "down")
+    async with space.a.client() as client:
+        assert (await client.get("/healthz")).json()["uplink"] != "connected"
