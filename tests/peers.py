@@ -89,13 +89,25 @@ class SilentLink(LoopbackServer):
             with trio.CancelScope() as scope:
                 self._live.append(scope)
                 async with trio.open_nursery(strict_exception_groups=True) as nursery:
-                    nursery.start_soon(_pipe, client, upstream, nursery.cancel_scope)
-                    nursery.start_soon(_pipe, upstream, client, nursery.cancel_scope)
+                    nursery.start_soon(pipe, client, upstream, nursery.cancel_scope)
+                    nursery.start_soon(pipe, upstream, client, nursery.cancel_scope)
             if scope.cancelled_caught:
                 await trio.sleep_forever()  # silent: hold both sockets open, forward nothing
 
 
-async def _pipe(source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope) -> None:
+async def read_head(client: trio.SocketStream) -> bytes | None:
+    """An HTTP/1.1 request head (a proxy's CONNECT), or None if the client left."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = await client.receive_some(4096)
+        if not chunk:
+            return None
+        head += chunk
+    return head
+
+
+async def pipe(source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope) -> None:
+    """Copy one direction of a tunnel; when it ends, end the other too."""
     try:
         while data := await source.receive_some(65536):
             await sink.send_all(data)

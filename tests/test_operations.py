@@ -21,7 +21,7 @@ import trio
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
-from peers import LoopbackServer
+from peers import LoopbackServer, read_head
 from processes import STEP, DemoSpace
 from relay import pki, relay_store
 from relay.demo import HUB_NAME
@@ -417,12 +417,8 @@ class InterceptingProxy(LoopbackServer):
 
 
     async def _handle(self, client: trio.SocketStream) -> None:
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = await client.receive_some(4096)
-            if not chunk:
-                return
-            head += chunk
+        if await read_head(client) is None:
+            return
         await client.send_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
         tls = trio.SSLStream(client, self.context, server_side=True)
         try:

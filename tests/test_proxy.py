@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from conftest import Space
-from peers import LoopbackServer
+from peers import LoopbackServer, pipe, read_head
 from relay.config import Proxy
 
 
@@ -24,12 +24,9 @@ class ConnectProxy(LoopbackServer):
 
     async def _handle(self, client: trio.SocketStream) -> None:
         async with client:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = await client.receive_some(4096)
-                if not chunk:
-                    return
-                head += chunk
+            head = await read_head(client)
+            if head is None:
+                return
             self.requests.append(head)
             request_line = head.split(b"\r\n")[0].decode()
             method, target, _ = request_line.split(" ")
@@ -42,17 +39,8 @@ class ConnectProxy(LoopbackServer):
             async with await trio.open_tcp_stream(host, int(port)) as upstream:
                 await client.send_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 async with trio.open_nursery(strict_exception_groups=True) as nursery:
-                    nursery.start_soon(_pipe, client, upstream, nursery.cancel_scope)
-                    nursery.start_soon(_pipe, upstream, client, nursery.cancel_scope)
-
-
-async def _pipe(source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope) -> None:
-    try:
-        while data := await source.receive_some(65536):
-            await sink.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    scope.cancel()
+                    nursery.start_soon(pipe, client, upstream, nursery.cancel_scope)
+                    nursery.start_soon(pipe, upstream, client, nursery.cancel_scope)
 
 
 @pytest.mark.parametrize("credentials", [None, ("relay", "s3cret")])
