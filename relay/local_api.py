@@ -200,7 +200,9 @@ class LocalApi:
         if idem_key is not None and not _IDEMPOTENCY_KEY.match(idem_key):
             raise _invalid("Idempotency-Key", "expected 1 to 128 printable ASCII characters")
         return Submission(
-            id=secrets.token_urlsafe(16),
+            # Hex: 128 random bits that never start with "-", which an
+            # admin's `eimis-relay queue show ID` would take for an option.
+            id=secrets.token_hex(16),
             domain=self.config.domain,
             system=system.name,
             idem_key=idem_key,
