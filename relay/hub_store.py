@@ -50,6 +50,9 @@ MIGRATIONS: list[list[str]] = [
 
 URGENT, NORMAL = 1, 0
 
+# Positions looked up per statement: well under SQLite's limit on bound parameters.
+ACK_CHUNK = 500
+
 
 def lane_of(priority: str) -> int:
     return URGENT if priority == "urgent" else NORMAL
@@ -82,14 +85,16 @@ def accept_transaction(
     now = time.time()
     outcomes: list[Outcome] = []
     woken: set[str] = set()
+    trail: list[audit.Entry] = []
     for raw in raw_envelopes:
         outcome, dest = _accept_one(conn, origin, origin_org, raw, known, now)
         outcomes.append(outcome)
         ident = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
-        audit.record(conn, f"relay:{origin}", "accepted" if outcome.accepted else "refused", ident,
-                     dest, outcome.reason or "queued")
+        trail.append((f"relay:{origin}", "accepted" if outcome.accepted else "refused", ident, dest,
+                      outcome.reason or "queued"))
         if dest:
             woken.add(dest)
+    audit.record_many(conn, trail)
     conn.execute(
         "INSERT INTO txn (origin, id, results, at) VALUES (?, ?, ?, ?)",
         (origin, txn_id, protocol.pack([o.to_wire() for o in outcomes]), now),
@@ -112,12 +117,16 @@ def _accept_one(
     dest = envelope.dest
     if dest not in known:
         return Outcome(False, protocol.UNKNOWN_DOMAIN, f"no relay is registered for {dest}"), None
-    if conn.execute("SELECT 1 FROM seen WHERE origin = ? AND id = ? AND dest = ?",
-                    (origin, envelope.id, dest)).fetchone():
-        return Outcome(True), None  # a replay of what was accepted before, even if expired since
-    if envelope.expires_at is not None and envelope.expires_at < now:
-        return Outcome(False, protocol.EXPIRED, "the message's time-to-live ran out before it reached the hub"), None
-    conn.execute("INSERT INTO seen (origin, id, dest, at) VALUES (?, ?, ?, ?)", (origin, envelope.id, dest, now))
+    expired = envelope.expires_at is not None and envelope.expires_at < now
+    if expired:
+        seen = conn.execute("SELECT 1 FROM seen WHERE origin = ? AND id = ? AND dest = ?",
+                            (origin, envelope.id, dest)).fetchone()
+        if seen is None:
+            return Outcome(False, protocol.EXPIRED, "the message's time-to-live ran out before it reached the hub"), None
+        return Outcome(True), None  # a replay of what was accepted before it expired
+    if not conn.execute("INSERT OR IGNORE INTO seen (origin, id, dest, at) VALUES (?, ?, ?, ?)",
+                        (origin, envelope.id, dest, now)).rowcount:
+        return Outcome(True), None  # a replay of what was accepted before: queued once is enough
     stamped = Envelope(**{**envelope.__dict__, "origin": origin, "origin_org": origin_org})
     expires_at = envelope.expires_at
     sweep_at = None if expires_at is None else protocol.sweep_time(envelope.sent_at, expires_at)
@@ -212,39 +221,58 @@ def apply_ack(conn: sqlite3.Connection, domain: str, seqs: list[int], failures: 
     """The relay of ``domain`` has durably taken these positions: drop them
     and send a receipt to each message's origin.  Positions that are not in
     ``domain``'s queue (already acknowledged, or someone else's) are ignored.
-    Returns the domains that got receipts."""
+    Returns the domains that got receipts.
+
+    An ack covers hundreds of positions at full speed, so the work is done
+    a statement per kind of change, not per position."""
     failed = {f.seq: f for f in failures}
+    found: dict[int, tuple[str, str, bytes]] = {}
+    for start in range(0, len(seqs), ACK_CHUNK):
+        chunk = seqs[start:start + ACK_CHUNK]
+        for seq, kind, origin, payload in conn.execute(
+            f"SELECT seq, kind, origin, unseal(payload, domain) FROM queue"
+            f" WHERE domain = ? AND seq IN ({','.join('?' * len(chunk))})", (domain, *chunk),
+        ):
+            found[seq] = (kind, origin, payload)
+    conn.executemany("DELETE FROM queue WHERE seq = ?", [(seq,) for seq in found])
     woken: set[str] = set()
-    for seq in seqs:
-        row = conn.execute(
-            "SELECT kind, origin, unseal(payload, domain) FROM queue WHERE seq = ? AND domain = ?", (seq, domain)
-        ).fetchone()
-        if row is None:
+    delivered: list[tuple[str, str, str]] = []
+    receipts: list[tuple[str, Receipt]] = []
+    trail: list[audit.Entry] = []
+    for seq in dict.fromkeys(seqs):
+        if seq not in found:
             continue
-        conn.execute("DELETE FROM queue WHERE seq = ?", (seq,))
-        kind, origin, payload = row
-        if kind != "message":
+        kind, origin, payload = found[seq]
+        if kind != "message" or payload is None:  # a receipt, or unreadable (see relay.sealing)
             continue
-        envelope = Envelope.from_wire(protocol.unpack(payload, "queued envelope"))
-        audit.record(conn, f"relay:{domain}", "delivered", envelope.id, origin, "acknowledged")
-        conn.execute("UPDATE seen SET delivered = 1 WHERE origin = ? AND id = ? AND dest = ?",
-                     (origin, envelope.id, domain))
+        # Written by this hub from a checked envelope: only its id and recipients are needed.
+        stored = protocol.unpack(payload, "queued envelope")
+        ident, rcpt = stored["id"], stored["rcpt"]
+        trail.append((f"relay:{domain}", "delivered", ident, origin, "acknowledged"))
+        delivered.append((origin, ident, domain))
         failure = failed.get(seq)
-        lost = tuple(a for a in envelope.rcpt if failure and a in failure.rcpt)
-        taken = tuple(a for a in envelope.rcpt if a not in lost)
+        lost = tuple(a for a in rcpt if failure and a in failure.rcpt)
+        taken = tuple(a for a in rcpt if a not in lost)
         if taken:
-            _queue_receipt(conn, origin, Receipt(envelope.id, taken, "delivered"))
+            receipts.append((origin, Receipt(ident, taken, "delivered")))
         if lost:
-            _queue_receipt(conn, origin, Receipt(envelope.id, lost, "failed", failure.reason))
+            receipts.append((origin, Receipt(ident, lost, "failed", failure.reason)))
         woken.add(origin)
+    conn.executemany("UPDATE seen SET delivered = 1 WHERE origin = ? AND id = ? AND dest = ?", delivered)
+    _queue_receipts(conn, receipts)
+    audit.record_many(conn, trail)
     return woken
 
 
-def _queue_receipt(conn: sqlite3.Connection, origin: str, receipt: Receipt) -> None:
-    conn.execute(
+def _queue_receipts(conn: sqlite3.Connection, receipts: list[tuple[str, Receipt]]) -> None:
+    conn.executemany(
         "INSERT INTO queue (domain, lane, kind, origin, payload) VALUES (?, ?, 'receipt', '', ?)",
-        (origin, URGENT, protocol.pack(receipt.to_wire())),
+        [(origin, URGENT, protocol.pack(receipt.to_wire())) for origin, receipt in receipts],
     )
+
+
+def _queue_receipt(conn: sqlite3.Connection, origin: str, receipt: Receipt) -> None:
+    _queue_receipts(conn, [(origin, receipt)])
 
 
 def queue_depths(conn: sqlite3.Connection) -> dict[str, int]:

@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 
 from . import audit, protocol
 from .protocol import Failure, InboxItem
-from .relay_store import advance, iso
+from .relay_store import advance, advance_many, iso
 
 
 def take_inbound(
@@ -34,17 +34,20 @@ def take_inbound(
     now = time.time()
     failures: list[Failure] = []
     woken: set[str] = set()
+    trail: list[audit.Entry] = []
+    news = _News(conn)
+    new_events: list[tuple[str, int, float]] = []
     for item in items:
         if item.receipt is not None:
             r = item.receipt
-            advance(conn, r.id, r.rcpt, r.status, r.reason, woken)
-            audit.record(conn, "hub", f"receipt {r.status}", r.id, ",".join(r.rcpt), r.reason)
+            news.add(r, woken)
+            trail.append(("hub", f"receipt {r.status}", r.id, ",".join(r.rcpt), r.reason))
             continue
         env = item.envelope
         assert env is not None
         if env.dest != domain:
             failures.append(Failure(item.seq, env.rcpt, protocol.MISROUTED))
-            audit.record(conn, "hub", "refused", env.id, env.origin, protocol.MISROUTED)
+            trail.append(("hub", "refused", env.id, env.origin, protocol.MISROUTED))
             continue
         served = {a: sorted(systems_serving(a)) for a in env.rcpt}
         unknown = tuple(a for a, systems in served.items() if not systems)
@@ -60,13 +63,38 @@ def take_inbound(
              env.thread, env.priority, env.body, env.id, env.sent_at, now),
         )
         if cursor.rowcount:
-            audit.record(conn, "hub", "received", env.id, env.origin, f"for {', '.join(systems)}")
-            conn.executemany(
-                "INSERT INTO event (system, type, inbound, created_at) VALUES (?, 'message', ?, ?)",
-                [(system, cursor.lastrowid, now) for system in systems],
-            )
+            trail.append(("hub", "received", env.id, env.origin, f"for {', '.join(systems)}"))
+            new_events.extend((system, cursor.lastrowid, now) for system in systems)
             woken.update(systems)
+    news.flush()
+    conn.executemany("INSERT INTO event (system, type, inbound, created_at) VALUES (?, 'message', ?, ?)", new_events)
+    audit.record_many(conn, trail)
     return failures, woken
+
+
+class _News:
+    """Receipts applied in arrival order, a run of the same status in one
+    statement: a recipient's status only moves forward, but ``failed``
+    after ``delivered`` is not the same as ``delivered`` after ``failed``."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._status = ""
+        self._moves: list[tuple[str, str]] = []
+
+    def add(self, receipt: protocol.Receipt, notified: set[str]) -> None:
+        if receipt.status != self._status:
+            self.flush()
+        if receipt.status == "failed":  # rare, and its sender gets a notice
+            advance(self._conn, receipt.id, receipt.rcpt, "failed", receipt.reason, notified)
+            return
+        self._status = receipt.status
+        self._moves.extend((receipt.id, address) for address in receipt.rcpt)
+
+    def flush(self) -> None:
+        if self._moves:
+            advance_many(self._conn, self._moves, self._status)
+        self._status, self._moves = "", []
 
 
 def events(conn: sqlite3.Connection, system: str, after: int, limit: int) -> list[dict]:

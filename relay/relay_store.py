@@ -208,14 +208,16 @@ def next_batch(conn: sqlite3.Connection, domain: str, limit: int, now: float | N
 def apply_outcomes(conn: sqlite3.Connection, results: Iterable[tuple[int, Envelope, Outcome]]) -> set[str]:
     """The hub answered a transaction: each envelope leaves the outbox.
     Returns the local systems notified of a failure."""
+    results = list(results)
+    _leave_outbox(conn, [(seq, envelope.id) for seq, envelope, _ in results])
     notified: set[str] = set()
-    for seq, envelope, outcome in results:
-        _leave_outbox(conn, seq, envelope.id)
-        if outcome.accepted:
-            advance(conn, envelope.id, envelope.rcpt, "sent")
-        else:
+    advance_many(conn, [(envelope.id, address) for _, envelope, outcome in results if outcome.accepted
+                        for address in envelope.rcpt], "sent")
+    for _, envelope, outcome in results:
+        if not outcome.accepted:
             advance(conn, envelope.id, envelope.rcpt, "failed", outcome.reason, notified)
-        audit.record(conn, "relay", "sent", envelope.id, f"hub for {envelope.dest}", outcome.reason or "accepted")
+    audit.record_many(conn, [("relay", "sent", envelope.id, f"hub for {envelope.dest}", outcome.reason or "accepted")
+                             for _, envelope, outcome in results])
     return notified
 
 
@@ -229,22 +231,22 @@ def expire(conn: sqlite3.Connection, now: float, notified: set[str]) -> int:
         (now,),
     ).fetchall()
     failed = 0
+    _leave_outbox(conn, [(seq, ident) for seq, _, ident, _ in rows])
     for seq, dest, ident, recipients in rows:
-        _leave_outbox(conn, seq, ident)
         rcpt = [a for a in protocol.unpack(recipients, "stored recipients") if protocol.domain_of(a) == dest]
         failed += advance(conn, ident, rcpt, "failed", protocol.EXPIRED, notified)
         audit.record(conn, "relay", "expired", ident, dest, "failed")
     return failed
 
 
-def _leave_outbox(conn: sqlite3.Connection, seq: int, ident: str) -> None:
-    """Take an envelope out of the outbox; once the message's last envelope
-    is out, its body is no longer needed here and is dropped, so that the
-    space it took is free again (the store's ceiling counts on it)."""
-    conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
-    conn.execute(
+def _leave_outbox(conn: sqlite3.Connection, envelopes: list[tuple[int, str]]) -> None:
+    """Take envelopes (seq, message id) out of the outbox; once a message's
+    last envelope is out, its body is no longer needed here and is dropped,
+    so that the space it took is free again (the store's ceiling counts on it)."""
+    conn.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for seq, _ in envelopes])
+    conn.executemany(
         "UPDATE message SET body = '' WHERE id = ? AND NOT EXISTS (SELECT 1 FROM outbox WHERE message_id = ?)",
-        (ident, ident),
+        [(ident, ident) for ident in dict.fromkeys(ident for _, ident in envelopes)],
     )
 
 
@@ -335,6 +337,22 @@ def advance(
         if notified is not None:
             notified.add(system)
     return len(moved)
+
+
+def advance_many(conn: sqlite3.Connection, moves: list[tuple[str, str]], status: str) -> int:
+    """`advance` for many (message id, address) at once, to a status that
+    is not a failure (so nobody needs notifying); return how many moved."""
+    assert status != "failed"
+    if not moves:
+        return 0
+    before = _ADVANCES_FROM[status]
+    placeholders = ",".join("?" * len(before))
+    now = time.time()
+    return conn.executemany(
+        f"UPDATE recipient SET status = ?, reason = NULL, updated_at = ?"
+        f" WHERE message_id = ? AND address = ? AND status IN ({placeholders})",
+        [(status, now, ident, address, *before) for ident, address in moves],
+    ).rowcount
 
 
 def message_status(conn: sqlite3.Connection, ident: str, system: str) -> dict | None:
@@ -492,8 +510,8 @@ def purge(conn: sqlite3.Connection, ident: str) -> tuple[int, set[str]] | None:
     notified: set[str] = set()
     queued = [a for (a,) in conn.execute(
         "SELECT address FROM recipient WHERE message_id = ? AND status = 'queued'", (ident,))]
-    for (seq,) in conn.execute("SELECT seq FROM outbox WHERE message_id = ?", (ident,)).fetchall():
-        _leave_outbox(conn, seq, ident)
+    _leave_outbox(conn, [(seq, ident) for (seq,) in conn.execute("SELECT seq FROM outbox WHERE message_id = ?",
+                                                                  (ident,)).fetchall()])
     failed = advance(conn, ident, queued, "failed", PURGED, notified)
     audit.record(conn, "admin", "queue purge", ident, None, f"{failed} recipient(s) failed")
     return failed, notified

@@ -47,6 +47,23 @@ def test_pruning_keeps_the_rest_verifiable(conn: sqlite3.Connection, monkeypatch
     assert audit.verify(conn)[1] == "entries 3 to 3 are missing"
 
 
+def test_a_batch_chains_like_single_entries_and_a_rolled_back_unit_leaves_no_gap(conn: sqlite3.Connection) -> None:
+    audit.record(conn, "relay", "sent", "msg-0", "hub", "accepted")
+    audit.record_many(conn, [("relay", "sent", f"msg-{n}", "hub", "accepted") for n in range(1, 4)])
+    conn.execute("BEGIN")
+    conn.execute("SAVEPOINT unit")
+    audit.record_many(conn, [("hub", "received", "msg-x", "b", None), ("hub", "received", "msg-y", "b", None)])
+    conn.execute("ROLLBACK TO unit")
+    conn.execute("RELEASE unit")
+    audit.record_many(conn, [])
+    audit.record(conn, "admin", "reload", None, None, "applied")
+    conn.execute("COMMIT")
+    assert [row[0] for row in conn.execute("SELECT seq FROM audit ORDER BY seq")] == [1, 2, 3, 4, 5]
+    assert audit.verify(conn) == (5, None)
+    conn.execute("UPDATE audit SET message_id = 'msg-9' WHERE seq = 2")  # inside a batch: found too
+    assert audit.verify(conn)[1].startswith("entry 2 (sent")
+
+
 async def test_a_message_leaves_metadata_only_entries_at_every_hop(space: Space) -> None:
     body = "Compte rendu opératoire confidentiel"
     ident = await space.send(space.a, ["bob@clinique-sud.test"], body)
