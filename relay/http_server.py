@@ -16,6 +16,7 @@ import errno
 import json
 import logging
 import os
+import re
 import ssl
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -37,6 +38,8 @@ MAX_HEADER_BYTES = 16 * 1024
 # An oversized HTTP/2 request body is read and dropped up to this size
 # before the 413, then the stream is reset.
 DRAIN_LIMIT = 16 * 1024 * 1024
+# An HTTP/2 request's :path: origin form, visible ASCII (RFC 9113 §8.3.1).
+_H2_TARGET = re.compile(r"/[\x21-\x7e]*")
 # accept() failures that mean "out of resources for now", not "broken".
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
@@ -179,7 +182,9 @@ class HttpServer:
     # -- HTTP/2 ----------------------------------------------------------------------
 
     async def _serve_h2(self, stream: trio.abc.Stream, initial: bytes) -> None:
-        settings = Http2Settings(keepalive_interval=None, idle_timeout=IDLE_TIMEOUT)
+        # h2's header checks are off (see `Http2Settings.check_headers`):
+        # `_h2_request` checks the pseudo-headers it uses, the API the rest.
+        settings = Http2Settings(keepalive_interval=None, idle_timeout=IDLE_TIMEOUT, check_headers=False)
         conn = Http2Connection(stream, client=False, initial_data=initial, name="local client", settings=settings)
         self._h2_connections.add(conn)
         try:
@@ -191,21 +196,35 @@ class HttpServer:
         headers: dict[str, str] = {}
         for name, value in stream.headers or []:
             headers[name.decode("latin-1").lower()] = value.decode("latin-1")
-        try:
-            with trio.fail_after(REQUEST_TIMEOUT):
-                body = await _h2_body(stream, self._max_body)
-        except trio.TooSlowError:
-            response = _error(408, "request_timeout", f"request not received within {REQUEST_TIMEOUT:g} s")
+        method, target = headers.get(":method", ""), headers.get(":path", "")
+        if not (method and _H2_TARGET.fullmatch(target)):
+            # What h2's own checks would have refused (RFC 9113 §8.3.1),
+            # and what would otherwise reach the logs and the audit trail.
+            response = _error(400, "bad_request", "missing or malformed :method or :path")
+        elif (body := await self._h2_body(stream)) is None:
+            response = self._too_large()
+        elif isinstance(body, Response):
+            response = body
         else:
-            if body is None:
-                response = self._too_large()
-            else:
-                response = await self._respond(headers.get(":method", ""), headers.get(":path", "/"), headers, body)
+            response = await self._respond(method, target, headers, body)
         await stream.send_response(
             response.status,
-            [(k.encode(), v.encode()) for k, v in [*response.headers, ("content-length", str(len(response.body)))]],
+            [*((k.encode(), v.encode()) for k, v in response.headers),
+             (b"content-length", b"%d" % len(response.body))],
             response.body,
         )
+
+    async def _h2_body(self, stream: H2Stream) -> bytes | Response | None:
+        """The request body; None when it is over ``max_body``, a 408 when it
+        is too slow to arrive.  A body already whole, the usual case (headers
+        and DATA in one read), costs no timer."""
+        if stream.ended:
+            return await _read_h2_body(stream, self._max_body)
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                return await _read_h2_body(stream, self._max_body)
+        except trio.TooSlowError:
+            return _error(408, "request_timeout", f"request not received within {REQUEST_TIMEOUT:g} s")
 
     # -- HTTP/1.1 --------------------------------------------------------------------
 
@@ -260,7 +279,7 @@ class HttpServer:
         return event.method.decode("latin-1"), event.target.decode("latin-1"), headers, bytes(body)
 
 
-async def _h2_body(stream: H2Stream, limit: int) -> bytes | None:
+async def _read_h2_body(stream: H2Stream, limit: int) -> bytes | None:
     """The request body, or None when it is over ``limit``.
 
     An oversized body is still read (and dropped) up to `DRAIN_LIMIT`:

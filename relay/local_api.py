@@ -37,7 +37,8 @@ MAX_WAIT = 60.0
 EVENTS_PAGE = 100
 RETRY_AFTER_SECONDS = "5"
 _MESSAGE_PATH = re.compile(r"/v1/messages/([A-Za-z0-9_-]{1,64})(/read)?")
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
+# (fullmatch: "$" would let a trailing newline through.)
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 class ApiError(Exception):
@@ -197,7 +198,7 @@ class LocalApi:
         priority = doc.get("priority", "normal")
         if priority not in protocol.PRIORITIES:
             raise _invalid("priority", "expected 'normal' or 'urgent'")
-        if idem_key is not None and not _IDEMPOTENCY_KEY.match(idem_key):
+        if idem_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idem_key):
             raise _invalid("Idempotency-Key", "expected 1 to 128 printable ASCII characters")
         return Submission(
             # Hex: 128 random bits that never start with "-", which an
@@ -266,8 +267,11 @@ def _json_body(request: Request) -> dict[str, Any]:
         raise ApiError(415, "unsupported_media_type", "expected Content-Type: application/json")
     try:
         document = json.loads(request.body)
-        # JSON may escape lone surrogates ("\ud800"), which are not text.
-        json.dumps(document, ensure_ascii=False).encode()
+        # JSON may escape lone surrogates ("\ud800"), which are not text, and
+        # json.loads lets UTF-8-encoded ones through.  Neither is possible
+        # without a backslash or a non-ASCII byte: the common case skips the check.
+        if not request.body.isascii() or b"\\" in request.body:
+            json.dumps(document, ensure_ascii=False).encode()
     except (UnicodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, "invalid_json", f"body is not valid JSON text: {exc}") from None
     if not isinstance(document, dict):
