@@ -12,7 +12,8 @@ import ssl
 from pathlib import Path
 
 from . import pki
-from .config import ConfigError, HubConfig, RelayConfig, defines_table, load_hub_config, load_relay_config
+from .config import HubConfig, RelayConfig, load_hub_config, load_relay_config
+from .config_reader import ConfigError, defines_table
 from .paths import default_config
 from .tls import local_server_context
 

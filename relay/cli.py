@@ -11,7 +11,8 @@ import trio
 
 from . import __version__, audit, check_config, demo, doctor, logs, ops_cli, pki_cli, sealing
 from .admin import StoreBusy
-from .config import ConfigError, NotConfigured, load_hub_config, load_relay_config
+from .config import load_hub_config, load_relay_config
+from .config_reader import ConfigError, NotConfigured
 from .daemon import run_hub, run_relay
 from .paths import default_config
 from .permissions import exposed_secrets

@@ -41,7 +41,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from . import admin, pki, protocol
-from .config import ConfigError, RelayConfig, load_relay_config
+from .config import RelayConfig, load_relay_config
+from .config_reader import ConfigError
 from .http2 import Http2Connection, Http2Settings, header
 from .ops_cli import DB_NAME, store_dir
 from .paths import default_config

@@ -30,7 +30,8 @@ from typing import Any
 import trio
 
 from . import admin, pki, relay_store
-from .config import ConfigError, RelayConfig, load_relay_config
+from .config import RelayConfig, load_relay_config
+from .config_reader import ConfigError
 from .operations import QueueTools
 from .paths import default_config, state_dir
 from .sealing import KEY_FILE, KeyRing, KeyRingError, install

@@ -39,7 +39,8 @@ from typing import Any, Awaitable, Callable, Generic, Iterable, TypeVar
 import trio
 
 from . import pki
-from .config import ConfigError, HubConfig, LocalSystem, RelayConfig
+from .config import HubConfig, LocalSystem, RelayConfig
+from .config_reader import ConfigError
 from .store import Store
 from .tls import hub_server_context, local_server_context, relay_client_context
 from .wakeup import Signal

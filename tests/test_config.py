@@ -7,7 +7,6 @@ import pytest
 
 from relay.config import (
     Address,
-    ConfigError,
     LocalApi,
     LocalSystem,
     Proxy,
@@ -16,6 +15,7 @@ from relay.config import (
     load_hub_config,
     load_relay_config,
 )
+from relay.config_reader import ConfigError
 
 ROOT = Path(__file__).parent.parent
 
