@@ -149,7 +149,10 @@ class H2Stream:
         return self.headers
 
     async def receive_some(self) -> bytes:
-        """Next chunk of the body; ``b""`` once the peer ended the stream."""
+        """All of the body received so far and not read yet (waiting for
+        some if there is none); ``b""`` once the peer ended the stream.
+        Everything at once lets a reader that commits what it reads (an
+        inbox) take one batch per wake-up rather than one per frame."""
         while not self._chunks:
             if self._ended:  # complete, even if a RST_STREAM followed (RFC 9113 §8.1)
                 return b""
@@ -157,7 +160,11 @@ class H2Stream:
                 raise self._error
             self._data_ready = trio.Event()
             await self._data_ready.wait()
-        data, flow_len = self._chunks.popleft()
+        if len(self._chunks) == 1:
+            data, flow_len = self._chunks.popleft()
+        else:
+            data, flow_len = b"".join(chunk for chunk, _ in self._chunks), sum(n for _, n in self._chunks)
+            self._chunks.clear()
         self._conn._credit(self.id, flow_len)
         return data
 

@@ -49,9 +49,11 @@ from .wakeup import Signal
 log = logging.getLogger(__name__)
 
 # Items sent on an inbox stream and not yet acknowledged: enough to keep a
-# relay busy between two acks, bounded so a stuck relay costs little memory.
-INBOX_WINDOW = 2000
-INBOX_FETCH = 200
+# relay busy between two acks (it acks without stopping the stream), few
+# enough that an urgent item, which goes first from the hub, has little to
+# wait behind at the relay; and a stuck relay costs little memory.
+INBOX_WINDOW = 1000
+INBOX_FETCH = 500
 HANDSHAKE_TIMEOUT = 10.0
 # A request's body must arrive within this.
 BODY_TIMEOUT = 30.0
@@ -288,10 +290,11 @@ class HubConnection:
                 room = INBOX_WINDOW - len(link.unacked)
                 rows = []
                 if room > 0:
-                    rows = await self.hub.store.run_patiently(  # the 200 is sent: no 503 now
+                    rows = await self.hub.store.read_patiently(  # the 200 is sent: no 503 now
                         "fetch_inbox",
                         lambda c: hub_store.fetch_inbox(c, self.domain, sent, min(room, INBOX_FETCH)),
                     )
+                    rows = await self._drop_unreadable(rows)
                 if not rows:
                     await changed.wait()
                     continue
@@ -304,6 +307,13 @@ class HubConnection:
         if link.inbox_scope is scope:
             link.inbox_scope = None
         stream.reset()
+
+    async def _drop_unreadable(self, rows: list[tuple[int, int, str, bytes | None]]) -> list[tuple[int, int, str, bytes]]:
+        damaged = [seq for seq, _, _, payload in rows if payload is None]
+        if damaged:
+            await self.hub.store.run_patiently(
+                "drop_unreadable", lambda c: hub_store.drop_unreadable(c, self.domain, damaged))
+        return [row for row in rows if row[3] is not None]
 
 
 def _inbox_item(seq: int, kind: str, payload: bytes) -> bytes:

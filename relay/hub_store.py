@@ -192,9 +192,11 @@ def expire(conn: sqlite3.Connection, now: float) -> set[str]:
 
 def fetch_inbox(
     conn: sqlite3.Connection, domain: str, after: dict[int, int], limit: int, now: float | None = None
-) -> list[tuple[int, int, str, bytes]]:
+) -> list[tuple[int, int, str, bytes | None]]:
     """The next items for ``domain`` past what this stream already sent,
-    urgent lane first, none already swept as expired: (seq, lane, kind, payload).
+    urgent lane first, none already swept as expired: (seq, lane, kind,
+    payload).  Read only: a payload that cannot be opened (see
+    `relay.sealing`) comes back as None, for `drop_unreadable`.
 
     An item is still sent during its expiry grace: one whose first delivery
     was committed but not acknowledged then gets its ack, and its origin a
@@ -210,11 +212,15 @@ def fetch_inbox(
         ).fetchall()
         if len(rows) >= limit:
             break
-    damaged = [row[0] for row in rows if row[3] is None]
-    for seq in damaged:  # unreadable (see relay.sealing): it would block the queue forever
-        conn.execute("DELETE FROM queue WHERE seq = ?", (seq,))
+    return rows
+
+
+def drop_unreadable(conn: sqlite3.Connection, domain: str, seqs: list[int]) -> None:
+    """Take out of ``domain``'s queue items whose payload cannot be opened:
+    they would block it forever, and nobody can be told about them."""
+    for seq in seqs:
+        conn.execute("DELETE FROM queue WHERE seq = ? AND domain = ?", (seq, domain))
         audit.record(conn, "hub", "dropped", None, domain, f"queue item {seq} cannot be opened")
-    return [row for row in rows if row[3] is not None]
 
 
 def apply_ack(conn: sqlite3.Connection, domain: str, seqs: list[int], failures: list[Failure]) -> set[str]:

@@ -244,7 +244,7 @@ class LocalApi:
         deadline = trio.current_time() + wait
         while True:
             arrived = signal.watch()
-            page = await self.store.run(
+            page = await self.store.read(
                 "events", lambda c: relay_events.events(c, system.name, after, EVENTS_PAGE)
             )
             if page:

@@ -10,6 +10,10 @@ in one transaction (each inside its own SAVEPOINT, so one unit's error does
 not undo its neighbours) and commits once: units that arrive together share
 one fsync.  That is what makes a durable ``202`` cheap.
 
+Reads that need no transaction of their own (the next batch to send, a
+page of events) go to `Store.read` instead: a second, read-only connection
+that sees everything committed and never waits for a group's fsync.
+
 Nothing touches SQLite on the trio thread, and there is one writer, so there
 is no lock contention and no ``SQLITE_BUSY`` to retry.  A unit, once queued,
 runs to commit or rollback even if the task that queued it is cancelled: a
@@ -121,9 +125,11 @@ class Store:
     block finishes every queued unit, then closes the database.
     """
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+    def __init__(self, conn: sqlite3.Connection, reader: sqlite3.Connection, path: Path) -> None:
         self.path = path
         self._conn = conn
+        self._reader = reader
+        self._reading = trio.CapacityLimiter(1)  # the reading connection serves one unit at a time
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._token = trio.lowlevel.current_trio_token()
         self._thread = threading.Thread(target=self._serve, name=f"store:{path.name}", daemon=True)
@@ -158,12 +164,45 @@ class Store:
             raise job.error
         return job.result
 
+    async def read(self, name: str, fn: Unit[T]) -> T:
+        """Run a read-only ``fn(conn)`` on the store's reading connection and
+        return its result.
+
+        It sees everything committed, in one snapshot, and does not queue
+        behind the writer's group and its fsync: a message's trip through
+        three stores has a read at each of them, and that wait was most of
+        its latency.  ``fn`` cannot write (the connection is read-only).
+        Raises what ``fn`` raised, or `StoreUnavailable` when SQLite cannot
+        read.
+        """
+        return await trio.to_thread.run_sync(self._read, name, fn, limiter=self._reading)
+
+    def _read(self, name: str, fn: Unit[T]) -> T:
+        reader = self._reader
+        try:
+            reader.execute("BEGIN")
+            try:
+                return fn(reader)
+            finally:
+                reader.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            log.error("store: could not read (%s): %s", name, exc)
+            raise StoreUnavailable(f"store cannot read: {exc}") from None
+
     async def run_patiently(self, name: str, fn: Unit[T]) -> T:
         """`run`, waiting out `StoreUnavailable`: for background duties,
         which have no client to answer 503 to and must not die of a full disk."""
         while True:
             try:
                 return await self.run(name, fn)
+            except StoreUnavailable:
+                await trio.sleep(PATIENCE)
+
+    async def read_patiently(self, name: str, fn: Unit[T]) -> T:
+        """`read`, waiting out `StoreUnavailable` (see `run_patiently`)."""
+        while True:
+            try:
+                return await self.read(name, fn)
             except StoreUnavailable:
                 await trio.sleep(PATIENCE)
 
@@ -301,8 +340,19 @@ class _StoreContext:
                 raise
             return conn
 
+        def open_reader() -> sqlite3.Connection:
+            reader = sqlite3.connect(f"{self._path.absolute().as_uri()}?mode=ro", uri=True, isolation_level=None,
+                                     check_same_thread=False)
+            sealing.install(reader, self._ring)
+            return reader
+
         conn = await trio.to_thread.run_sync(open_and_migrate)
-        self._store = self._cls(conn, self._path)
+        try:
+            reader = await trio.to_thread.run_sync(open_reader)
+        except BaseException:
+            conn.close()
+            raise
+        self._store = self._cls(conn, reader, self._path)
         self._store._thread.start()
         return self._store
 
@@ -312,3 +362,5 @@ class _StoreContext:
         store._queue.put(_STOP)
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(store._thread.join)
+            async with store._reading:
+                store._reader.close()

@@ -9,17 +9,23 @@ connection until it breaks; then it waits (`RetryPolicy`) and dials again.
 *Sending* ("peek, send, then commit"): the next batch is read from the
 outbox, not removed; it goes out as one transaction with a fresh id; the
 hub's per-envelope answers are committed, and only that commit takes the
-envelopes out of the outbox.  One transaction is in flight at a time, which
-keeps per-sender order simple to reason about.  A transaction whose answer
-was lost (connection drop, cancel) is kept in memory and replayed with the
-same id on the next connection, and the hub answers it from its record; if
-the relay itself died, the envelopes go again under a new id and the hub's
+envelopes out of the outbox.  Each lane (urgent, normal) has one
+transaction in flight at a time, which keeps each lane's order simple to
+reason about, and lets an urgent transaction pass a normal one on the
+wire.  The store work is overlapped with the hub's: the next batch is read
+while a transaction is in flight, and an answer is committed while the
+next transaction is already out.  A transaction whose answer was lost
+(connection drop, cancel) is kept in memory and replayed with the same id
+on the next connection, and the hub answers it from its record; if the
+relay itself died, the envelopes go again under a new id and the hub's
 duplicate filter drops them.
 
 *Receiving*: a long-lived ``GET /v1/inbox`` stream brings envelopes and
 receipts.  Whatever has arrived is committed in one unit, and only then are
 its positions acknowledged; a crash in between means the hub sends them
-again and the inbound table's unique key drops the copies.
+again and the inbound table's unique key drops the copies.  Acks go out
+without stopping the stream: while one is on its way, what arrived
+meanwhile is being committed.
 """
 
 from __future__ import annotations
@@ -55,6 +61,11 @@ STABLE_AFTER = 30.0
 # Inbox items committed in one unit at most.
 INBOUND_BATCH = 500
 ANSWER_LIMIT = 4 * 1024 * 1024
+# Acks on their way to the hub at once, while the inbox stream goes on.
+ACKS_MAX = 4
+# Answered transactions of a lane whose answer may be committing here at
+# once: the store commits them in the background, this bounds how far behind.
+SETTLING_MAX = 2
 # How often a full store is looked at again.
 ROOM_POLL = 1.0
 
@@ -84,7 +95,13 @@ class Uplink:
         self._ssl, self._revocation = _national_tls(config)
         self._tls_stamp = _tls_stamp(config)
         self._policy = RetryPolicy(config.uplink.backoff_initial, config.uplink.backoff_max)
-        self._pending: tuple[str, list[tuple[int, protocol.Envelope]]] | None = None
+        # Per lane, the transaction sent and not answered yet: replayed
+        # with the same id, before anything newer, if its answer is lost.
+        self._pending: dict[int, tuple[str, list[tuple[int, protocol.Envelope]]]] = {}
+        # Outbox positions the hub has taken whose answer is not committed
+        # here yet, and those read ahead to go next (message id by position).
+        self._settling: dict[int, str] = {}
+        self._ahead: dict[int, list[tuple[int, protocol.Envelope]]] = {}
         self.state = UplinkState.CONNECTING
         self.since = time.time()
         self.last_error: str | None = None
@@ -141,9 +158,10 @@ class Uplink:
             self._dial_now.set()
 
     def in_flight(self) -> set[str]:
-        """Ids of the messages in the transaction sent and not yet answered:
-        purging one of them cannot stop it any more."""
-        return {envelope.id for _, envelope in self._pending[1]} if self._pending else set()
+        """Ids of the messages sent to the hub whose answer is not committed
+        here yet: purging one of them cannot stop it any more."""
+        batches = [*self._pending.values(), *(("", batch) for batch in self._ahead.values())]
+        return {envelope.id for _, batch in batches for _, envelope in batch} | set(self._settling.values())
 
     async def run(self) -> None:
         """Keep a connection to the hub up, forever."""
@@ -226,51 +244,91 @@ class Uplink:
     # -- sending ---------------------------------------------------------------------
 
     async def _sender(self, conn: Http2Connection) -> None:
+        async with trio.open_nursery(strict_exception_groups=True) as nursery:
+            for lane in (relay_store.URGENT, relay_store.NORMAL):
+                nursery.start_soon(self._send_lane, conn, lane, nursery)
+            nursery.start_soon(self._send_receipts, conn)
+
+    async def _send_lane(self, conn: Http2Connection, lane: int, nursery: trio.Nursery) -> None:
+        """One lane's transactions, one in flight at a time (that is the
+        lane's order).  While the hub works on one, the next is read from the
+        store; once it answers, the answer is committed here in the
+        background while the next is already on its way: the hub has both
+        in order, and an envelope whose answer is not committed yet is left
+        out of the next reads (were that commit lost, the envelope would
+        simply go again and the hub would recognise it)."""
+        slots = trio.Semaphore(SETTLING_MAX)
+        ahead = self._ahead[lane] = []
         while True:
             changed = self.outbox_changed.watch()
-            sent = await self._send_transaction(conn)
-            sent = await self._send_receipts(conn) or sent
-            if not sent:
-                await changed.wait()
+            if lane not in self._pending:
+                full = len(ahead) == self.config.uplink.batch_max
+                batch, ahead[:] = ahead[:], []
+                if not full:
+                    batch = await self._next_batch(lane)
+                if not batch:
+                    await changed.wait()
+                    continue
+                self._pending[lane] = (secrets.token_urlsafe(16), batch)
+            txn_id, batch = self._pending[lane]
+            wire = protocol.encode_transaction([envelope for _, envelope in batch])
+            async with trio.open_nursery(strict_exception_groups=True) as exchange:
+                exchange.start_soon(self._read_ahead, lane, batch, ahead)
+                body = await self._post(conn, protocol.PATH_TRANSACTION + txn_id, wire)
+            outcomes = protocol.decode_outcomes(body, len(batch))
+            del self._pending[lane]
+            for seq, envelope in batch:
+                self._settling[seq] = envelope.id
+            await slots.acquire()
+            nursery.start_soon(self._settle, [(seq, env, o) for (seq, env), o in zip(batch, outcomes)], slots)
 
-    async def _send_transaction(self, conn: Http2Connection) -> bool:
-        """Send the next batch of envelopes (or replay the one whose answer
-        was lost); False when there is nothing to send."""
-        if self._pending is None:
-            domain, limit = self.config.domain, self.config.uplink.batch_max
-            batch = await self.store.run("next_batch", lambda c: relay_store.next_batch(c, domain, limit))
-            if not batch:
-                return False
-            self._pending = (secrets.token_urlsafe(16), batch)
-        txn_id, batch = self._pending
-        body = await self._post(conn, protocol.PATH_TRANSACTION + txn_id,
-                                protocol.encode_transaction([envelope for _, envelope in batch]))
-        outcomes = protocol.decode_outcomes(body, len(batch))
-        results = [(seq, env, outcome) for (seq, env), outcome in zip(batch, outcomes)]
-        notified = await self.store.run("apply_outcomes", lambda c: relay_store.apply_outcomes(c, results))
-        self._pending = None
+    async def _next_batch(self, lane: int, sent: Iterable[tuple[int, protocol.Envelope]] = ()
+                          ) -> list[tuple[int, protocol.Envelope]]:
+        """The lane's next batch, past the envelopes ``sent`` and those settling."""
+        domain, limit = self.config.domain, self.config.uplink.batch_max
+        skip = {*self._settling, *(seq for seq, _ in sent)}
+        return await self.store.read("next_batch",
+                                     lambda c: relay_store.next_batch(c, domain, limit, lane=lane, skip=skip))
+
+    async def _read_ahead(self, lane: int, sent: list[tuple[int, protocol.Envelope]],
+                          ahead: list[tuple[int, protocol.Envelope]]) -> None:
+        """Fill ``ahead`` with the batch after ``sent``.  Only a full one is
+        used as is: a partial one is read again, since more may have come."""
+        ahead[:] = await self._next_batch(lane, sent)
+
+    async def _settle(self, results: list[tuple[int, protocol.Envelope, protocol.Outcome]],
+                      slots: trio.Semaphore) -> None:
+        """Commit the hub's answer to a transaction: the envelopes leave the outbox."""
+        try:
+            notified = await self.store.run("apply_outcomes", lambda c: relay_store.apply_outcomes(c, results))
+        finally:
+            for seq, _, _ in results:
+                self._settling.pop(seq, None)
+            slots.release()
         self._on_events(notified)
-        for (_, env), outcome in zip(batch, outcomes):
+        for _, env, outcome in results:
             self.counts["sent" if outcome.accepted else "refused", env.priority] += len(env.rcpt)
             if not outcome.accepted:
                 log.warning("hub refused message %s for %s: %s", env.id, env.dest, outcome.reason,
                             extra={"message_id": env.id})
-        return True
 
-    async def _send_receipts(self, conn: Http2Connection) -> bool:
+    async def _send_receipts(self, conn: Http2Connection) -> None:
         """Send pending read receipts; they are idempotent, so a lost answer
         just means sending them again."""
         domain = self.config.domain
-        pending = await self.store.run("next_receipts", lambda c: relay_store.next_receipts(c, domain, 500))
-        if not pending:
-            return False
-        body = await self._post(conn, protocol.PATH_RECEIPTS, protocol.encode_receipts([r for _, r in pending]))
-        outcomes = protocol.decode_outcomes(body, len(pending))
-        await self.store.run("drop_receipts", lambda c: relay_store.drop_receipts(c, [seq for seq, _ in pending]))
-        for (_, receipt), outcome in zip(pending, outcomes):
-            if not outcome.accepted:
-                log.warning("hub refused the read receipt of message %s: %s", receipt.id, outcome.reason)
-        return True
+        while True:
+            changed = self.outbox_changed.watch()
+            pending = await self.store.read("next_receipts", lambda c: relay_store.next_receipts(c, domain, 500))
+            if not pending:
+                await changed.wait()
+                continue
+            body = await self._post(conn, protocol.PATH_RECEIPTS, protocol.encode_receipts([r for _, r in pending]))
+            outcomes = protocol.decode_outcomes(body, len(pending))
+            await self.store.run("drop_receipts",
+                                 lambda c: relay_store.drop_receipts(c, [seq for seq, _ in pending]))
+            for (_, receipt), outcome in zip(pending, outcomes):
+                if not outcome.accepted:
+                    log.warning("hub refused the read receipt of message %s: %s", receipt.id, outcome.reason)
 
     async def _post(self, conn: Http2Connection, path: str, body: bytes) -> bytes:
         status, answer = await conn.request(
@@ -312,21 +370,30 @@ class Uplink:
         if status_of(headers) != 200:
             raise UplinkError(f"hub answered {status_of(headers)} to the inbox request")
         unpacker = protocol.stream_unpacker()
-        while True:
-            data = await stream.receive_some()
-            if not data:
-                raise ConnectionClosed("the hub ended the inbox stream")
-            try:
-                unpacker.feed(data)
-                items = [InboxItem.from_wire(obj) for obj in unpacker]
-            except ProtocolViolation:
-                raise
-            except Exception as exc:  # msgpack's own errors: BufferFull, ExtraData, ...
-                raise ProtocolViolation(f"inbox stream: undecodable item ({exc.__class__.__name__})") from None
-            for start in range(0, len(items), INBOUND_BATCH):
-                await self._take(conn, items[start:start + INBOUND_BATCH])
+        slots = trio.Semaphore(ACKS_MAX)
+        async with trio.open_nursery(strict_exception_groups=True) as acks:
+            while True:
+                data = await stream.receive_some()
+                if not data:
+                    raise ConnectionClosed("the hub ended the inbox stream")
+                try:
+                    items = []
+                    view = memoryview(data)
+                    for start in range(0, len(view), protocol.MAX_ITEM_BYTES):  # within the unpacker's bound
+                        unpacker.feed(view[start:start + protocol.MAX_ITEM_BYTES])
+                        items += [InboxItem.from_wire(obj) for obj in unpacker]
+                except ProtocolViolation:
+                    raise
+                except Exception as exc:  # msgpack's own errors: BufferFull, ExtraData, ...
+                    raise ProtocolViolation(f"inbox stream: undecodable item ({exc.__class__.__name__})") from None
+                for start in range(0, len(items), INBOUND_BATCH):
+                    failures = await self._take(items[start:start + INBOUND_BATCH])
+                    await slots.acquire()
+                    acks.start_soon(self._ack, conn, [item.seq for item in items[start:start + INBOUND_BATCH]],
+                                    failures, slots)
 
-    async def _take(self, conn: Http2Connection, items: list[InboxItem]) -> None:
+    async def _take(self, items: list[InboxItem]) -> list[protocol.Failure]:
+        """Commit what the hub sent; return the failures its ack reports."""
         await self._wait_for_room()
         receipts = [item.receipt for item in items if item.receipt is not None]
 
@@ -337,7 +404,16 @@ class Uplink:
         (failures, woken), facts = await self.store.run("take_inbound", take)
         self._count_receipts(receipts, facts)
         self._on_events(woken)
-        await self._post(conn, protocol.PATH_ACK, protocol.encode_ack([item.seq for item in items], failures))
+        return failures
+
+    async def _ack(self, conn: Http2Connection, seqs: list[int], failures: list[protocol.Failure],
+                   slots: trio.Semaphore) -> None:
+        """Acknowledge committed positions, while the stream goes on: a lost
+        ack only means the hub sends them again, and they are dropped here."""
+        try:
+            await self._post(conn, protocol.PATH_ACK, protocol.encode_ack(seqs, failures))
+        finally:
+            slots.release()
 
     async def _wait_for_room(self) -> None:
         """Above the store's ceiling, stop taking from the hub (which keeps

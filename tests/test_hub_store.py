@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from relay import hub_store, protocol
+from relay import hub_store, protocol, sealing
 from relay.hub_store import NORMAL, URGENT
 from relay.protocol import Envelope, Failure, Outcome, Receipt
 from relay.store import Store, connect, migrate
@@ -278,7 +278,7 @@ async def test_a_replay_in_the_same_group_queues_once(tmp_path: Path) -> None:
         assert [outcomes for outcomes, _ in answers] == [[Outcome(True)]] * 2
 
         async with Store.open(path, hub_store.MIGRATIONS) as store:
-            rows = await store.run("fetch", lambda c: hub_store.fetch_inbox(c, SUD, {URGENT: 0, NORMAL: 0}, 10))
+            rows = await store.read("fetch", lambda c: hub_store.fetch_inbox(c, SUD, {URGENT: 0, NORMAL: 0}, 10))
     assert len(rows) == 1
 
 
@@ -291,3 +291,21 @@ def test_read_receipts_only_about_messages_the_relay_acknowledged(conn) -> None:
     hub_store.apply_ack(conn, SUD, [seq], [])
     [accepted], woken = hub_store.accept_receipts(conn, SUD, [read])
     assert accepted.accepted and woken == {NORD}
+
+
+def test_an_item_that_cannot_be_opened_is_fetched_as_none_then_dropped_with_a_trace(tmp_path: Path) -> None:
+    ring = sealing.KeyRing({1: bytes(32)}, 1)
+    conn = connect(tmp_path / "hub.db", ring)
+    migrate(conn, hub_store.MIGRATIONS, "hub")
+    hub_store.register_domains(conn, frozenset({NORD, SUD}), learnt=False)
+    hub_store.accept_transaction(conn, NORD, "txn-00000001", [envelope("msg-00000001"), envelope("msg-00000002")])
+    first, second = [seq for seq, *_ in queue(conn)]
+    [(sealed,)] = conn.execute("SELECT payload FROM queue WHERE seq = ?", (first,))
+    conn.execute("UPDATE queue SET payload = ? WHERE seq = ?", (sealed[:-1] + bytes([sealed[-1] ^ 1]), first))
+    rows = hub_store.fetch_inbox(conn, SUD, {URGENT: 0, NORMAL: 0}, 10)
+    assert [(seq, payload is None) for seq, _, _, payload in rows] == [(first, True), (second, False)]
+    hub_store.drop_unreadable(conn, SUD, [first])
+    assert [seq for seq, *_ in queue(conn)] == [second]
+    assert conn.execute("SELECT action, peer, outcome FROM audit WHERE action = 'dropped'").fetchall() == [
+        ("dropped", SUD, f"queue item {first} cannot be opened")]
+    conn.close()

@@ -437,3 +437,28 @@ async def test_leaving_the_store_finishes_queued_units(tmp_path: Path) -> None:
             # Leave the block with five units queued behind the gate.
             nursery.start_soon(trio.to_thread.run_sync, gate.released.set)
     assert sorted(names(path)) == [f"n{i}" for i in range(5)]
+
+
+# -- the reading connection ---------------------------------------------------------------------
+
+
+@bounded
+async def test_a_read_sees_what_is_committed_without_waiting_for_the_writer(tmp_path: Path) -> None:
+    async with Store.open(tmp_path / "state.db", MIGRATIONS) as store:
+        await store.run("insert", insert("committed"))
+        gate = Gate()
+        async with trio.open_nursery() as nursery:
+            await gate.close(store, nursery)  # the writer is busy inside a group...
+            nursery.start_soon(store.run, "insert", insert("not yet"))
+            seen = await store.read("names", lambda c: [r[0] for r in c.execute("SELECT name FROM item")])
+            assert seen == ["committed"]  # ...and the read answered all the same
+            await gate.open()
+        assert await store.read("count", lambda c: c.execute("SELECT count(*) FROM item").fetchone()[0]) == 2
+
+
+@bounded
+async def test_a_read_cannot_write(tmp_path: Path) -> None:
+    async with Store.open(tmp_path / "state.db", MIGRATIONS) as store:
+        with pytest.raises(StoreUnavailable, match="readonly"):
+            await store.read("sneaky", insert("x"))
+        assert await store.read("names", lambda c: c.execute("SELECT count(*) FROM item").fetchone()[0]) == 0
