@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import secrets
 from typing import Any, Callable, Iterable
 
 import trio
@@ -201,9 +200,9 @@ class LocalApi:
         if idem_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idem_key):
             raise _invalid("Idempotency-Key", "expected 1 to 128 printable ASCII characters")
         return Submission(
-            # Hex: 128 random bits that never start with "-", which an
-            # admin's `eimis-relay queue show ID` would take for an option.
-            id=secrets.token_hex(16),
+            # Hex, so never starting with "-", which an admin's
+            # `eimis-relay queue show ID` would take for an option.
+            id=protocol.new_message_id(),
             domain=self.config.domain,
             system=system.name,
             idem_key=idem_key,

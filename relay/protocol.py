@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import re
+import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +87,15 @@ def domain_of(address: str) -> str:
 def is_address(text: object) -> bool:
     # fullmatch, not match: "$" also matches before a trailing newline.
     return isinstance(text, str) and len(text) <= 320 and _ADDRESS.fullmatch(text) is not None
+
+
+def new_message_id() -> str:
+    """A fresh message id: the time in microseconds, then 72 random bits, in
+    hex.  Ids in time order keep every store's inserts and updates (keyed by
+    message id) on the few B-tree pages of recent messages, instead of all
+    over a table of 100,000; the time they show is no more than the
+    envelope's ``sent_at`` already says."""
+    return f"{time.time_ns() // 1000:014x}{secrets.token_hex(9)}"
 
 
 def is_token(text: object) -> bool:
