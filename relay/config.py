@@ -362,7 +362,7 @@ def _read_uplink(table: Table) -> Uplink | None:
         keepalive_timeout=table.get("keepalive_timeout", seconds, Uplink.keepalive_timeout),
         batch_max=table.get("batch_max", integer(1, 500), Uplink.batch_max),
         tls=_read_tls_policy(table),
-        hub_org_ids=frozenset(table.get_list("hub_org_ids", _org_id, ())),
+        hub_org_ids=frozenset(table.get_list("hub_org_ids", _org_id, ()) or ()),  # None: already reported
     )
     if not table.valid:  # the load fails; there is nothing to build
         return None

@@ -383,6 +383,12 @@ def test_systems_serving(tmp_path):
             "relay-a.toml: [local_system][1].name: same name as [local_system][0]",
         ),
         (
+            'ca_file = "pki/ca.pem"',
+            'ca_file = "pki/ca.pem"\nhub_org_ids = ["bad"]',
+            "relay-a.toml: [uplink].hub_org_ids[0]: expected an organisation identifier: 1 + FINESS or 3 + SIRET "
+            "digits, got 'bad'",
+        ),
+        (
             "[local_api]",
             "[local_api]\n[local_apis]",
             "relay-a.toml: [local_apis]: unknown table",
