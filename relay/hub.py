@@ -52,8 +52,8 @@ log = logging.getLogger(__name__)
 # relay busy between two acks (it acks without stopping the stream), few
 # enough that an urgent item, which goes first from the hub, has little to
 # wait behind at the relay; and a stuck relay costs little memory.
-INBOX_WINDOW = 1000
-INBOX_FETCH = 500
+INBOX_WINDOW = 500
+INBOX_FETCH = 250
 HANDSHAKE_TIMEOUT = 10.0
 # A request's body must arrive within this.
 BODY_TIMEOUT = 30.0
@@ -242,7 +242,8 @@ class HubConnection:
         raw = protocol.decode_transaction(body)
         org = self.identity.org_id or ""
         outcomes, woken = await self.hub.store.run(
-            "accept_transaction", lambda c: hub_store.accept_transaction(c, self.domain, txn_id, raw, org)
+            "accept_transaction", lambda c: hub_store.accept_transaction(c, self.domain, txn_id, raw, org),
+            urgent=all(isinstance(e, dict) and e.get("priority") == "urgent" for e in raw),
         )
         forged = sum(outcome.reason == protocol.SENDER_NOT_AUTHENTICATED for outcome in outcomes)
         if forged:

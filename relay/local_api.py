@@ -144,7 +144,8 @@ class LocalApi:
         document = _json_body(request)
         submission = self._validate(system, document, request.headers.get("idempotency-key"))
         try:
-            ident, status = await self.store.run("submit", lambda c: relay_store.submit(c, submission, self._has_room))
+            ident, status = await self.store.run("submit", lambda c: relay_store.submit(c, submission, self._has_room),
+                                                 urgent=submission.priority == "urgent")
         except relay_store.StoreFull:
             log.warning("store at %d of %d bytes: refusing a %s message",
                         self.store.used_bytes, self.config.store.max_bytes, submission.priority)

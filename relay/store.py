@@ -11,8 +11,8 @@ not undo its neighbours) and commits once: units that arrive together share
 one fsync.  That is what makes a durable ``202`` cheap.
 
 Reads that need no transaction of their own (the next batch to send, a
-page of events) go to `Store.read` instead: a second, read-only connection
-that sees everything committed and never waits for a group's fsync.
+page of events) go to `Store.read` instead: read-only connections that see
+everything committed and never wait for a group's fsync.
 
 Nothing touches SQLite on the trio thread, and there is one writer, so there
 is no lock contention and no ``SQLITE_BUSY`` to retry.  A unit, once queued,
@@ -61,6 +61,10 @@ MAX_GROUP = 512
 # cache only grows as far as it is used.
 CACHE_KIB = 8 * 1024
 
+# Read-only connections: two, so that a small read (an urgent message's
+# batch, a page of events) need not wait for a large one (500 envelopes).
+READERS = 2
+
 # How long a background duty waits before trying a failed unit again.
 PATIENCE = 1.0
 
@@ -78,6 +82,7 @@ class MigrationError(Exception):
 class _Job:
     name: str
     fn: Unit[Any]
+    urgent: bool = False
     done: trio.Event = field(default_factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -131,11 +136,11 @@ class Store:
     block finishes every queued unit, then closes the database.
     """
 
-    def __init__(self, conn: sqlite3.Connection, reader: sqlite3.Connection, path: Path) -> None:
+    def __init__(self, conn: sqlite3.Connection, readers: list[sqlite3.Connection], path: Path) -> None:
         self.path = path
         self._conn = conn
-        self._reader = reader
-        self._reading = trio.CapacityLimiter(1)  # the reading connection serves one unit at a time
+        self._readers = readers  # the idle ones; each serves one read at a time
+        self._reading = trio.CapacityLimiter(len(readers))
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._token = trio.lowlevel.current_trio_token()
         self._thread = threading.Thread(target=self._serve, name=f"store:{path.name}", daemon=True)
@@ -157,13 +162,18 @@ class Store:
         """Whether the writer thread is there to take units (readiness)."""
         return self._thread.is_alive()
 
-    async def run(self, name: str, fn: Unit[T]) -> T:
+    async def run(self, name: str, fn: Unit[T], *, urgent: bool = False) -> T:
         """Run ``fn(conn)`` in the next group transaction and return its result.
+
+        An ``urgent`` unit (one carrying an urgent message) does not share
+        its group with the others queued with it: they are committed as a
+        group of their own, right after, so that the urgent one waits for
+        at most the unit running when it arrived, not for hundreds queued.
 
         Raises whatever ``fn`` raised (its savepoint rolled back), or
         `StoreUnavailable` when the group could not be committed.
         """
-        job = _Job(name, fn)
+        job = _Job(name, fn, urgent)
         self._queue.put(job)
         await job.done.wait()
         if job.error is not None:
@@ -171,8 +181,8 @@ class Store:
         return job.result
 
     async def read(self, name: str, fn: Unit[T]) -> T:
-        """Run a read-only ``fn(conn)`` on the store's reading connection and
-        return its result.
+        """Run a read-only ``fn(conn)`` on one of the store's reading
+        connections and return its result.
 
         It sees everything committed, in one snapshot, and does not queue
         behind the writer's group and its fsync: a message's trip through
@@ -181,10 +191,15 @@ class Store:
         Raises what ``fn`` raised, or `StoreUnavailable` when SQLite cannot
         read.
         """
-        return await trio.to_thread.run_sync(self._read, name, fn, limiter=self._reading)
+        async with self._reading:
+            reader = self._readers.pop()
+            try:
+                return await trio.to_thread.run_sync(self._read, reader, name, fn)
+            finally:
+                self._readers.append(reader)
 
-    def _read(self, name: str, fn: Unit[T]) -> T:
-        reader = self._reader
+    @staticmethod
+    def _read(reader: sqlite3.Connection, name: str, fn: Unit[T]) -> T:
         try:
             reader.execute("BEGIN")
             try:
@@ -230,6 +245,10 @@ class Store:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
+            urgent = [job for job in group if job.urgent]
+            if urgent and len(urgent) < len(group):
+                self._commit_group(urgent)
+                group = [job for job in group if not job.urgent]
             if group:
                 self._commit_group(group)
         self._conn.close()
@@ -353,12 +372,15 @@ class _StoreContext:
             return reader
 
         conn = await trio.to_thread.run_sync(open_and_migrate)
+        readers: list[sqlite3.Connection] = []
         try:
-            reader = await trio.to_thread.run_sync(open_reader)
+            for _ in range(READERS):
+                readers.append(await trio.to_thread.run_sync(open_reader))
         except BaseException:
-            conn.close()
+            for connection in [conn, *readers]:
+                connection.close()
             raise
-        self._store = self._cls(conn, reader, self._path)
+        self._store = self._cls(conn, readers, self._path)
         self._store._thread.start()
         return self._store
 
@@ -368,5 +390,7 @@ class _StoreContext:
         store._queue.put(_STOP)
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(store._thread.join)
-            async with store._reading:
-                store._reader.close()
+            for _ in range(READERS):  # every read finished
+                await store._reading.acquire_on_behalf_of(object())
+            for reader in store._readers:
+                reader.close()

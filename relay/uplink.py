@@ -401,7 +401,8 @@ class Uplink:
             facts = relay_store.delivery_facts(db, (r.id for r in receipts))
             return relay_events.take_inbound(db, self.config.domain, items, self._systems_serving), facts
 
-        (failures, woken), facts = await self.store.run("take_inbound", take)
+        urgent = any(item.envelope is not None and item.envelope.priority == "urgent" for item in items)
+        (failures, woken), facts = await self.store.run("take_inbound", take, urgent=urgent)
         self._count_receipts(receipts, facts)
         self._on_events(woken)
         return failures

@@ -462,3 +462,24 @@ async def test_a_read_cannot_write(tmp_path: Path) -> None:
         with pytest.raises(StoreUnavailable, match="readonly"):
             await store.read("sneaky", insert("x"))
         assert await store.read("names", lambda c: c.execute("SELECT count(*) FROM item").fetchone()[0]) == 0
+
+
+@bounded
+async def test_an_urgent_unit_is_committed_before_the_group_it_arrived_with(tmp_path: Path) -> None:
+    async with Store.open(tmp_path / "state.db", MIGRATIONS) as store:
+        gate = Gate()
+        results: dict[str, Any] = {}
+        async with trio.open_nursery() as nursery:
+            await gate.close(store, nursery)
+            for name in ("normal-1", "normal-2"):
+                nursery.start_soon(collect, store, name, insert(name), results)
+            await trio.testing.wait_all_tasks_blocked()
+
+            async def urgent() -> None:
+                results["urgent"] = await store.run("urgent", insert("urgent"), urgent=True)
+
+            nursery.start_soon(urgent)
+            before = store.commits
+            await gate.open()
+        assert store.commits - before == 3  # the gate's group, the urgent one, then the others
+        assert results["urgent"] < min(results["normal-1"], results["normal-2"])  # rowids: commit order
