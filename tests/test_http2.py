@@ -30,6 +30,7 @@ import trio
 import trio.testing
 
 from relay.http2 import (
+    CLOSED_STREAMS_KEPT,
     CONNECTION_WINDOW,
     STREAM_WINDOW,
     BodyTooLarge,
@@ -300,6 +301,26 @@ async def test_hundred_concurrent_uploads_share_the_connection_window() -> None:
                 release.set()
     assert uploaded == count
     assert answers == {i: hashlib.sha256(payload(size, seed=i)).digest() for i in range(count)}
+
+
+async def test_a_long_lived_connection_forgets_old_closed_streams() -> None:
+    """h2 remembers how each of the last 2**16 closed streams ended, at over
+    100 bytes each: on the uplink, the hub's connections and a pooled local
+    API connection, the relays grew by megabytes over minutes of steady
+    traffic.  Ours remember CLOSED_STREAMS_KEPT, on both sides."""
+    count, workers = CLOSED_STREAMS_KEPT + 200, 20
+
+    async def worker(client: Http2Connection, first: int) -> None:
+        for _ in range(first, count, workers):
+            assert await post(client, "/echo", b"x") == (200, b"1")
+
+    with trio.fail_after(STEP):
+        async with connected(echo_length) as pair:
+            async with trio.open_nursery() as nursery:
+                for first in range(workers):
+                    nursery.start_soon(worker, pair.client, first)
+            for conn in (pair.client, pair.server):
+                assert len(conn._h2._closed_streams) == CLOSED_STREAMS_KEPT
 
 
 async def test_unread_body_parks_the_sender_until_the_handler_reads(autojump_clock: trio.abc.Clock) -> None:
