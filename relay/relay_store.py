@@ -31,7 +31,7 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Callable, Collection, Iterable
+from typing import Callable, Iterable
 
 from . import audit, protocol
 from .protocol import Envelope, Outcome, Receipt
@@ -181,28 +181,28 @@ BATCH_BYTES = protocol.MAX_TRANSACTION_BYTES // 4
 
 def next_batch(
     conn: sqlite3.Connection, domain: str, limit: int, now: float | None = None, *,
-    lane: int | None = None, skip: Collection[int] = (),
+    lane: int | None = None, after: int = 0,
 ) -> list[tuple[int, Envelope]]:
     """The next envelopes to send, urgent first (or of one ``lane`` only),
-    each lane in submission order, leaving out the outbox positions in
-    ``skip`` (already with the hub, not yet settled here); at most ``limit``
-    of them and about `BATCH_BYTES`.  Envelopes are still sent during their
-    expiry grace: one the hub accepted while the answer was lost is then
-    answered "accepted", not failed here."""
+    each lane in submission order, past outbox position ``after`` (what is
+    already with the hub and not settled here: always the front of a lane,
+    as positions only grow); at most ``limit`` of them and about
+    `BATCH_BYTES`.  Envelopes are still sent during their expiry grace: one
+    the hub accepted while the answer was lost is then answered "accepted",
+    not failed here."""
     lanes = (URGENT, NORMAL) if lane is None else (lane,)
     rows = conn.execute(
         f"""SELECT o.seq, o.dest, m.id, m.sender, m.recipients, m.thread, m.priority, unseal(m.body, m.id),
                   m.accepted_at, m.expires_at
            FROM outbox o JOIN message m ON m.id = o.message_id
-           WHERE o.domain = ? AND o.lane IN ({",".join("?" * len(lanes))}) AND (m.sweep_at IS NULL OR m.sweep_at >= ?)
+           WHERE o.domain = ? AND o.lane IN ({",".join("?" * len(lanes))}) AND o.seq > ?
+             AND (m.sweep_at IS NULL OR m.sweep_at >= ?)
            ORDER BY o.lane DESC, o.seq LIMIT ?""",
-        (domain, *lanes, time.time() if now is None else now, limit + len(skip)),
+        (domain, *lanes, after, time.time() if now is None else now, limit),
     )
     batch = []
     size = 0
     for seq, dest, ident, sender, recipients, thread, priority, body, accepted_at, expires_at in rows:
-        if seq in skip:
-            continue
         size += len(body) * 4 + len(recipients) * 2 + 256  # bounds the UTF-8 and msgpack sizes
         if len(batch) == limit or batch and size > BATCH_BYTES:
             break

@@ -12,7 +12,7 @@ hub's per-envelope answers are committed, and only that commit takes the
 envelopes out of the outbox.  Each lane (urgent, normal) has one
 transaction in flight at a time, which keeps each lane's order simple to
 reason about, and lets an urgent transaction pass a normal one on the
-wire.  The store work is overlapped with the hub's: the next batch is read
+wire; on a new connection the urgent lane goes first.  The store work is overlapped with the hub's: the next batch is read
 while a transaction is in flight, and an answer is committed while the
 next transaction is already out.  A transaction whose answer was lost
 (connection drop, cancel) is kept in memory and replayed with the same id
@@ -98,9 +98,10 @@ class Uplink:
         # Per lane, the transaction sent and not answered yet: replayed
         # with the same id, before anything newer, if its answer is lost.
         self._pending: dict[int, tuple[str, list[tuple[int, protocol.Envelope]]]] = {}
-        # Outbox positions the hub has taken whose answer is not committed
-        # here yet, and those read ahead to go next (message id by position).
-        self._settling: dict[int, str] = {}
+        # Per lane, the outbox positions the hub has taken whose answer is
+        # not committed here yet (message id by position), and the batch
+        # read ahead to go next.
+        self._settling: dict[int, dict[int, str]] = {relay_store.URGENT: {}, relay_store.NORMAL: {}}
         self._ahead: dict[int, list[tuple[int, protocol.Envelope]]] = {}
         self.state = UplinkState.CONNECTING
         self.since = time.time()
@@ -161,7 +162,8 @@ class Uplink:
         """Ids of the messages sent to the hub whose answer is not committed
         here yet: purging one of them cannot stop it any more."""
         batches = [*self._pending.values(), *(("", batch) for batch in self._ahead.values())]
-        return {envelope.id for _, batch in batches for _, envelope in batch} | set(self._settling.values())
+        return {envelope.id for _, batch in batches for _, envelope in batch} | {
+            ident for settling in self._settling.values() for ident in settling.values()}
 
     async def run(self) -> None:
         """Keep a connection to the hub up, forever."""
@@ -244,12 +246,16 @@ class Uplink:
     # -- sending ---------------------------------------------------------------------
 
     async def _sender(self, conn: Http2Connection) -> None:
+        # What waited for the connection goes urgent first: the normal lane
+        # starts once the urgent one has sent what it had, or found nothing.
+        urgent_sent = trio.Event()
         async with trio.open_nursery(strict_exception_groups=True) as nursery:
-            for lane in (relay_store.URGENT, relay_store.NORMAL):
-                nursery.start_soon(self._send_lane, conn, lane, nursery)
+            nursery.start_soon(self._send_lane, conn, relay_store.URGENT, nursery, urgent_sent)
+            nursery.start_soon(self._send_lane, conn, relay_store.NORMAL, nursery, urgent_sent)
             nursery.start_soon(self._send_receipts, conn)
 
-    async def _send_lane(self, conn: Http2Connection, lane: int, nursery: trio.Nursery) -> None:
+    async def _send_lane(self, conn: Http2Connection, lane: int, nursery: trio.Nursery,
+                         urgent_sent: trio.Event) -> None:
         """One lane's transactions, one in flight at a time (that is the
         lane's order).  While the hub works on one, the next is read from the
         store; once it answers, the answer is committed here in the
@@ -259,6 +265,8 @@ class Uplink:
         simply go again and the hub would recognise it)."""
         slots = trio.Semaphore(SETTLING_MAX)
         ahead = self._ahead[lane] = []
+        if lane == relay_store.NORMAL:
+            await urgent_sent.wait()
         while True:
             changed = self.outbox_changed.watch()
             if lane not in self._pending:
@@ -267,6 +275,8 @@ class Uplink:
                 if not full:
                     batch = await self._next_batch(lane)
                 if not batch:
+                    if lane == relay_store.URGENT:
+                        urgent_sent.set()
                     await changed.wait()
                     continue
                 self._pending[lane] = (secrets.token_urlsafe(16), batch)
@@ -277,18 +287,19 @@ class Uplink:
                 body = await self._post(conn, protocol.PATH_TRANSACTION + txn_id, wire)
             outcomes = protocol.decode_outcomes(body, len(batch))
             del self._pending[lane]
-            for seq, envelope in batch:
-                self._settling[seq] = envelope.id
+            if lane == relay_store.URGENT:
+                urgent_sent.set()
+            self._settling[lane].update((seq, envelope.id) for seq, envelope in batch)
             await slots.acquire()
-            nursery.start_soon(self._settle, [(seq, env, o) for (seq, env), o in zip(batch, outcomes)], slots)
+            nursery.start_soon(self._settle, lane, [(seq, env, o) for (seq, env), o in zip(batch, outcomes)], slots)
 
     async def _next_batch(self, lane: int, sent: Iterable[tuple[int, protocol.Envelope]] = ()
                           ) -> list[tuple[int, protocol.Envelope]]:
         """The lane's next batch, past the envelopes ``sent`` and those settling."""
         domain, limit = self.config.domain, self.config.uplink.batch_max
-        skip = {*self._settling, *(seq for seq, _ in sent)}
+        after = max((*self._settling[lane], *(seq for seq, _ in sent)), default=0)
         return await self.store.read("next_batch",
-                                     lambda c: relay_store.next_batch(c, domain, limit, lane=lane, skip=skip))
+                                     lambda c: relay_store.next_batch(c, domain, limit, lane=lane, after=after))
 
     async def _read_ahead(self, lane: int, sent: list[tuple[int, protocol.Envelope]],
                           ahead: list[tuple[int, protocol.Envelope]]) -> None:
@@ -296,14 +307,14 @@ class Uplink:
         used as is: a partial one is read again, since more may have come."""
         ahead[:] = await self._next_batch(lane, sent)
 
-    async def _settle(self, results: list[tuple[int, protocol.Envelope, protocol.Outcome]],
+    async def _settle(self, lane: int, results: list[tuple[int, protocol.Envelope, protocol.Outcome]],
                       slots: trio.Semaphore) -> None:
         """Commit the hub's answer to a transaction: the envelopes leave the outbox."""
         try:
             notified = await self.store.run("apply_outcomes", lambda c: relay_store.apply_outcomes(c, results))
         finally:
             for seq, _, _ in results:
-                self._settling.pop(seq, None)
+                self._settling[lane].pop(seq, None)
             slots.release()
         self._on_events(notified)
         for _, env, outcome in results:

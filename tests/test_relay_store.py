@@ -123,6 +123,13 @@ def test_next_batch_is_urgent_first_then_submission_order(conn) -> None:
     assert [env.id for _, env in relay_store.next_batch(conn, HOME, 3)] == [e.id for _, e in batch[:3]]
     # Another domain's outbox is not this one's.
     assert relay_store.next_batch(conn, "other.test", 10) == []
+    # One lane at a time, past what is already with the hub.
+    normal = relay_store.next_batch(conn, HOME, 10, lane=relay_store.NORMAL)
+    assert [env.id for _, env in normal] == ["n1-aaaaaaaa", "n2-aaaaaaaa"]
+    assert [env.id for _, env in relay_store.next_batch(conn, HOME, 10, lane=relay_store.NORMAL,
+                                                        after=normal[0][0])] == ["n2-aaaaaaaa"]
+    assert [env.id for _, env in relay_store.next_batch(conn, HOME, 10, lane=relay_store.URGENT,
+                                                        after=batch[0][0])] == ["u2-aaaaaaaa"]
 
 
 def test_next_batch_builds_one_envelope_per_destination_domain(conn) -> None:
