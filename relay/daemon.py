@@ -86,7 +86,8 @@ async def _serve_relay(config: RelayConfig, store: Store, admin_socket: Path,
         return reloader.config
 
     metrics = RelayMetrics(current, store, uplink, lambda: webhooks.pushers, housekeeping)
-    server = HttpServer(metrics.count_accepted(api), max_body=local.max_body_bytes,
+    api.on_accepted = metrics.count_accepted
+    server = HttpServer(api, max_body=local.max_body_bytes,
                         too_large=too_large(local.max_body_bytes), tls=tls, max_connections=local.max_connections)
     listeners = await trio.open_tcp_listeners(local.listen.port, host=local.listen.host)
     metrics_server = HttpServer(metrics, max_body=METRICS_MAX_BODY, too_large=too_large(METRICS_MAX_BODY),

@@ -61,6 +61,8 @@ class LocalApi:
         self._uplink_state = uplink_state
         self._events: dict[str, Signal] = {}
         self._buckets: dict[tuple[str, float, int], TokenBucket] = {}
+        # Told the priority of each submission answered 202 (the metrics).
+        self.on_accepted: Callable[[str], None] = lambda priority: None
 
     def events_arrived(self, systems: Iterable[str]) -> None:
         for name in systems:
@@ -157,6 +159,7 @@ class LocalApi:
             # and the audit trail already records every acceptance.
             log.debug("accepted message %s from %s (%s) for %d recipient(s)",
                      ident, submission.sender, system.name, len(submission.to), extra={"message_id": ident})
+        self.on_accepted(submission.priority)
         return Response.json(202, {"id": ident, "status": status})
 
     def _has_room(self, priority: str) -> bool:
@@ -218,7 +221,7 @@ class LocalApi:
     # -- GET /v1/messages/{id} ----------------------------------------------------------
 
     async def _status(self, system: LocalSystem, ident: str) -> Response:
-        document = await self.store.run("message_status", lambda c: relay_store.message_status(c, ident, system.name))
+        document = await self.store.read("message_status", lambda c: relay_store.message_status(c, ident, system.name))
         if document is None:
             raise ApiError(404, "not_found", f"no message {ident} sent by this system")
         return Response.json(200, document)

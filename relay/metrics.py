@@ -20,7 +20,6 @@ allows).  docs/operations.md lists every metric.
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from typing import Any, Callable, Iterable
@@ -72,24 +71,17 @@ class RelayMetrics:
         store.on_commit = self.commit_seconds.observe
         uplink.on_delivered = lambda priority, seconds: self.delivery_seconds.labels(priority).observe(seconds)
 
-    def count_accepted(self, app: Callable[[Request], Any]) -> Callable[[Request], Any]:
-        """Wrap the local API: count each 202 to a submission, by priority.
-        (A retry with the same Idempotency-Key is answered 202 again, and
-        counted again.)"""
-        async def counting(request: Request) -> Response:
-            response = await app(request)
-            if response.status == 202 and request.method == "POST" and request.path == "/v1/messages":
-                priority = json.loads(request.body).get("priority", "normal")
-                self.accepted.labels(priority if priority in PRIORITIES else "normal").inc()
-            return response
-        return counting
+    def count_accepted(self, priority: str) -> None:
+        """`LocalApi.on_accepted`: a 202 to a submission.  (A retry with the
+        same Idempotency-Key is answered 202 again, and counted again.)"""
+        self.accepted.labels(priority).inc()
 
     async def __call__(self, request: Request) -> Response:
         if request.method != "GET":
             return Response(405, b"GET only\n", [("allow", "GET"), ("content-type", "text/plain")])
         if request.path == "/metrics":
             try:
-                self._queues = await self.store.run("queue_summary", relay_store.queue_summary)
+                self._queues = await self.store.read("queue_summary", relay_store.queue_summary)
             except StoreUnavailable:
                 pass  # the store cannot commit: the last figures read, and the rest, still tell a story
             return Response(200, generate_latest(self.registry), [("content-type", CONTENT_TYPE_LATEST)])

@@ -249,7 +249,7 @@ class RelayOperations:
         config, now = self._config(), time.time()
         store_error = None
         try:
-            self._queues = await self.store.run("queue_summary", relay_store.queue_summary)
+            self._queues = await self.store.read("queue_summary", relay_store.queue_summary)
         except StoreUnavailable as exc:
             store_error = str(exc)
         up = self.uplink
@@ -301,7 +301,7 @@ class StatusReporter:
             wakers = [self.uplink.changed.watch(), self.outbox_changed.watch(), self.reloaded.watch()]
             config = self._config()
             try:
-                queues = await self.store.run("queue_summary", relay_store.queue_summary)
+                queues = await self.store.read("queue_summary", relay_store.queue_summary)
                 line = status_line(config, self.uplink, queues)
             except StoreUnavailable as exc:
                 line = f"{status_line(config, self.uplink, None)}; {exc}"
