@@ -309,7 +309,10 @@ class HubConnection:
             link.inbox_scope = None
         stream.reset()
 
-    async def _drop_unreadable(self, rows: list[tuple[int, int, str, bytes | None]]) -> list[tuple[int, int, str, bytes]]:
+    async def _drop_unreadable(
+        self, rows: list[tuple[int, int, str, bytes | None]]
+    ) -> list[tuple[int, int, str, bytes]]:
+        """The rows that can be sent; the others leave the queue (see `hub_store.drop_unreadable`)."""
         damaged = [seq for seq, _, _, payload in rows if payload is None]
         if damaged:
             await self.hub.store.run_patiently(

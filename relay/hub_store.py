@@ -122,7 +122,8 @@ def _accept_one(
         seen = conn.execute("SELECT 1 FROM seen WHERE origin = ? AND id = ? AND dest = ?",
                             (origin, envelope.id, dest)).fetchone()
         if seen is None:
-            return Outcome(False, protocol.EXPIRED, "the message's time-to-live ran out before it reached the hub"), None
+            return Outcome(False, protocol.EXPIRED,
+                           "the message's time-to-live ran out before it reached the hub"), None
         return Outcome(True), None  # a replay of what was accepted before it expired
     if not conn.execute("INSERT OR IGNORE INTO seen (origin, id, dest, at) VALUES (?, ?, ?, ?)",
                         (origin, envelope.id, dest, now)).rowcount:

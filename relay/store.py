@@ -56,10 +56,13 @@ Unit = Callable[[sqlite3.Connection], T]
 MAX_GROUP = 512
 
 
-# SQLite's page cache, in KiB (its default is 2,000).  A backlog draining at
-# thousands a second touches more pages than that between two commits; the
-# cache only grows as far as it is used.
-CACHE_KIB = 8 * 1024
+# SQLite's page cache per connection, in KiB (its default is 2,000): the
+# writer's is larger, as a backlog draining at thousands a second touches
+# more pages than that between two commits; the readers' smaller, as they
+# mostly read pages just written (in the OS's cache anyway).  A cache only
+# grows as far as it is used; these bound what the store adds to the RSS.
+CACHE_KIB = 4 * 1024
+READER_CACHE_KIB = 1024
 
 # Read-only connections: two, so that a small read (an urgent message's
 # batch, a page of events) need not wait for a large one (500 envelopes).
@@ -369,6 +372,7 @@ class _StoreContext:
             reader = sqlite3.connect(f"{self._path.absolute().as_uri()}?mode=ro", uri=True, isolation_level=None,
                                      check_same_thread=False)
             sealing.install(reader, self._ring)
+            reader.execute(f"PRAGMA cache_size=-{READER_CACHE_KIB}")
             return reader
 
         conn = await trio.to_thread.run_sync(open_and_migrate)
@@ -387,10 +391,12 @@ class _StoreContext:
     async def __aexit__(self, *exc_info: object) -> None:
         store = self._store
         assert store is not None
-        store._queue.put(_STOP)
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(store._thread.join)
-            for _ in range(READERS):  # every read finished
+            # Readers first: the last connection to close checkpoints the WAL
+            # into the database, and only the writer can.
+            for _ in range(READERS):  # every read finished; none may start
                 await store._reading.acquire_on_behalf_of(object())
             for reader in store._readers:
                 reader.close()
+            store._queue.put(_STOP)
+            await trio.to_thread.run_sync(store._thread.join)

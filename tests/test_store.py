@@ -483,3 +483,13 @@ async def test_an_urgent_unit_is_committed_before_the_group_it_arrived_with(tmp_
             await gate.open()
         assert store.commits - before == 3  # the gate's group, the urgent one, then the others
         assert results["urgent"] < min(results["normal-1"], results["normal-2"])  # rowids: commit order
+
+
+@bounded
+async def test_closing_after_reads_leaves_the_whole_database_in_its_file(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    async with Store.open(path, MIGRATIONS) as store:
+        await store.run("insert", insert("kept"))
+        assert await store.read("count", lambda c: c.execute("SELECT count(*) FROM item").fetchone()[0]) == 1
+    assert not path.with_name("state.db-wal").exists()  # checkpointed by the writer, the last to close
+    assert names(path) == ["kept"]
