@@ -176,7 +176,7 @@ class Uplink:
     keepalive_interval: float = 20.0  # seconds between HTTP/2 PINGs
     keepalive_timeout: float = 10.0  # no PING ack within this: the connection is dead
     backoff_initial: float = 0.5
-    backoff_max: float = 10.0
+    backoff_max: float = 5.0
     batch_max: int = 500  # envelopes per transaction
     tls: TlsPolicy = TlsPolicy()
     # The organisation identifiers (subject OU) the hub's certificate may

@@ -96,7 +96,7 @@ def test_relay_defaults(tmp_path):
     assert uplink.server_name == "127.0.0.1"
     assert uplink.proxy is None
     assert (uplink.connect_timeout, uplink.keepalive_interval, uplink.keepalive_timeout) == (10.0, 20.0, 10.0)
-    assert (uplink.backoff_initial, uplink.backoff_max, uplink.batch_max) == (0.5, 10.0, 500)
+    assert (uplink.backoff_initial, uplink.backoff_max, uplink.batch_max) == (0.5, 5.0, 500)
     assert config.local_api == LocalApi(listen=Address("127.0.0.1", 0))
 
 
