@@ -322,14 +322,16 @@ class HubConnection:
 
 def _inbox_item(seq: int, kind: str, payload: bytes) -> bytes:
     """One inbox frame, built around the stored payload without decoding it."""
-    return b"".join(
-        (
-            b"\x83",  # a msgpack map of three entries
-            protocol.pack("seq"), protocol.pack(seq),
-            protocol.pack("kind"), protocol.pack(kind),
-            protocol.pack("envelope" if kind == "message" else "receipt"), payload,
-        )
-    )
+    return b"".join((_ITEM_START, protocol.pack(seq), _ITEM_KIND[kind], payload))
+
+
+# The constant parts of an inbox frame: a msgpack map of three entries, and
+# per kind the "kind" entry and the key of the payload.
+_ITEM_START = b"\x83" + protocol.pack("seq")
+_ITEM_KIND = {
+    kind: protocol.pack("kind") + protocol.pack(kind) + protocol.pack(key)
+    for kind, key in (("message", "envelope"), ("receipt", "receipt"))
+}
 
 
 async def _read_body(stream: H2Stream) -> bytes:

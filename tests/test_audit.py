@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sqlite3
 import subprocess
 import sys
@@ -89,3 +91,14 @@ async def test_a_message_leaves_metadata_only_entries_at_every_hop(space: Space)
     assert ("refused", None) in actions["state-relay-a"]
     assert ("accepted", ident) in actions["state-hub"] and ("delivered", ident) in actions["state-hub"]
     assert ("received", ident) in actions["state-relay-b"]
+
+
+@pytest.mark.parametrize("fields", [
+    (1, 1764150000.123456, "system:messenger", "accepted", "0005d1e2a3b4c5d6e7f8a9b0c1d2e3f4", "local", "queued"),
+    (2**40, 0.1, "relay:chu-nord.test", "refused", None, None, None),
+    (7, 1e22, "admin", "queue purge", 'quote " and \\ back', "tab\tnew\nline\x00", "é, ü, 漢字, \u2028, 🩺"),
+])
+def test_the_hash_is_over_the_json_of_the_fields_as_it_always_was(fields) -> None:
+    # Entries written before _chain spelt the JSON out must still verify.
+    expected = hashlib.sha256(("f" * 64 + json.dumps(fields, separators=(",", ":"))).encode()).hexdigest()
+    assert audit._chain("f" * 64, *fields) == expected
