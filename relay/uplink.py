@@ -177,7 +177,8 @@ class Uplink:
             except* (OSError, ssl.SSLError, trio.BrokenResourceError, trio.TooSlowError, ConnectionClosed,
                      StreamReset, ProtocolViolation, UplinkError, Revoked, StoreUnavailable) as group:
                 if not self._rolling_over:
-                    self.last_error = "; ".join(_describe(e) for e in _leaves(group))
+                    # Each task on the connection may fail of the same cause: say it once.
+                    self.last_error = "; ".join(dict.fromkeys(_describe(e) for e in _leaves(group)))
                     log.warning("uplink to %s: %s", self.config.uplink.hub_url, self.last_error)
             self._conn = self._nursery = None
             if self._rolling_over:
