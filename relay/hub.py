@@ -295,29 +295,29 @@ class HubConnection:
                         "fetch_inbox",
                         lambda c: hub_store.fetch_inbox(c, self.domain, sent, min(room, INBOX_FETCH)),
                     )
-                    rows = await self._drop_unreadable(rows)
+                    await self._drop_unreadable(rows)
                 if not rows:
                     await changed.wait()
                     continue
                 chunk = bytearray()
                 for seq, lane, kind, payload in rows:
-                    chunk += _inbox_item(seq, kind, payload)
                     sent[lane] = max(sent[lane], seq)
-                    link.unacked.add(seq)
-                await stream.send_data(bytes(chunk))
+                    if payload is not None:
+                        chunk += _inbox_item(seq, kind, payload)
+                        link.unacked.add(seq)
+                if chunk:
+                    await stream.send_data(bytes(chunk))
         if link.inbox_scope is scope:
             link.inbox_scope = None
         stream.reset()
 
-    async def _drop_unreadable(
-        self, rows: list[tuple[int, int, str, bytes | None]]
-    ) -> list[tuple[int, int, str, bytes]]:
-        """The rows that can be sent; the others leave the queue (see `hub_store.drop_unreadable`)."""
+    async def _drop_unreadable(self, rows: list[tuple[int, int, str, bytes | None]]) -> None:
+        """Take the fetched items that cannot be opened out of the queue (see
+        `hub_store.drop_unreadable`); the stream goes on past them."""
         damaged = [seq for seq, _, _, payload in rows if payload is None]
         if damaged:
             await self.hub.store.run_patiently(
                 "drop_unreadable", lambda c: hub_store.drop_unreadable(c, self.domain, damaged))
-        return [row for row in rows if row[3] is not None]
 
 
 def _inbox_item(seq: int, kind: str, payload: bytes) -> bytes:

@@ -3,6 +3,8 @@ hub -> relay B -> local API, and receipts back, over real mutual TLS."""
 
 from __future__ import annotations
 
+import sqlite3
+
 import trio
 
 from conftest import STEP, Space
@@ -102,3 +104,25 @@ async def test_each_message_appears_once_after_relay_restarts(space: Space) -> N
     async with space.b.client() as client:
         page = (await client.get("/v1/events", params={"after": events[-1]["cursor"], "wait": 0.2})).json()
     assert page == {"events": [], "next": events[-1]["cursor"]}
+
+
+async def test_a_queued_item_that_cannot_be_opened_is_dropped_and_the_stream_goes_on(space: Space) -> None:
+    await space.stop_relay(space.b)
+    damaged, kept = [await space.send(space.a, ["bob@clinique-sud.test"], text) for text in ("lost", "kept")]
+    for ident in (damaged, kept):
+        await space.wait_status(space.a, ident, "sent")
+    await space.stop_hub()
+    hub_db = sqlite3.connect(space.hub_config.state_dir / "hub.db")
+    with hub_db:  # what a disk error or a lost key would leave: a payload that fails its tag
+        seq, sealed = hub_db.execute("SELECT seq, payload FROM queue ORDER BY seq LIMIT 1").fetchone()
+        hub_db.execute("UPDATE queue SET payload = ? WHERE seq = ?", (sealed[:-1] + bytes([sealed[-1] ^ 1]), seq))
+    hub_db.close()
+    await space.start_hub()
+    await space.start_relay(space.b)
+    [event] = await space.events(space.b, 1)
+    assert event["message"]["id"] == kept
+    await space.wait_status(space.a, kept, "delivered")
+    hub_db = sqlite3.connect(space.hub_config.state_dir / "hub.db")
+    assert hub_db.execute("SELECT outcome FROM audit WHERE action = 'dropped'").fetchall() == [
+        (f"queue item {seq} cannot be opened",)]
+    hub_db.close()
