@@ -36,7 +36,6 @@ def take_inbound(
     woken: set[str] = set()
     trail: list[audit.Entry] = []
     news = _News(conn)
-    new_events: list[tuple[str, int, float]] = []
     for item in items:
         if item.receipt is not None:
             r = item.receipt
@@ -64,10 +63,12 @@ def take_inbound(
         )
         if cursor.rowcount:
             trail.append(("hub", "received", env.id, env.origin, f"for {', '.join(systems)}"))
-            new_events.extend((system, cursor.lastrowid, now) for system in systems)
+            conn.executemany(  # now, so that events keep the order of arrival with notices posted meanwhile
+                "INSERT INTO event (system, type, inbound, created_at) VALUES (?, 'message', ?, ?)",
+                [(system, cursor.lastrowid, now) for system in systems],
+            )
             woken.update(systems)
     news.flush()
-    conn.executemany("INSERT INTO event (system, type, inbound, created_at) VALUES (?, 'message', ?, ?)", new_events)
     audit.record_many(conn, trail)
     return failures, woken
 

@@ -189,8 +189,9 @@ class Store:
 
         It sees everything committed, in one snapshot, and does not queue
         behind the writer's group and its fsync: a message's trip through
-        three stores has a read at each of them, and that wait was most of
-        its latency.  ``fn`` cannot write (the connection is read-only).
+        three stores has a read at each of them, and each used to wait for
+        a group of submissions to commit.  ``fn`` cannot write (the
+        connection is read-only).
         Raises what ``fn`` raised, or `StoreUnavailable` when SQLite cannot
         read.
         """
