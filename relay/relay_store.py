@@ -204,7 +204,7 @@ def next_batch(
     size = 0
     for seq, dest, ident, sender, recipients, thread, priority, body, accepted_at, expires_at in rows:
         size += len(body) * 4 + len(recipients) * 2 + 256  # bounds the UTF-8 and msgpack sizes
-        if len(batch) == limit or batch and size > BATCH_BYTES:
+        if batch and size > BATCH_BYTES:
             break
         to = tuple(protocol.unpack(recipients, "stored recipients"))
         rcpt = tuple(a for a in to if protocol.domain_of(a) == dest)
