@@ -16,9 +16,10 @@ import httpx
 import pytest
 import trio
 
-from relay import demo
+from relay import demo, relay_store
 from relay.config import Address, HubConfig, RelayConfig, load_hub_config, load_relay_config
 from relay.daemon import run_hub, run_relay
+from relay.store import connect, migrate
 
 # Generous bound for anything that should take milliseconds on loopback.
 STEP = 15.0
@@ -157,3 +158,13 @@ def stopped_space(tmp_path: Path, nursery: trio.Nursery) -> Space:
 
 def dump(document: object) -> str:
     return json.dumps(document, indent=2, ensure_ascii=False)
+
+
+@pytest.fixture
+def conn(tmp_path: Path):
+    """A relay's database, migrated, on a real file (test modules about
+    another database, the hub's or the audit trail alone, override it)."""
+    conn = connect(tmp_path / "relay.db")
+    migrate(conn, relay_store.MIGRATIONS, "relay")
+    yield conn
+    conn.close()

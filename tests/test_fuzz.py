@@ -5,7 +5,6 @@ crash, and never a hang (hypothesis runs each example under its deadline)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import msgpack
 import pytest

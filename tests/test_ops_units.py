@@ -17,18 +17,9 @@ import trio
 from relay import admin, operations, relay_store, sdnotify
 from relay.protocol import Envelope, Outcome
 from relay.relay_store import Submission
-from relay.store import connect, migrate
 
 HOME = "chu-nord.test"
 ALICE, BOB, ZOE = f"alice@{HOME}", "bob@clinique-sud.test", "zoe@late.test"
-
-
-@pytest.fixture
-def conn(tmp_path: Path):
-    conn = connect(tmp_path / "relay.db")
-    migrate(conn, relay_store.MIGRATIONS, "relay")
-    yield conn
-    conn.close()
 
 
 def submit(conn, ident: str, to=(BOB, ZOE), priority: str = "normal") -> None:

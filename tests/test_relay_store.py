@@ -28,14 +28,6 @@ CAROL = "carol@clinique-sud.test"
 DAVE = "dave@ehpad-est.test"
 
 
-@pytest.fixture
-def conn(tmp_path: Path):
-    conn = connect(tmp_path / "relay.db")
-    migrate(conn, relay_store.MIGRATIONS, "relay")
-    yield conn
-    conn.close()
-
-
 def submission(ident: str, *, to=(BOB, CAROL, DAVE), priority="normal", system="messenger",
                idem_key=None, body="Bonjour", thread=None) -> Submission:
     return Submission(ident, HOME, system, idem_key, ALICE, tuple(to), thread, priority, body)

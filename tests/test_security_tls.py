@@ -211,7 +211,6 @@ async def test_a_relay_revoked_while_connected_is_cut_off(stopped_space: Space, 
                                   "hub certificate without serverAuth"])
 async def test_relays_refuse_a_hub_they_should_not_trust(stopped_space: Space, case: str) -> None:
     space = stopped_space
-    pki_dir = space.directory / "pki"
     if case == "hub certificate from another CA":
         ca, key = pki.create_ca(space.directory / "rogue-ca", common_name="EIMIS Demo National CA")
         cert = pki.issue_certificate(ca, key, space.directory / "rogue", dns_names=["hub.eimis.test"],
