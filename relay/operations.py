@@ -187,7 +187,7 @@ def assess(snapshot: dict[str, Any], config: RelayConfig, now: float) -> tuple[l
     warnings: list[str] = []
     uplink = snapshot["uplink"]
     if uplink["state"] != UplinkState.CONNECTED.value:
-        since = _ago(now - uplink["since"])
+        since = span(now - uplink["since"])
         problems.append(f"not connected to the hub ({uplink['state']} for {since})"
                         + (f": {uplink['last_error']}" if uplink["last_error"] else ""))
     for cert in snapshot["certificates"]:
@@ -208,13 +208,14 @@ def assess(snapshot: dict[str, Any], config: RelayConfig, now: float) -> tuple[l
         warnings.append("the store is above its high-water mark: only urgent messages are taken")
     oldest = snapshot["queues"]["oldest_queued_at"]
     if oldest is not None and now - oldest > config.delivery.delay_warning:
-        warnings.append(f"the oldest queued message has waited {_ago(now - oldest)}")
+        warnings.append(f"the oldest queued message has waited {span(now - oldest)}")
     if snapshot["reload"]["errors"]:
         warnings.append("the last reload failed; the previous configuration is in force")
     return problems, warnings
 
 
-def _ago(seconds: float) -> str:
+def span(seconds: float) -> str:
+    """A duration as an admin reads it: "3.2 h", "45 s"."""
     seconds = max(0.0, seconds)
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:

@@ -32,7 +32,7 @@ import trio
 from . import admin, pki, relay_store
 from .config import RelayConfig, load_relay_config
 from .config_reader import ConfigError
-from .operations import QueueTools
+from .operations import QueueTools, span
 from .paths import default_config, state_dir
 from .sealing import KEY_FILE, KeyRing, KeyRingError, install
 from .store import Store, backup
@@ -201,15 +201,15 @@ def render_status(s: dict[str, Any], now: float) -> str:
     out = queues["outbound"]
     oldest = queues["oldest_queued_at"]
     lines = [
-        f"eimis-relay {s['version']}  {s['domain']}  pid {s['pid']}, up {_span(now - s['started'])}",
+        f"eimis-relay {s['version']}  {s['domain']}  pid {s['pid']}, up {span(now - s['started'])}",
         f"health       {'ok' if s['healthy'] else 'UNHEALTHY'}",
         *(f"  problem    {p}" for p in s["problems"]),
         *(f"  warning    {w}" for w in s["warnings"]),
-        f"uplink       {up['state']} since {_when(up['since'])} ({_span(now - up['since'])}),"
+        f"uplink       {up['state']} since {_when(up['since'])} ({span(now - up['since'])}),"
         f" hub {up['hub_url']}, {up['reconnects']} reconnect(s)",
         f"last error   {up['last_error'] or '-'}",
         f"outbound     {out['urgent'] + out['normal']} queued ({out['urgent']} urgent, {out['normal']} normal);"
-        f" oldest {_span(now - oldest) if oldest else '-'}",
+        f" oldest {span(now - oldest) if oldest else '-'}",
         "recipients   " + ", ".join(f"{k} {v}" for k, v in queues["recipients"].items()),
         "inbound      " + (", ".join(f"{k}: {v} unread" for k, v in sorted(queues["unread"].items())) or "none unread"),
     ]
@@ -228,14 +228,6 @@ def render_status(s: dict[str, Any], now: float) -> str:
 
 def _when(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _span(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f} {unit}"
-    return f"{seconds:.0f} s"
 
 
 # -- queue ---------------------------------------------------------------------------
