@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 
 from . import audit, protocol
 from .protocol import Failure, InboxItem
-from .relay_store import advance, advance_many, iso
+from .relay_store import advance, fail, iso
 
 
 def take_inbound(
@@ -87,14 +87,14 @@ class _News:
         if receipt.status != self._status:
             self.flush()
         if receipt.status == "failed":  # rare, and its sender gets a notice
-            advance(self._conn, receipt.id, receipt.rcpt, "failed", receipt.reason, notified)
+            fail(self._conn, receipt.id, receipt.rcpt, receipt.reason, notified)
             return
         self._status = receipt.status
         self._moves.extend((receipt.id, address) for address in receipt.rcpt)
 
     def flush(self) -> None:
         if self._moves:
-            advance_many(self._conn, self._moves, self._status)
+            advance(self._conn, self._moves, self._status)
         self._status, self._moves = "", []
 
 

@@ -219,11 +219,11 @@ def apply_outcomes(conn: sqlite3.Connection, results: Iterable[tuple[int, Envelo
     results = list(results)
     _leave_outbox(conn, [(seq, envelope.id) for seq, envelope, _ in results])
     notified: set[str] = set()
-    advance_many(conn, [(envelope.id, address) for _, envelope, outcome in results if outcome.accepted
-                        for address in envelope.rcpt], "sent")
+    advance(conn, [(envelope.id, address) for _, envelope, outcome in results if outcome.accepted
+                   for address in envelope.rcpt], "sent")
     for _, envelope, outcome in results:
         if not outcome.accepted:
-            advance(conn, envelope.id, envelope.rcpt, "failed", outcome.reason, notified)
+            fail(conn, envelope.id, envelope.rcpt, outcome.reason, notified)
     audit.record_many(conn, [("relay", "sent", envelope.id, f"hub for {envelope.dest}", outcome.reason or "accepted")
                              for _, envelope, outcome in results])
     return notified
@@ -242,7 +242,7 @@ def expire(conn: sqlite3.Connection, now: float, notified: set[str]) -> int:
     _leave_outbox(conn, [(seq, ident) for seq, _, ident, _ in rows])
     for seq, dest, ident, recipients in rows:
         rcpt = [a for a in protocol.unpack(recipients, "stored recipients") if protocol.domain_of(a) == dest]
-        failed += advance(conn, ident, rcpt, "failed", protocol.EXPIRED, notified)
+        failed += fail(conn, ident, rcpt, protocol.EXPIRED, notified)
         audit.record(conn, "relay", "expired", ident, dest, "failed")
     return failed
 
@@ -316,40 +316,10 @@ def drop_receipts(conn: sqlite3.Connection, seqs: list[int]) -> None:
     conn.executemany("DELETE FROM receipt_out WHERE seq = ?", [(seq,) for seq in seqs])
 
 
-def advance(
-    conn: sqlite3.Connection,
-    ident: str,
-    rcpt: Iterable[str],
-    status: str,
-    reason: str | None = None,
-    notified: set[str] | None = None,
-) -> int:
-    """Move recipients forward to ``status`` (never back); return how many
-    moved.  A failure is also posted as a ``failed`` notice to the system
-    that sent the message (it bounces, the way a mail relay's would), and
-    that system is added to ``notified``."""
-    before = _ADVANCES_FROM[status]
-    placeholders = ",".join("?" * len(before))
-    moved = [
-        address
-        for address in rcpt
-        if conn.execute(
-            f"UPDATE recipient SET status = ?, reason = ?, updated_at = ?"
-            f" WHERE message_id = ? AND address = ? AND status IN ({placeholders})",
-            (status, reason, time.time(), ident, address, *before),
-        ).rowcount
-    ]
-    if moved and status == "failed":
-        system = conn.execute("SELECT system FROM message WHERE id = ?", (ident,)).fetchone()[0]
-        post_notice(conn, system, "failed", {"id": ident, "recipients": {a: reason for a in moved}})
-        if notified is not None:
-            notified.add(system)
-    return len(moved)
-
-
-def advance_many(conn: sqlite3.Connection, moves: list[tuple[str, str]], status: str) -> int:
-    """`advance` for many (message id, address) at once, to a status that
-    is not a failure (so nobody needs notifying); return how many moved."""
+def advance(conn: sqlite3.Connection, moves: list[tuple[str, str]], status: str) -> int:
+    """Move recipients, as (message id, address), forward to ``status``
+    (never back), in one statement; return how many moved.  Not for a
+    failure, which the sender must be told of: see `fail`."""
     assert status != "failed"
     if not moves:
         return 0
@@ -361,6 +331,29 @@ def advance_many(conn: sqlite3.Connection, moves: list[tuple[str, str]], status:
         f" WHERE message_id = ? AND address = ? AND status IN ({placeholders})",
         [(status, now, ident, address, *before) for ident, address in moves],
     ).rowcount
+
+
+def fail(conn: sqlite3.Connection, ident: str, rcpt: Iterable[str], reason: str | None, notified: set[str]) -> int:
+    """Move recipients of a message to ``failed`` (from a status that may
+    still fail); return how many moved.  The failure is posted as a
+    ``failed`` notice to the system that sent the message (it bounces, the
+    way a mail relay's would), and that system is added to ``notified``."""
+    before = _ADVANCES_FROM["failed"]
+    placeholders = ",".join("?" * len(before))
+    moved = [
+        address
+        for address in rcpt
+        if conn.execute(
+            f"UPDATE recipient SET status = 'failed', reason = ?, updated_at = ?"
+            f" WHERE message_id = ? AND address = ? AND status IN ({placeholders})",
+            (reason, time.time(), ident, address, *before),
+        ).rowcount
+    ]
+    if moved:
+        system = conn.execute("SELECT system FROM message WHERE id = ?", (ident,)).fetchone()[0]
+        post_notice(conn, system, "failed", {"id": ident, "recipients": {a: reason for a in moved}})
+        notified.add(system)
+    return len(moved)
 
 
 def message_status(conn: sqlite3.Connection, ident: str, system: str) -> dict | None:
@@ -520,7 +513,7 @@ def purge(conn: sqlite3.Connection, ident: str) -> tuple[int, set[str]] | None:
         "SELECT address FROM recipient WHERE message_id = ? AND status = 'queued'", (ident,))]
     _leave_outbox(conn, [(seq, ident) for (seq,) in conn.execute("SELECT seq FROM outbox WHERE message_id = ?",
                                                                   (ident,)).fetchall()])
-    failed = advance(conn, ident, queued, "failed", PURGED, notified)
+    failed = fail(conn, ident, queued, PURGED, notified)
     audit.record(conn, "admin", "queue purge", ident, None, f"{failed} recipient(s) failed")
     return failed, notified
 

@@ -39,7 +39,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import trio
 
@@ -217,19 +217,11 @@ class Store:
     async def run_patiently(self, name: str, fn: Unit[T]) -> T:
         """`run`, waiting out `StoreUnavailable`: for background duties,
         which have no client to answer 503 to and must not die of a full disk."""
-        while True:
-            try:
-                return await self.run(name, fn)
-            except StoreUnavailable:
-                await trio.sleep(PATIENCE)
+        return await _patiently(self.run, name, fn)
 
     async def read_patiently(self, name: str, fn: Unit[T]) -> T:
         """`read`, waiting out `StoreUnavailable` (see `run_patiently`)."""
-        while True:
-            try:
-                return await self.read(name, fn)
-            except StoreUnavailable:
-                await trio.sleep(PATIENCE)
+        return await _patiently(self.read, name, fn)
 
     # -- the writer thread ------------------------------------------------------
 
@@ -346,6 +338,14 @@ def _used_bytes(conn: sqlite3.Connection) -> int:
     page_size = conn.execute("PRAGMA page_size").fetchone()[0]
     pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
     return pages * page_size
+
+
+async def _patiently(attempt: Callable[[str, Unit[T]], Awaitable[T]], name: str, fn: Unit[T]) -> T:
+    while True:
+        try:
+            return await attempt(name, fn)
+        except StoreUnavailable:
+            await trio.sleep(PATIENCE)
 
 
 def _wake(group: list[_Job]) -> None:

@@ -80,7 +80,7 @@ def test_an_idempotency_key_returns_the_first_id_and_creates_nothing(conn) -> No
     assert relay_store.submit(conn, again) == ("msg-00000001", "queued")
     assert [count(conn, t) for t in ("message", "recipient", "outbox")] == before
     # A replay tells where the first message is now, and needs no room.
-    relay_store.advance(conn, "msg-00000001", [BOB, CAROL, DAVE], "sent")
+    relay_store.advance(conn, [("msg-00000001", address) for address in (BOB, CAROL, DAVE)], "sent")
     assert relay_store.submit(conn, again, lambda priority: False) == ("msg-00000001", "sent")
     # The key belongs to the system: another system's equal key is another message.
     other = submission("msg-00000003", idem_key="k-1", system="lab")
