@@ -15,8 +15,18 @@ import trio
 
 from . import baselines
 from .baselines import BareServer, Postfix, Unavailable
-from .loadgen import (LoadResult, Post, Target, api_post, client_tls, closed_loop, connections_for,
-                      message_body, open_loop, opener)
+from .loadgen import (
+    LoadResult,
+    Post,
+    Target,
+    api_post,
+    client_tls,
+    closed_loop,
+    connections_for,
+    message_body,
+    open_loop,
+    opener,
+)
 from .plan import Bench
 from .space import Relay, db_bytes
 from .stats import median_of, percentile, ratio, summary

@@ -189,13 +189,13 @@ class Space:
 
     def _add_domains(self, count: int) -> None:
         """Extra destination relays, cloned from relay B's config (see the module docstring)."""
-        from relay import pki  # the demo CA's own issuer: certificates of the shipped shape
+        from relay.pki import authority  # the demo CA's own issuer: certificates of the shipped shape
 
         pki_dir = self.directory / "pki"
         template = self.b.config.read_text()
         domains = [f"d{n:02d}.bench.test" for n in range(count)]
         for n, domain in enumerate(domains):
-            pki.issue_certificate(pki_dir / "ca.pem", pki_dir / "ca.key", pki_dir, dns_names=[domain],
+            authority.issue_certificate(pki_dir / "ca.pem", pki_dir / "ca.key", pki_dir, dns_names=[domain],
                                   role="relay", org_id=f"1{990000000 + n}")
             port = free_port()
             text = template.replace(self.b.domain, domain).replace(self.b.daemon.name, f"relay-{domain}")

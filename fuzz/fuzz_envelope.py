@@ -12,8 +12,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from relay import protocol
-    from relay.protocol import Envelope, InboxItem, ProtocolViolation
+    from relay.core import protocol
+    from relay.core.protocol import Envelope, InboxItem, ProtocolViolation
 
 
 def test_one_input(data: bytes) -> None:

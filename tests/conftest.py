@@ -16,10 +16,11 @@ import httpx
 import pytest
 import trio
 
-from relay import demo, relay_store
-from relay.config import Address, HubConfig, RelayConfig, load_hub_config, load_relay_config
-from relay.daemon import run_hub, run_relay
-from relay.store import connect, migrate
+from relay.cli.main import demo
+from relay.config.model import Address, HubConfig, RelayConfig, load_hub_config, load_relay_config
+from relay.runtime.daemon import run_hub, run_relay
+from relay.store import relay_queue
+from relay.store.engine import connect, migrate
 
 # Generous bound for anything that should take milliseconds on loopback.
 STEP = 15.0
@@ -165,6 +166,6 @@ def conn(tmp_path: Path):
     """A relay's database, migrated, on a real file (test modules about
     another database, the hub's or the audit trail alone, override it)."""
     conn = connect(tmp_path / "relay.db")
-    migrate(conn, relay_store.MIGRATIONS, "relay")
+    migrate(conn, relay_queue.MIGRATIONS, "relay")
     yield conn
     conn.close()

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import Space
-from relay import audit
-from relay.store import connect, migrate
+
+from relay.store import audit
+from relay.store.engine import connect, migrate
 
 
 @pytest.fixture

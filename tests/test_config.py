@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import (
+from relay.config.model import (
     Address,
     LocalApi,
     LocalSystem,
@@ -15,7 +15,7 @@ from relay.config import (
     load_hub_config,
     load_relay_config,
 )
-from relay.config_reader import ConfigError
+from relay.config.reader import ConfigError
 
 ROOT = Path(__file__).parent.parent
 

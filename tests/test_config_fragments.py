@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import load_hub_config, load_relay_config
-from relay.config_reader import ConfigError, NotConfigured, defines_table
+from relay.config.model import load_hub_config, load_relay_config
+from relay.config.reader import ConfigError, NotConfigured, defines_table
 
 ROOT = Path(__file__).parent.parent
 

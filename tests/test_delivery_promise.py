@@ -9,10 +9,10 @@ import json
 from dataclasses import replace
 
 import trio
-
 from conftest import STEP, Space
 from peers import WebhookReceiver
-from relay.config import Delivery, StoreLimits
+
+from relay.config.model import Delivery, StoreLimits
 
 
 async def test_read_receipt_turns_the_status_read(space: Space) -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-
 from processes import STEP, DemoSpace
 
 pytestmark = pytest.mark.e2e

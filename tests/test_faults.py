@@ -23,12 +23,13 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-
 from peers import SilentLink, WebhookReceiver
 from processes import STEP, DemoSpace, Site
-from relay import http2, protocol
-from relay.protocol import Envelope
-from relay.tls import relay_client_context
+
+from relay.core import protocol
+from relay.core.protocol import Envelope
+from relay.net import h2connection
+from relay.net.tls import relay_client_context
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
@@ -287,7 +288,7 @@ class HubClient:
         tcp = await trio.open_tcp_stream("127.0.0.1", self.port)
         tls = trio.SSLStream(tcp, self.context, server_hostname="hub.eimis.test")
         await tls.do_handshake()
-        self.conn = http2.Http2Connection(tls, client=True, name="hub")
+        self.conn = h2connection.Http2Connection(tls, client=True, name="hub")
         self._nursery_manager = trio.open_nursery(strict_exception_groups=True)
         nursery = await self._nursery_manager.__aenter__()
         await nursery.start(self.conn.run)

@@ -11,12 +11,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay import demo, protocol
-from relay.config import load_relay_config
-from relay.http_server import Request
-from relay.local_api import ApiError, LocalApi, _json_body
-from relay.protocol import Envelope, InboxItem, ProtocolViolation
-from relay.wakeup import Signal
+from relay.appliance.local_api import ApiError, LocalApi, _json_body
+from relay.cli.main import demo
+from relay.config.model import load_relay_config
+from relay.core import protocol
+from relay.core.protocol import Envelope, InboxItem, ProtocolViolation
+from relay.net.local_server import Request
+from relay.net.wakeup import Signal
 
 plain = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=40)

@@ -29,7 +29,7 @@ import pytest
 import trio
 import trio.testing
 
-from relay.http2 import (
+from relay.net.h2connection import (
     CLOSED_STREAMS_KEPT,
     CONNECTION_WINDOW,
     STREAM_WINDOW,

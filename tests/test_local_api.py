@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 import shutil
 import ssl
+from dataclasses import replace
 
 import httpx
 import pytest
 import trio
-
-from dataclasses import replace
-
 from conftest import STEP, Space
-from relay import pki
-from relay.ratelimit import TokenBucket
+
+from relay.core.ratelimit import TokenBucket
+from relay.pki import authority
 
 
 @pytest.fixture(params=["http/1.1", "h2c"])
@@ -258,9 +257,9 @@ async def test_local_tls_with_client_certificates(stopped_space: Space) -> None:
     space = stopped_space
     pki_dir = space.directory / "pki"
     ca, ca_key = pki_dir / "ca.pem", pki_dir / "ca.key"
-    server = pki.issue_certificate(ca, ca_key, space.directory / "local", dns_names=["localhost"],
+    server = authority.issue_certificate(ca, ca_key, space.directory / "local", dns_names=["localhost"],
                                    ip_addresses=["127.0.0.1"], role="local")
-    client = pki.issue_certificate(ca, ca_key, space.directory / "vendor", dns_names=["messenger.chu-nord.test"],
+    client = authority.issue_certificate(ca, ca_key, space.directory / "vendor", dns_names=["messenger.chu-nord.test"],
                                    role="relay")
     local = replace(space.a.config.local_api, tls_cert_file=server[0], tls_key_file=server[1], tls_client_ca_file=ca)
     space.a.config = replace(space.a.config, local_api=local)

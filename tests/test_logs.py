@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from relay.logs import JsonFormatter, LogfmtFormatter
+from relay.runtime.logs import JsonFormatter, LogfmtFormatter
 
 
 def _record(msg: str, *args, **extra) -> logging.LogRecord:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import sqlite3
 
 import trio
-
 from conftest import STEP, Space
 
 

@@ -19,15 +19,17 @@ import httpx
 import pytest
 import trio
 from cryptography import x509
-from prometheus_client.parser import text_string_to_metric_families
-
+from cryptography.hazmat.primitives import serialization
 from peers import LoopbackServer, read_head
 from processes import STEP, DemoSpace
-from relay import pki, relay_store
-from relay.demo import HUB_NAME
-from relay.protocol import Envelope, Outcome
-from relay.sealing import KEY_FILE, KeyRing
-from relay.store import Store
+from prometheus_client.parser import text_string_to_metric_families
+
+from relay.cli.demo import HUB_NAME
+from relay.core.protocol import Envelope, Outcome
+from relay.pki import authority, identity
+from relay.store import relay_queue
+from relay.store.engine import Store
+from relay.store.sealing import KEY_FILE, KeyRing
 
 pytestmark = pytest.mark.e2e
 
@@ -137,8 +139,8 @@ async def test_queue_tools_through_the_running_daemon(ops: OpsSpace) -> None:
     assert purged.returncode == 0, purged.stderr
     assert (await ops.a.status(ident)) == "failed"
     [notice] = await ops.a.events(1)
-    assert notice["type"] == "failed" and notice["notice"]["recipients"] == {BOB: relay_store.PURGED}
-    assert "relay.admin" not in ops.a.process.log.read_text()  # no admin request failed
+    assert notice["type"] == "failed" and notice["notice"]["recipients"] == {BOB: relay_queue.PURGED}
+    assert "relay.net.admin_socket" not in ops.a.process.log.read_text()  # no admin request failed
 
 
 async def test_queue_retry_with_no_daemon_works_on_the_store_itself(ops: OpsSpace) -> None:
@@ -151,17 +153,17 @@ async def test_queue_retry_with_no_daemon_works_on_the_store_itself(ops: OpsSpac
     zoe = "zoe@late.test"
 
     def refused(conn) -> None:
-        relay_store.submit(conn, relay_store.Submission(ident, "chu-nord.test", "demo-messenger", None,
+        relay_queue.submit(conn, relay_queue.Submission(ident, "chu-nord.test", "demo-messenger", None,
                                                         ops.a.users[0], (BOB, zoe), None, "normal", "again"))
         seq, = conn.execute("SELECT seq FROM outbox WHERE dest = 'late.test'").fetchone()
         env = Envelope(ident, ops.a.users[0], (BOB, zoe), (zoe,), "again", None, "normal", time.time())
-        relay_store.apply_outcomes(conn, [(seq, env, Outcome(False, "unknown_domain", "no relay"))])
+        relay_queue.apply_outcomes(conn, [(seq, env, Outcome(False, "unknown_domain", "no relay"))])
 
     ops.a.process.start()  # creates the store and its key ring, then stops
     await ops.a.uplink("down")
     assert ops.a.process.terminate() == 0
     ring = KeyRing.load(ops.state() / KEY_FILE)
-    async with Store.open(ops.state() / "relay.db", relay_store.MIGRATIONS, ring) as store:
+    async with Store.open(ops.state() / "relay.db", relay_queue.MIGRATIONS, ring) as store:
         await store.run("refused", refused)
 
     result = await cli("queue", "retry", "--all-failed", "--config", ops.config_a)
@@ -209,9 +211,9 @@ async def test_metrics_readyz_and_healthz(ops: OpsSpace) -> None:
         assert samples[("eimis_relay_messages_delayed_total", ())] == 0  # all delivered within delay_warning
         assert samples[("eimis_relay_recipients_expired_total", ())] == 0
         assert ("eimis_relay_build_info", (("python", sys.version.split()[0]), ("version", "0.1.0"))) in samples
-        cert = pki.load_certificates(ops.directory / "pki" / "chu-nord.test.pem")[0]
+        cert = identity.load_certificates(ops.directory / "pki" / "chu-nord.test.pem")[0]
         expires = samples[("eimis_relay_certificate_expiry_timestamp_seconds", (("certificate", "relay"),))]
-        assert expires == pki.peer_identity(cert.public_bytes(pki.serialization.Encoding.DER)).not_after.timestamp()
+        assert expires == identity.peer_identity(cert.public_bytes(serialization.Encoding.DER)).not_after.timestamp()
         assert ("eimis_relay_certificate_expiry_timestamp_seconds", (("certificate", "hub"),)) in samples
         assert (await scraper.get("/healthz")).status_code == 200
         assert (await scraper.get("/readyz")).json() == {"ready": True, "reasons": []}
@@ -244,7 +246,7 @@ async def test_sighup_puts_a_renewed_hub_certificate_in_use_without_dropping_wor
     port = urlsplit(ops.manifest["hub"]["url"]).port
     before = await _served_certificate(port, ops)
     pki_dir = ops.directory / "pki"
-    pki.issue_certificate(pki_dir / "ca.pem", pki_dir / "ca.key", pki_dir, dns_names=[HUB_NAME, "localhost"],
+    authority.issue_certificate(pki_dir / "ca.pem", pki_dir / "ca.key", pki_dir, dns_names=[HUB_NAME, "localhost"],
                           ip_addresses=["127.0.0.1"], role="hub", days=400)
     ops.hub.popen.send_signal(signal.SIGHUP)
     await wait_log(ops.hub, "reloaded")
@@ -257,7 +259,7 @@ async def test_sighup_puts_a_renewed_hub_certificate_in_use_without_dropping_wor
 async def test_a_relay_picks_up_its_renewed_certificate_from_disk(ops: OpsSpace) -> None:
     await ops.start()
     pki_dir = ops.directory / "pki"
-    pki.issue_certificate(pki_dir / "ca.pem", pki_dir / "ca.key", pki_dir, dns_names=["chu-nord.test"],
+    authority.issue_certificate(pki_dir / "ca.pem", pki_dir / "ca.key", pki_dir, dns_names=["chu-nord.test"],
                           role="relay", org_id="1750000001", days=30)
     await wait_log(ops.a.process, "reconnecting with the new certificate")
     await ops.a.uplink("connected")
@@ -410,8 +412,8 @@ class InterceptingProxy(LoopbackServer):
     a certificate for the hub's name from a CA of its own."""
 
     def __init__(self, directory: Path) -> None:
-        ca, ca_key = pki.create_ca(directory, common_name="Inspection Box CA")
-        cert, key = pki.issue_certificate(ca, ca_key, directory, dns_names=[HUB_NAME], role="hub")
+        ca, ca_key = authority.create_ca(directory, common_name="Inspection Box CA")
+        cert, key = authority.issue_certificate(ca, ca_key, directory, dns_names=[HUB_NAME], role="hub")
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.load_cert_chain(cert, key)
 
@@ -448,7 +450,7 @@ async def test_sighup_puts_a_renewed_local_api_certificate_in_use(ops: OpsSpace)
     pki_dir = ops.directory / "pki"
 
     def issue() -> None:
-        pki.issue_certificate(pki_dir / "ca.pem", pki_dir / "ca.key", pki_dir, dns_names=["relay-a.local"],
+        authority.issue_certificate(pki_dir / "ca.pem", pki_dir / "ca.key", pki_dir, dns_names=["relay-a.local"],
                               ip_addresses=["127.0.0.1"], role="local")
 
     issue()

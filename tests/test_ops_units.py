@@ -14,16 +14,18 @@ from pathlib import Path
 import pytest
 import trio
 
-from relay import admin, operations, relay_store, sdnotify
-from relay.protocol import Envelope, Outcome
-from relay.relay_store import Submission
+from relay.appliance import operations
+from relay.core.protocol import Envelope, Outcome
+from relay.net import admin_socket, sdnotify
+from relay.store import relay_queue
+from relay.store.relay_queue import Submission
 
 HOME = "chu-nord.test"
 ALICE, BOB, ZOE = f"alice@{HOME}", "bob@clinique-sud.test", "zoe@late.test"
 
 
 def submit(conn, ident: str, to=(BOB, ZOE), priority: str = "normal") -> None:
-    relay_store.submit(conn, Submission(ident, HOME, "messenger", None, ALICE, tuple(to), None, priority, "Bonjour"))
+    relay_queue.submit(conn, Submission(ident, HOME, "messenger", None, ALICE, tuple(to), None, priority, "Bonjour"))
 
 
 def refuse(conn, ident: str, dest: str) -> None:
@@ -31,7 +33,7 @@ def refuse(conn, ident: str, dest: str) -> None:
     seq, = conn.execute("SELECT seq FROM outbox WHERE message_id = ? AND dest = ?", (ident, dest)).fetchone()
     env = Envelope(ident, ALICE, (BOB, ZOE), tuple(a for a in (BOB, ZOE) if a.endswith(dest)), "Bonjour", None,
                    "normal", time.time())
-    relay_store.apply_outcomes(conn, [(seq, env, Outcome(False, "unknown_domain", "no relay"))])
+    relay_queue.apply_outcomes(conn, [(seq, env, Outcome(False, "unknown_domain", "no relay"))])
 
 
 # -- the queue's units ------------------------------------------------------------------
@@ -42,17 +44,17 @@ def test_list_and_show_filter_by_state_and_domain(conn) -> None:
     submit(conn, "msg-00000002", to=(BOB,), priority="urgent")
     refuse(conn, "msg-00000001", "late.test")
 
-    assert [m["id"] for m in relay_store.queue_messages(conn, None, None, 10)] == ["msg-00000001", "msg-00000002"]
-    assert [m["id"] for m in relay_store.queue_messages(conn, "failed", None, 10)] == ["msg-00000001"]
-    assert [m["id"] for m in relay_store.queue_messages(conn, "queued", "clinique-sud.test", 10)] == \
+    assert [m["id"] for m in relay_queue.queue_messages(conn, None, None, 10)] == ["msg-00000001", "msg-00000002"]
+    assert [m["id"] for m in relay_queue.queue_messages(conn, "failed", None, 10)] == ["msg-00000001"]
+    assert [m["id"] for m in relay_queue.queue_messages(conn, "queued", "clinique-sud.test", 10)] == \
         ["msg-00000001", "msg-00000002"]
-    assert relay_store.queue_messages(conn, None, "nowhere.test", 10) == []
-    assert relay_store.queue_messages(conn, None, "late_test", 10) == []  # "_" is no wildcard
-    shown = relay_store.queue_message(conn, "msg-00000001", False)
+    assert relay_queue.queue_messages(conn, None, "nowhere.test", 10) == []
+    assert relay_queue.queue_messages(conn, None, "late_test", 10) == []  # "_" is no wildcard
+    shown = relay_queue.queue_message(conn, "msg-00000001", False)
     assert shown["recipients"][ZOE]["status"] == "failed" and shown["waiting_for_hub"] == ["clinique-sud.test"]
     assert "body" not in shown and shown["body_kept"]
-    assert relay_store.queue_message(conn, "msg-00000001", True)["body"] == "Bonjour"
-    assert relay_store.queue_message(conn, "nope", False) is None
+    assert relay_queue.queue_message(conn, "msg-00000001", True)["body"] == "Bonjour"
+    assert relay_queue.queue_message(conn, "nope", False) is None
 
 
 def test_retry_queues_failed_recipients_again_while_the_body_is_kept(conn) -> None:
@@ -60,36 +62,36 @@ def test_retry_queues_failed_recipients_again_while_the_body_is_kept(conn) -> No
     refuse(conn, "msg-00000001", "late.test")
     now = time.time()
 
-    assert relay_store.retry_failed(conn, None, 3600, now) == {"msg-00000001": relay_store.RETRIED}
-    assert relay_store.queue_message(conn, "msg-00000001", False)["recipients"][ZOE]["status"] == "queued"
+    assert relay_queue.retry_failed(conn, None, 3600, now) == {"msg-00000001": relay_queue.RETRIED}
+    assert relay_queue.queue_message(conn, "msg-00000001", False)["recipients"][ZOE]["status"] == "queued"
     assert sorted(d for (d,) in conn.execute("SELECT dest FROM outbox")) == ["clinique-sud.test", "late.test"]
     expires, = conn.execute("SELECT expires_at FROM message").fetchone()
     assert expires == pytest.approx(now + 3600)
-    assert relay_store.retry_failed(conn, ["msg-00000001"], 3600, now) == {"msg-00000001": "no failed recipient"}
+    assert relay_queue.retry_failed(conn, ["msg-00000001"], 3600, now) == {"msg-00000001": "no failed recipient"}
 
 
 def test_retry_explains_a_body_that_is_gone(conn) -> None:
     submit(conn, "msg-00000001", to=(ZOE,))
     refuse(conn, "msg-00000001", "late.test")  # its last envelope: the body is dropped
 
-    assert "body no longer kept" in relay_store.retry_failed(conn, None, 3600, time.time())["msg-00000001"]
+    assert "body no longer kept" in relay_queue.retry_failed(conn, None, 3600, time.time())["msg-00000001"]
 
 
 def test_purge_fails_queued_recipients_and_notifies_the_sender(conn) -> None:
     submit(conn, "msg-00000001")
 
-    assert relay_store.purge(conn, "msg-00000001") == (2, {"messenger"})
-    assert {r["reason"] for r in relay_store.queue_message(conn, "msg-00000001", False)["recipients"].values()} \
-        == {relay_store.PURGED}
+    assert relay_queue.purge(conn, "msg-00000001") == (2, {"messenger"})
+    assert {r["reason"] for r in relay_queue.queue_message(conn, "msg-00000001", False)["recipients"].values()} \
+        == {relay_queue.PURGED}
     assert conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == 0
     assert conn.execute("SELECT type FROM event").fetchall() == [("failed",)]
-    assert relay_store.purge(conn, "nope") is None
+    assert relay_queue.purge(conn, "nope") is None
 
 
 def test_summary_counts_what_status_shows(conn) -> None:
     submit(conn, "msg-00000001")
     submit(conn, "msg-00000002", to=(BOB,), priority="urgent")
-    summary = relay_store.queue_summary(conn)
+    summary = relay_queue.queue_summary(conn)
     assert summary["outbound"] == {"urgent": 1, "normal": 2}
     assert summary["recipients"] == {"queued": 3, "sent": 0, "failed": 0}
     assert summary["oldest_queued_at"] == pytest.approx(time.time(), abs=5)
@@ -115,7 +117,7 @@ def test_certificate_watch_logs_and_starts_afresh_for_a_renewed_certificate(capl
     watch.check([old], now + 60)
     renewed = operations.Certificate("relay", now + 25 * 86400, "relay.pem")
     watch.check([renewed], now + 120)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "relay.operations"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "relay.appliance.operations"]
     assert len(warnings) == 2
     assert "certificate relay (relay.pem) expires in 6 day(s)" in warnings[0]
     assert "expires in 25 day(s)" in warnings[1]
@@ -125,14 +127,14 @@ def test_certificate_watch_logs_and_starts_afresh_for_a_renewed_certificate(capl
 
 
 def test_the_lock_says_who_holds_the_store(tmp_path: Path) -> None:
-    assert admin.holder(tmp_path) is None
-    with admin.StateLock(tmp_path) as lock:
+    assert admin_socket.holder(tmp_path) is None
+    with admin_socket.StateLock(tmp_path) as lock:
         lock.acquire("eimis-relay run", tmp_path / "admin.sock")
-        found = admin.holder(tmp_path)
+        found = admin_socket.holder(tmp_path)
         assert found["pid"] == os.getpid() and found["admin_socket"] == str(tmp_path / "admin.sock")
-        with pytest.raises(admin.StoreBusy, match=r"in use by eimis-relay run \(pid \d+\)"):
-            admin.StateLock(tmp_path).acquire("eimis-relay queue purge")
-    assert admin.holder(tmp_path) is None
+        with pytest.raises(admin_socket.StoreBusy, match=r"in use by eimis-relay run \(pid \d+\)"):
+            admin_socket.StateLock(tmp_path).acquire("eimis-relay queue purge")
+    assert admin_socket.holder(tmp_path) is None
 
 
 async def test_the_admin_socket_is_private_and_answers_one_json_line(tmp_path: Path) -> None:
@@ -140,23 +142,23 @@ async def test_the_admin_socket_is_private_and_answers_one_json_line(tmp_path: P
         return {"asked": args}
 
     async def refuse(args):
-        raise admin.AdminError("no such message")
+        raise admin_socket.AdminError("no such message")
 
     path = tmp_path / "admin.sock"
-    server = admin.AdminServer(path, {"status": status, "queue.show": refuse})
+    server = admin_socket.AdminServer(path, {"status": status, "queue.show": refuse})
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         with trio.fail_after(10):
-            assert await trio.to_thread.run_sync(admin.call, path, "status", {"x": 1}) == {"asked": {"x": 1}}
-            with pytest.raises(admin.AdminError, match="no such message"):
-                await trio.to_thread.run_sync(admin.call, path, "queue.show")
-            with pytest.raises(admin.AdminError, match="malformed"):
-                await trio.to_thread.run_sync(admin.call, path, "drop tables")
+            assert await trio.to_thread.run_sync(admin_socket.call, path, "status", {"x": 1}) == {"asked": {"x": 1}}
+            with pytest.raises(admin_socket.AdminError, match="no such message"):
+                await trio.to_thread.run_sync(admin_socket.call, path, "queue.show")
+            with pytest.raises(admin_socket.AdminError, match="malformed"):
+                await trio.to_thread.run_sync(admin_socket.call, path, "drop tables")
         nursery.cancel_scope.cancel()
     assert not path.exists()
-    with pytest.raises(admin.DaemonUnreachable):
-        admin.call(path, "status")
+    with pytest.raises(admin_socket.DaemonUnreachable):
+        admin_socket.call(path, "status")
 
 
 # -- the watchdog ---------------------------------------------------------------------

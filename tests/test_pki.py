@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from relay import pki, pki_cli
+from relay.cli import pki as pki_commands
+from relay.pki import authority, identity
 
 DOMAIN = "chu-nord.test"
 ORG_ID = "1750000001"
@@ -21,12 +22,12 @@ ORG_ID = "1750000001"
 
 @pytest.fixture
 def ca(tmp_path):
-    return pki.create_ca(tmp_path / "ca")
+    return authority.create_ca(tmp_path / "ca")
 
 
 def issue(ca, out_dir, domain=DOMAIN, role="relay", **kwargs):
     ca_cert, ca_key = ca
-    return pki.issue_certificate(ca_cert, ca_key, out_dir, dns_names=[domain], role=role, **kwargs)
+    return authority.issue_certificate(ca_cert, ca_key, out_dir, dns_names=[domain], role=role, **kwargs)
 
 
 def levels(findings):
@@ -44,18 +45,18 @@ def load(path):
 def test_valid_identity_gives_only_info(ca, tmp_path):
     cert, key = issue(ca, tmp_path / "pki", org_id=ORG_ID)
     assert cert.name == f"{DOMAIN}.pem" and key.name == f"{DOMAIN}.key"
-    findings = pki.check_identity(cert, key, ca[0], DOMAIN)
+    findings = identity.check_identity(cert, key, ca[0], DOMAIN)
     assert levels(findings) == ["info"]
     assert f"certificate for {DOMAIN} expires in 824 days (" in findings[0].message
 
 
 def test_issued_certificate_shape(ca, tmp_path):
-    cert_path, _ = pki.issue_certificate(
+    cert_path, _ = authority.issue_certificate(
         *ca, tmp_path, dns_names=["hub.test", "hub2.test"], ip_addresses=["127.0.0.1"],
         role="hub", org_id=ORG_ID,
     )
     cert = load(cert_path)
-    assert pki.san_dns_names(cert) == ["hub.test", "hub2.test"]
+    assert identity.san_dns_names(cert) == ["hub.test", "hub2.test"]
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "hub.test"
@@ -90,14 +91,14 @@ def test_issue_rejects_bad_arguments(ca, tmp_path, kwargs, message):
 
 
 def test_issue_rejects_ca_key_of_another_ca(ca, tmp_path):
-    _, other_key = pki.create_ca(tmp_path / "other")
+    _, other_key = authority.create_ca(tmp_path / "other")
     with pytest.raises(ValueError, match="CA key does not match CA certificate"):
-        pki.issue_certificate(ca[0], other_key, tmp_path, dns_names=[DOMAIN], role="relay")
+        authority.issue_certificate(ca[0], other_key, tmp_path, dns_names=[DOMAIN], role="relay")
 
 
 def test_key_files_are_private(ca, tmp_path):
     _, relay_key = issue(ca, tmp_path)
-    csr_key, _ = pki.make_key_and_csr(tmp_path / "csr", domain=DOMAIN)
+    csr_key, _ = authority.make_key_and_csr(tmp_path / "csr", domain=DOMAIN)
     for key in (ca[1], relay_key, csr_key):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
 
@@ -113,7 +114,7 @@ def test_reissue_replaces_key_and_keeps_it_private(ca, tmp_path):
 
 def test_wrong_domain(ca, tmp_path):
     cert, key = issue(ca, tmp_path, domain="chu-sud.test")
-    assert errors(pki.check_identity(cert, key, ca[0], DOMAIN)) == [
+    assert errors(identity.check_identity(cert, key, ca[0], DOMAIN)) == [
         f"{cert}: certificate names chu-sud.test do not include domain {DOMAIN}"
     ]
 
@@ -121,32 +122,32 @@ def test_wrong_domain(ca, tmp_path):
 def test_mismatched_key(ca, tmp_path):
     cert, _ = issue(ca, tmp_path / "a")
     _, other_key = issue(ca, tmp_path / "b")
-    assert errors(pki.check_identity(cert, other_key, ca[0], DOMAIN)) == [
+    assert errors(identity.check_identity(cert, other_key, ca[0], DOMAIN)) == [
         f"{cert}: certificate does not match private key {other_key}"
     ]
 
 
 def test_signed_by_another_ca(ca, tmp_path):
-    other_ca, _ = pki.create_ca(tmp_path / "other", common_name="Other CA")
+    other_ca, _ = authority.create_ca(tmp_path / "other", common_name="Other CA")
     cert, key = issue(ca, tmp_path)
-    assert errors(pki.check_identity(cert, key, other_ca, DOMAIN)) == [
+    assert errors(identity.check_identity(cert, key, other_ca, DOMAIN)) == [
         f"{cert}: certificate is not signed by a CA in {other_ca}"
     ]
 
 
 def test_same_name_but_different_ca_key_is_not_trusted(ca, tmp_path):
-    impostor_ca, _ = pki.create_ca(tmp_path / "impostor")  # same default name as `ca`
+    impostor_ca, _ = authority.create_ca(tmp_path / "impostor")  # same default name as `ca`
     cert, key = issue(ca, tmp_path)
-    assert len(errors(pki.check_identity(cert, key, impostor_ca, DOMAIN))) == 1
+    assert len(errors(identity.check_identity(cert, key, impostor_ca, DOMAIN))) == 1
 
 
 def test_ca_bundle_with_several_cas(ca, tmp_path):
-    other_ca, _ = pki.create_ca(tmp_path / "other", common_name="Other CA")
+    other_ca, _ = authority.create_ca(tmp_path / "other", common_name="Other CA")
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes(other_ca.read_bytes() + ca[0].read_bytes())
     cert, key = issue(ca, tmp_path)
-    assert levels(pki.check_identity(cert, key, bundle, DOMAIN)) == ["info"]
-    assert len(pki.load_certificates(bundle)) == 2
+    assert levels(identity.check_identity(cert, key, bundle, DOMAIN)) == ["info"]
+    assert len(identity.load_certificates(bundle)) == 2
 
 
 def make_rsa_ca(out_dir):
@@ -181,9 +182,9 @@ def make_rsa_ca(out_dir):
 def test_rsa_ca_signature_is_verified(tmp_path):
     rsa_ca = make_rsa_ca(tmp_path / "rsa")
     cert, key = issue(rsa_ca, tmp_path)
-    assert levels(pki.check_identity(cert, key, rsa_ca[0], DOMAIN)) == ["info"]
+    assert levels(identity.check_identity(cert, key, rsa_ca[0], DOMAIN)) == ["info"]
     other_ca, _ = make_rsa_ca(tmp_path / "other")  # same name, different key
-    assert errors(pki.check_identity(cert, key, other_ca, DOMAIN)) == [
+    assert errors(identity.check_identity(cert, key, other_ca, DOMAIN)) == [
         f"{cert}: certificate is not signed by a CA in {other_ca}"
     ]
 
@@ -193,7 +194,7 @@ def test_expired(ca, tmp_path):
     cert, key = issue(
         ca, tmp_path, not_before=now - timedelta(days=30), not_after=now - timedelta(days=1)
     )
-    findings = pki.check_identity(cert, key, ca[0], DOMAIN)
+    findings = identity.check_identity(cert, key, ca[0], DOMAIN)
     assert levels(findings) == ["error", "info"]
     assert "certificate expired on" in findings[0].message
 
@@ -201,7 +202,7 @@ def test_expired(ca, tmp_path):
 def test_not_yet_valid(ca, tmp_path):
     now = datetime.now(timezone.utc)
     cert, key = issue(ca, tmp_path, not_before=now + timedelta(days=1))
-    findings = pki.check_identity(cert, key, ca[0], DOMAIN)
+    findings = identity.check_identity(cert, key, ca[0], DOMAIN)
     assert levels(findings) == ["error", "info"]
     assert "certificate not valid before" in findings[0].message
 
@@ -209,7 +210,7 @@ def test_not_yet_valid(ca, tmp_path):
 def test_expiring_soon_is_a_warning(ca, tmp_path):
     now = datetime.now(timezone.utc).replace(microsecond=0)  # certificates hold whole seconds
     cert, key = issue(ca, tmp_path, not_after=now + timedelta(days=10))
-    findings = pki.check_identity(cert, key, ca[0], DOMAIN, now=now)
+    findings = identity.check_identity(cert, key, ca[0], DOMAIN, now=now)
     assert levels(findings) == ["warning", "info"]
     assert "certificate expires soon" in findings[0].message
     assert f"certificate for {DOMAIN} expires in 10 days (" in findings[1].message
@@ -217,7 +218,7 @@ def test_expiring_soon_is_a_warning(ca, tmp_path):
 
 def test_missing_files(tmp_path):
     missing = [tmp_path / name for name in ("relay.pem", "relay.key", "ca.pem")]
-    assert errors(pki.check_identity(*missing, DOMAIN)) == [
+    assert errors(identity.check_identity(*missing, DOMAIN)) == [
         f"{path}: No such file or directory" for path in missing
     ]
 
@@ -226,7 +227,7 @@ def test_garbage_files(tmp_path):
     garbage = [tmp_path / name for name in ("relay.pem", "relay.key", "ca.pem")]
     for path in garbage:
         path.write_text("not PEM at all\n")
-    assert errors(pki.check_identity(*garbage, DOMAIN)) == [
+    assert errors(identity.check_identity(*garbage, DOMAIN)) == [
         f"{garbage[0]}: no PEM certificate found",
         f"{garbage[1]}: not a PEM private key",
         f"{garbage[2]}: no PEM certificate found",
@@ -237,7 +238,7 @@ def test_malformed_pem_certificate(ca, tmp_path):
     _, key = issue(ca, tmp_path)
     broken = tmp_path / "broken.pem"
     broken.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
-    assert errors(pki.check_identity(broken, key, ca[0], DOMAIN)) == [
+    assert errors(identity.check_identity(broken, key, ca[0], DOMAIN)) == [
         f"{broken}: malformed PEM certificate"
     ]
 
@@ -252,13 +253,13 @@ def test_encrypted_key(ca, tmp_path):
             serialization.BestAvailableEncryption(b"secret"),
         )
     )
-    assert errors(pki.check_identity(cert, key, ca[0], DOMAIN)) == [
+    assert errors(identity.check_identity(cert, key, ca[0], DOMAIN)) == [
         f"{key}: private key is encrypted; an unencrypted key is needed"
     ]
 
 
 def test_csr_carries_domain_and_org_id(tmp_path):
-    key, csr_path = pki.make_key_and_csr(tmp_path, domain=DOMAIN, org_id=ORG_ID)
+    key, csr_path = authority.make_key_and_csr(tmp_path, domain=DOMAIN, org_id=ORG_ID)
     assert (key.name, csr_path.name) == (f"{DOMAIN}.key", f"{DOMAIN}.csr")
     csr = x509.load_pem_x509_csr(csr_path.read_bytes())
     assert csr.is_signature_valid
@@ -271,34 +272,34 @@ def test_csr_carries_domain_and_org_id(tmp_path):
 
 
 def test_csr_refuses_to_overwrite_key(tmp_path):
-    key, _ = pki.make_key_and_csr(tmp_path, domain=DOMAIN)
+    key, _ = authority.make_key_and_csr(tmp_path, domain=DOMAIN)
     before = key.read_bytes()
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
-        pki.make_key_and_csr(tmp_path, domain=DOMAIN)
+        authority.make_key_and_csr(tmp_path, domain=DOMAIN)
     assert key.read_bytes() == before
 
 
 def test_peer_identity(ca, tmp_path):
-    cert_path, _ = pki.issue_certificate(
+    cert_path, _ = authority.issue_certificate(
         *ca, tmp_path, dns_names=[DOMAIN, "relay.chu-nord.test"], role="relay", org_id=ORG_ID
     )
     cert = load(cert_path)
-    identity = pki.peer_identity(cert.public_bytes(serialization.Encoding.DER))
-    assert identity.dns_names == (DOMAIN, "relay.chu-nord.test")
-    assert identity.org_id == ORG_ID
-    assert identity.serial == cert.serial_number
-    assert identity.not_after.tzinfo is not None
-    assert identity.not_after - datetime.now(timezone.utc) > timedelta(days=800)
+    peer = identity.peer_identity(cert.public_bytes(serialization.Encoding.DER))
+    assert peer.dns_names == (DOMAIN, "relay.chu-nord.test")
+    assert peer.org_id == ORG_ID
+    assert peer.serial == cert.serial_number
+    assert peer.not_after.tzinfo is not None
+    assert peer.not_after - datetime.now(timezone.utc) > timedelta(days=800)
 
 
 def test_peer_identity_without_org_id(ca, tmp_path):
     cert = load(issue(ca, tmp_path)[0])
-    assert pki.peer_identity(cert.public_bytes(serialization.Encoding.DER)).org_id is None
+    assert identity.peer_identity(cert.public_bytes(serialization.Encoding.DER)).org_id is None
 
 
 def run_cli(*argv):
     parser = argparse.ArgumentParser(prog="eimis-relay")
-    pki_cli.register(parser.add_subparsers(dest="command", required=True))
+    pki_commands.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -317,7 +318,7 @@ def test_cli_makes_a_demo_pki(tmp_path, capsys):
         out / "csr" / "chu-sud.test.key", out / "csr" / "chu-sud.test.csr",
     ]
     assert capsys.readouterr().out.splitlines() == [f"wrote {path}" for path in written]
-    assert levels(pki.check_identity(out / f"{DOMAIN}.pem", out / f"{DOMAIN}.key",
+    assert levels(identity.check_identity(out / f"{DOMAIN}.pem", out / f"{DOMAIN}.key",
                                      out / "ca.pem", DOMAIN)) == ["info"]
 
 
@@ -371,7 +372,7 @@ def handshake(server_cert, client_cert, ca_cert, server_name):
 def test_tls_hub_as_server_relay_as_client(ca, tmp_path):
     hub = issue(ca, tmp_path / "hub", domain="hub.test", role="hub")
     relay = issue(ca, tmp_path / "relay", role="relay", org_id=ORG_ID)
-    seen = pki.peer_identity(handshake(hub, relay, ca[0], "hub.test"))
+    seen = identity.peer_identity(handshake(hub, relay, ca[0], "hub.test"))
     assert (seen.dns_names, seen.org_id) == ((DOMAIN,), ORG_ID)
 
 

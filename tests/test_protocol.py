@@ -8,15 +8,8 @@ import re
 import msgpack
 import pytest
 
-from relay import protocol
-from relay.protocol import (
-    Envelope,
-    Failure,
-    InboxItem,
-    Outcome,
-    ProtocolViolation,
-    Receipt,
-)
+from relay.core import protocol
+from relay.core.protocol import Envelope, Failure, InboxItem, Outcome, ProtocolViolation, Receipt
 
 ALICE = "alice@chu-nord.test"
 BOB = "bob@clinique-sud.test"

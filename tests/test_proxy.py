@@ -7,10 +7,10 @@ from dataclasses import replace
 
 import pytest
 import trio
-
 from conftest import Space
 from peers import LoopbackServer, pipe, read_head
-from relay.config import Proxy
+
+from relay.config.model import Proxy
 
 
 class ConnectProxy(LoopbackServer):

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import Space
-from relay.sealing import KEY_FILE, KeyRing, KeyRingError, rotate
+
+from relay.store.sealing import KEY_FILE, KeyRing, KeyRingError, rotate
 
 SECRET = "Patient Martin, 45 ans: suspicion d'embolie pulmonaire"
 

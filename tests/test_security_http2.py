@@ -13,9 +13,10 @@ import hpack
 import hyperframe.frame as hf
 import pytest
 import trio
-
 from conftest import STEP, Space
-from relay import http_server, hub
+
+from relay.hub import server
+from relay.net import local_server
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 GOAWAY, ENHANCE_YOUR_CALM = 0x7, 0xB
@@ -170,8 +171,8 @@ async def test_http2_abuse_is_cut_off(space: Space, target: str, attack: str, fr
 
 
 async def test_a_body_that_never_comes_times_out(space: Space, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hub, "BODY_TIMEOUT", 0.5)
-    monkeypatch.setattr(http_server, "REQUEST_TIMEOUT", 0.5)
+    monkeypatch.setattr(server, "BODY_TIMEOUT", 0.5)
+    monkeypatch.setattr(local_server, "REQUEST_TIMEOUT", 0.5)
     for target, path in (("hub", "/v1/ack"), ("local API", "/v1/messages")):
         peer = await (RawPeer.to_hub(space) if target == "hub" else RawPeer.to_local_api(space))
         try:

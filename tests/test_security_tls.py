@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 import trio
-
 from conftest import STEP, Space
-from relay import http2, pki, protocol
-from relay.config import TlsPolicy
-from relay.protocol import Envelope
+
+from relay.config.model import TlsPolicy
+from relay.core import protocol
+from relay.core.protocol import Envelope
+from relay.net import h2connection
+from relay.pki import authority
 
 NOW = datetime.now(timezone.utc)
 
@@ -41,7 +43,7 @@ async def _inbox_answered(port: int, ctx: ssl.SSLContext) -> bool:
     try:
         with trio.fail_after(5):
             await tls.do_handshake()
-            conn = http2.Http2Connection(tls, client=True, name="attacker")
+            conn = h2connection.Http2Connection(tls, client=True, name="attacker")
             async with trio.open_nursery(strict_exception_groups=True) as nursery:
                 await nursery.start(conn.run)
                 stream = conn.open_stream([(b":method", b"GET"), (b":scheme", b"https"),
@@ -49,7 +51,7 @@ async def _inbox_answered(port: int, ctx: ssl.SSLContext) -> bool:
                                           end_stream=True)
                 headers = await stream.receive_headers()
                 conn.abort()
-            return http2.status_of(headers) == 200
+            return h2connection.status_of(headers) == 200
     except REFUSED:
         return False
     except BaseExceptionGroup as group:
@@ -61,14 +63,14 @@ async def _inbox_answered(port: int, ctx: ssl.SSLContext) -> bool:
 
 
 # How a refusal looks from the client's side, at the handshake or after it.
-REFUSED = (OSError, ssl.SSLError, trio.BrokenResourceError, http2.ConnectionClosed, http2.StreamReset)
+REFUSED = (OSError, ssl.SSLError, trio.BrokenResourceError, h2connection.ConnectionClosed, h2connection.StreamReset)
 
 
 def _issue(space: Space, name: str, **kwargs) -> tuple[Path, Path]:
     pki_dir = space.directory / "pki"
     out = space.directory / name
     out.mkdir(exist_ok=True)
-    return pki.issue_certificate(pki_dir / "ca.pem", pki_dir / "ca.key", out, **kwargs)
+    return authority.issue_certificate(pki_dir / "ca.pem", pki_dir / "ca.key", out, **kwargs)
 
 
 @pytest.fixture
@@ -91,12 +93,12 @@ async def test_hub_refuses_bad_relay_certificates(stopped_space: Space, ca: Path
     good = _issue(space, "good", dns_names=["chu-nord.test"], role="relay", org_id="1750000001")
     if case == "revoked":
         crl = space.directory / "national.crl"
-        pki.make_crl(ca, space.directory / "pki" / "ca.key", crl, revoked=[good[0]])
+        authority.make_crl(ca, space.directory / "pki" / "ca.key", crl, revoked=[good[0]])
         space.hub_config = replace(space.hub_config, tls=TlsPolicy(crl_files=(crl,)))
     await space.start()
     if case == "other CA":
-        other_ca, other_key = pki.create_ca(space.directory / "rogue-ca", common_name="EIMIS Demo National CA")
-        cert = pki.issue_certificate(other_ca, other_key, space.directory / "rogue", dns_names=["chu-nord.test"],
+        other_ca, other_key = authority.create_ca(space.directory / "rogue-ca", common_name="EIMIS Demo National CA")
+        cert = authority.issue_certificate(other_ca, other_key, space.directory / "rogue", dns_names=["chu-nord.test"],
                                      role="relay")
     elif case == "expired":
         cert = _issue(space, "expired", dns_names=["chu-nord.test"], role="relay",
@@ -129,7 +131,7 @@ async def test_tls12_only_when_allowed_and_only_ecdhe_aead(stopped_space: Space,
 async def test_stale_crl_fails_closed_unless_told_to_warn(stopped_space: Space, ca: Path) -> None:
     space = stopped_space
     crl = space.directory / "stale.crl"
-    pki.make_crl(ca, space.directory / "pki" / "ca.key", crl, days=1, last_update=NOW - timedelta(days=3))
+    authority.make_crl(ca, space.directory / "pki" / "ca.key", crl, days=1, last_update=NOW - timedelta(days=3))
     space.hub_config = replace(space.hub_config, tls=TlsPolicy(crl_files=(crl,)))
     await space.start_hub()
     await space.start_relay(space.a, wait_connected=False)
@@ -145,7 +147,7 @@ async def test_relay_refuses_a_revoked_hub_and_a_hub_of_another_organisation(sto
     space = stopped_space
     crl = space.directory / "hub-revoked.crl"
     hub_cert = space.directory / "pki" / "hub.eimis.test.pem"
-    pki.make_crl(ca, space.directory / "pki" / "ca.key", crl, revoked=[hub_cert])
+    authority.make_crl(ca, space.directory / "pki" / "ca.key", crl, revoked=[hub_cert])
     await space.start_hub()
     space.a.config = replace(space.a.config, uplink=replace(space.a.config.uplink, tls=TlsPolicy(crl_files=(crl,))))
     space.b.config = replace(space.b.config, uplink=replace(space.b.config.uplink, hub_org_ids=frozenset({"1999999999"})))
@@ -170,8 +172,8 @@ async def test_forged_sender_is_refused_and_logged_with_the_certificate(
                       ("bob@clinique-sud.test",), "I am alice, trust me", None, "normal", NOW.timestamp())
     tcp = await trio.open_tcp_stream("127.0.0.1", space.hub_config.listen.port)
     tls = trio.SSLStream(tcp, ctx, server_hostname="hub.eimis.test")
-    conn = http2.Http2Connection(tls, client=True, name="hub")
-    with caplog.at_level(logging.WARNING, logger="relay.hub"), trio.fail_after(STEP):
+    conn = h2connection.Http2Connection(tls, client=True, name="hub")
+    with caplog.at_level(logging.WARNING, logger="relay.hub.server"), trio.fail_after(STEP):
         async with trio.open_nursery(strict_exception_groups=True) as nursery:
             await nursery.start(conn.run)
             status, body = await conn.request("POST", "/v1/transactions/forged-txn-0001",
@@ -192,11 +194,11 @@ async def test_a_relay_revoked_while_connected_is_cut_off(stopped_space: Space, 
     space = stopped_space
     crl = space.directory / "national.crl"
     ca_key = space.directory / "pki" / "ca.key"
-    pki.make_crl(ca, ca_key, crl)  # nobody revoked yet
+    authority.make_crl(ca, ca_key, crl)  # nobody revoked yet
     space.hub_config = replace(space.hub_config, tls=TlsPolicy(crl_files=(crl,)))
     await space.start()
     await _legitimate_traffic_still_flows(space)
-    pki.make_crl(ca, ca_key, crl, revoked=[space.directory / "pki" / "chu-nord.test.pem"])
+    authority.make_crl(ca, ca_key, crl, revoked=[space.directory / "pki" / "chu-nord.test.pem"])
     async with space.a.client() as client:  # relay A's next request meets the new CRL
         await client.post("/v1/messages", json={"from": "alice@chu-nord.test", "to": ["bob@clinique-sud.test"],
                                                 "body": "after revocation"})
@@ -212,8 +214,8 @@ async def test_a_relay_revoked_while_connected_is_cut_off(stopped_space: Space, 
 async def test_relays_refuse_a_hub_they_should_not_trust(stopped_space: Space, case: str) -> None:
     space = stopped_space
     if case == "hub certificate from another CA":
-        ca, key = pki.create_ca(space.directory / "rogue-ca", common_name="EIMIS Demo National CA")
-        cert = pki.issue_certificate(ca, key, space.directory / "rogue", dns_names=["hub.eimis.test"],
+        ca, key = authority.create_ca(space.directory / "rogue-ca", common_name="EIMIS Demo National CA")
+        cert = authority.issue_certificate(ca, key, space.directory / "rogue", dns_names=["hub.eimis.test"],
                                      ip_addresses=["127.0.0.1"], role="hub")
     elif case == "hub certificate for another name":
         cert = _issue(space, "elsewhere", dns_names=["hub.elsewhere.test"], role="hub")

@@ -21,8 +21,8 @@ import pytest
 import trio
 import trio.testing
 
-from relay import store as store_module
-from relay.store import MigrationError, Store, StoreUnavailable, connect, migrate
+from relay.store import engine as store_module
+from relay.store.engine import MigrationError, Store, StoreUnavailable, connect, migrate
 
 # Generous bound for what should take milliseconds; every test runs under it.
 STEP = 15.0

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import trio
-
 from processes import DemoSpace
 
 pytestmark = pytest.mark.e2e

@@ -1,0 +1,81 @@
+"""The ``eimis-relay pki`` sub-commands: a demo PKI, and CSRs for the national PKI."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from relay.pki import authority, identity
+
+
+def register(subparsers) -> None:
+    """Add the ``pki`` command and its sub-commands to an argparse subparsers object."""
+    parser = subparsers.add_parser(
+        "pki", help="make a demo PKI, or a key and CSR for the national PKI"
+    )
+    commands = parser.add_subparsers(dest="pki_command", required=True, metavar="COMMAND")
+
+    create_ca = commands.add_parser("create-ca", help="create a demo CA (ca.pem, ca.key)")
+    create_ca.add_argument("--out", type=Path, required=True, metavar="DIR")
+    create_ca.add_argument("--name", default="EIMIS Demo National CA", metavar="CN")
+    create_ca.add_argument("--days", type=int, default=3650)
+    create_ca.set_defaults(func=_create_ca)
+
+    issue = commands.add_parser("issue", help="issue a certificate from the demo CA")
+    issue.add_argument("--ca-cert", type=Path, required=True, metavar="PEM")
+    issue.add_argument("--ca-key", type=Path, required=True, metavar="KEY")
+    issue.add_argument(
+        "--domain", action="append", required=True, metavar="D",
+        help="DNS name; repeat for more (the first names the files)",
+    )
+    issue.add_argument("--ip", action="append", default=[], metavar="IP")
+    issue.add_argument("--role", choices=authority.ROLES, required=True)
+    issue.add_argument("--org-id", metavar="ID", help="1 + FINESS or 3 + SIRET")
+    issue.add_argument("--days", type=int, default=825)
+    issue.add_argument("--out", type=Path, required=True, metavar="DIR")
+    issue.set_defaults(func=_issue)
+
+    csr = commands.add_parser("csr", help="make a private key and a CSR for the national PKI")
+    csr.add_argument("--domain", required=True, metavar="D")
+    csr.add_argument("--org-id", metavar="ID", help="1 + FINESS or 3 + SIRET")
+    csr.add_argument("--out", type=Path, required=True, metavar="DIR")
+    csr.set_defaults(func=_csr)
+
+    crl = commands.add_parser("crl", help="write a demo CRL revoking the given certificates")
+    crl.add_argument("--ca-cert", type=Path, required=True, metavar="PEM")
+    crl.add_argument("--ca-key", type=Path, required=True, metavar="KEY")
+    crl.add_argument("--revoke", type=Path, action="append", default=[], metavar="CERT")
+    crl.add_argument("--days", type=int, default=7, help="days until the next update")
+    crl.add_argument("--out", type=Path, required=True, metavar="FILE")
+    crl.set_defaults(func=_crl)
+
+
+def _create_ca(args: argparse.Namespace) -> int:
+    return _run(authority.create_ca, args.out, common_name=args.name, days=args.days)
+
+
+def _issue(args: argparse.Namespace) -> int:
+    return _run(
+        authority.issue_certificate, args.ca_cert, args.ca_key, args.out,
+        dns_names=args.domain, role=args.role, ip_addresses=args.ip,
+        org_id=args.org_id, days=args.days,
+    )
+
+
+def _csr(args: argparse.Namespace) -> int:
+    return _run(authority.make_key_and_csr, args.out, domain=args.domain, org_id=args.org_id)
+
+
+def _crl(args: argparse.Namespace) -> int:
+    return _run(authority.make_crl, args.ca_cert, args.ca_key, args.out, revoked=args.revoke, days=args.days)
+
+
+def _run(make, *args, **kwargs) -> int:
+    """Call ``make`` and print the paths it wrote, or a one-line error: never key contents."""
+    try:
+        paths = make(*args, **kwargs)
+    except (OSError, ValueError) as exc:
+        print(f"eimis-relay pki: {identity.describe_error(exc)}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,585 @@
+"""Configuration of the relay and the hub: what each file may say, and what it becomes.
+
+Both are TOML files, read with their ``X.d/*.toml`` fragments by
+`relay.config.reader`, which reports every problem at once, each naming the
+file and the key, and raises ConfigError. Here are the keys each table
+takes, the values each key accepts, and the checks that involve several keys
+(a backoff_max below backoff_initial, two systems with the same token).
+
+The results are immutable, so every task of the daemon can share them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import SplitResult, unquote, urlsplit
+
+from relay.config.reader import (
+    ConfigFile,
+    Invalid,
+    Parser,
+    Table,
+    boolean,
+    duration,
+    expected,
+    fraction,
+    integer,
+    non_negative,
+    seconds,
+    size,
+    string,
+)
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_DEFAULT_LOG_LEVEL = "info"
+
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})+")
+_LOCAL_PART = re.compile(r"[a-z0-9._+-]{1,64}")
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+_SYSTEM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def is_domain(text: str) -> bool:
+    """Whether `text` is a lowercase DNS name of at least two labels.
+
+    Lowercase only, so that names can be compared as plain strings; the
+    loader lowercases what it reads before checking.
+    """
+    return len(text) <= 253 and _DOMAIN.fullmatch(text) is not None
+
+
+def is_address(text: str) -> bool:
+    """Whether `text` is a lowercase "local@domain" messaging address."""
+    local, _, domain = text.rpartition("@")
+    return _LOCAL_PART.fullmatch(local) is not None and is_domain(domain)
+
+
+def _domain_of(address: str) -> str:
+    return address.rpartition("@")[2]
+
+
+def _is_host(text: str) -> bool:
+    """Whether `text` is an IP address or a lowercase host name (one label allowed, as in "localhost")."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return len(text) <= 253 and _HOSTNAME.fullmatch(text) is not None
+    return True
+
+
+@dataclass(frozen=True)
+class Address:
+    """A TCP host and port; port 0 asks the system for any free port (tests use it)."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """An HTTP proxy reached with CONNECT, with optional Basic credentials."""
+
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+
+
+@dataclass(frozen=True)
+class LocalSystem:
+    """A messaging system of the hospital, allowed to use the local API.
+
+    `users` holds the addresses listed for it; `all_users` says "*" was
+    listed. Only a hash of its bearer token is kept, so that the
+    configuration file is not itself a secret worth stealing.
+    """
+
+    name: str
+    token_sha256: bytes
+    users: frozenset[str]
+    all_users: bool
+    # The relay's domain, the only one "*" covers. The loader always sets it;
+    # None, for objects built by hand, lets "*" cover any address.
+    domain: str | None = None
+    # Push delivery of this system's events: where, and the HMAC key that
+    # signs each POST (read from webhook_secret_file; never printed).
+    webhook_url: str | None = None
+    webhook_secret: bytes | None = field(default=None, repr=False)
+    webhook_timeout: float = 10.0  # one delivery attempt, connection to answer
+    # Requests per second (average, bursts of rate_burst); 0: no limit.
+    rate_limit: float = 0.0
+    rate_burst: int = 100
+    # The largest message body this system may send, in UTF-8 bytes.
+    max_message_bytes: int = 256 * 1024
+
+    def may_send_as(self, address: str) -> bool:
+        """Whether this system may send messages from `address`."""
+        address = address.lower()
+        if address in self.users:
+            return True
+        return (
+            self.all_users
+            and is_address(address)
+            and (self.domain is None or _domain_of(address) == self.domain)
+        )
+
+    def serves(self, address: str) -> bool:
+        """Whether messages to `address` are delivered to this system.
+
+        A system receives for exactly the users it sends as: a user's
+        messaging system both sends and receives that user's messages.
+        """
+        return self.may_send_as(address)
+
+    def token_matches(self, token: str) -> bool:
+        """Whether `token` is this system's token, in time that does not depend on how much of it matches."""
+        return hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self.token_sha256)
+
+
+@dataclass(frozen=True)
+class TlsPolicy:
+    """How a national-link endpoint treats TLS versions and revocation.
+
+    TLS 1.3 only unless allow_tls12 (then only ECDHE with AEAD suites, per
+    ANSSI); peers are checked against the CRLs in crl_files, and a CRL past
+    its next update either fails every handshake ("fail") or is used anyway
+    with a warning ("warn").
+    """
+
+    allow_tls12: bool = False
+    crl_files: tuple[Path, ...] = ()
+    crl_stale: str = "fail"
+
+
+@dataclass(frozen=True)
+class Uplink:
+    """How the relay reaches the hub; server_name is the name the hub's certificate must carry."""
+
+    hub_url: str
+    hub_host: str
+    hub_port: int
+    server_name: str
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    proxy: Proxy | None = None
+    connect_timeout: float = 10.0
+    keepalive_interval: float = 20.0  # seconds between HTTP/2 PINGs
+    keepalive_timeout: float = 10.0  # no PING ack within this: the connection is dead
+    backoff_initial: float = 0.5
+    backoff_max: float = 5.0
+    batch_max: int = 500  # envelopes per transaction
+    tls: TlsPolicy = TlsPolicy()
+    # The organisation identifiers (subject OU) the hub's certificate may
+    # carry; empty: any, as long as it chains to the national CA.
+    hub_org_ids: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class LocalApi:
+    """The HTTP API that the hospital's systems call; TLS files are both set or both None."""
+
+    listen: Address = Address("127.0.0.1", 8080)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # With TLS: local systems must also present a certificate from this CA.
+    tls_client_ca_file: Path | None = None
+    max_body_bytes: int = 2 * 1024 * 1024
+    max_connections: int = 256
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Time limits of the delivery promise (docs/guarantees.md), in seconds."""
+
+    message_ttl: float = 7 * 86400  # undelivered after this: failed, reason "expired"
+    delay_warning: float = 15 * 60  # not delivered after this: a "delayed" event
+    event_retention: float = 30 * 86400  # events a system never read are dropped after this
+    audit_retention: float = 183 * 86400  # six months, the French norm for health messaging
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    """The store's size ceiling; above high_water x max_bytes only urgent messages are taken."""
+
+    max_bytes: int = 4 * 1024**3
+    high_water: float = 0.8
+
+
+@dataclass(frozen=True)
+class MetricsEndpoint:
+    """Where ``/metrics``, ``/healthz`` and ``/readyz`` are served; None: not at all.
+
+    A listener of its own, so that the monitoring network never needs the
+    local API's port (nor its tokens)."""
+
+    listen: Address | None = None
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """A relay's configuration; state_dir None means the default chosen at startup."""
+
+    path: Path
+    domain: str
+    state_dir: Path | None
+    log_level: str
+    log_format: str
+    uplink: Uplink
+    local_api: LocalApi
+    local_systems: tuple[LocalSystem, ...]
+    delivery: Delivery = Delivery()
+    store: StoreLimits = StoreLimits()
+    # SIGTERM: requests in flight get this long to finish before the exit.
+    shutdown_grace: float = 10.0
+    metrics: MetricsEndpoint = MetricsEndpoint()
+
+    def system_for_token(self, token: str) -> LocalSystem | None:
+        """The system whose token this is, if any.
+
+        Every system is checked, without stopping at a match, so that the
+        response time does not reveal which system a token belongs to.
+        """
+        matches = [system for system in self.local_systems if system.token_matches(token)]
+        return matches[0] if matches else None
+
+    def systems_serving(self, address: str) -> tuple[LocalSystem, ...]:
+        """The systems that receive messages sent to `address`."""
+        return tuple(system for system in self.local_systems if system.serves(address))
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """The hub's configuration; state_dir None means the default chosen at startup."""
+
+    path: Path
+    name: str
+    listen: Address
+    state_dir: Path | None
+    log_level: str
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    domains: frozenset[str]
+    learn_domains: bool
+    keepalive_interval: float = 20.0
+    keepalive_timeout: float = 10.0
+    max_concurrent_streams: int = 100
+    tls: TlsPolicy = TlsPolicy()
+    audit_retention: float = 183 * 86400
+    log_format: str = "logfmt"
+
+
+def load_relay_config(path: str | os.PathLike) -> RelayConfig:
+    """Read and check a relay's configuration file; raise ConfigError listing every problem."""
+    file = ConfigFile(path)
+    relay = file.root.table("relay")
+    domain = relay.get("domain", _domain)
+    state_dir = relay.get("state_dir", file.resolve, None)
+    log_level = relay.get("log_level", _log_level, _DEFAULT_LOG_LEVEL)
+    log_format = relay.get("log_format", _log_format, "logfmt")
+    delivery = Delivery(
+        message_ttl=relay.get("message_ttl", duration, Delivery.message_ttl),
+        delay_warning=relay.get("delay_warning", duration, Delivery.delay_warning),
+        event_retention=relay.get("event_retention", duration, Delivery.event_retention),
+        audit_retention=relay.get("audit_retention", duration, Delivery.audit_retention),
+    )
+    uplink = _read_uplink(file.root.table("uplink"))
+    local_api = _read_local_api(file.root.table("local_api", required=False))
+    store = _read_store(file.root.table("store", required=False))
+    local_systems = _read_local_systems(file.root.tables("local_system"), domain)
+    shutdown_grace = relay.get("shutdown_grace", duration, RelayConfig.shutdown_grace)
+    metrics = _read_metrics(file.root.table("metrics", required=False))
+    file.finish()
+    return RelayConfig(
+        path=file.path,
+        domain=domain,
+        state_dir=state_dir,
+        log_level=log_level,
+        log_format=log_format,
+        uplink=uplink,
+        local_api=local_api,
+        local_systems=local_systems,
+        delivery=delivery,
+        store=store,
+        shutdown_grace=shutdown_grace,
+        metrics=metrics,
+    )
+
+
+def load_hub_config(path: str | os.PathLike) -> HubConfig:
+    """Read and check the hub's configuration file; raise ConfigError listing every problem."""
+    file = ConfigFile(path, example="hub.example.toml")
+    hub = file.root.table("hub")
+    domains = hub.get_list("domains", _domain, ())
+    values = dict(
+        name=hub.get("name", _domain),
+        listen=hub.get("listen", _address),
+        state_dir=hub.get("state_dir", file.resolve, None),
+        log_level=hub.get("log_level", _log_level, _DEFAULT_LOG_LEVEL),
+        log_format=hub.get("log_format", _log_format, "logfmt"),
+        ca_file=hub.get("ca_file", file.resolve),
+        cert_file=hub.get("cert_file", file.resolve),
+        key_file=hub.get("key_file", file.resolve),
+        learn_domains=hub.get("learn_domains", boolean, False),
+        tls=_read_tls_policy(hub),
+        audit_retention=hub.get("audit_retention", duration, HubConfig.audit_retention),
+        keepalive_interval=hub.get("keepalive_interval", seconds, HubConfig.keepalive_interval),
+        keepalive_timeout=hub.get("keepalive_timeout", seconds, HubConfig.keepalive_timeout),
+        max_concurrent_streams=hub.get(
+            "max_concurrent_streams", integer(1, 1000), HubConfig.max_concurrent_streams
+        ),
+    )
+    file.finish()
+    return HubConfig(path=file.path, domains=frozenset(domains), **values)
+
+
+def _read_uplink(table: Table) -> Uplink | None:
+    hub = table.get("hub_url", _hub_url)
+    server_name = table.get("server_name", _host, None)
+    backoff_initial = table.get("backoff_initial", seconds, Uplink.backoff_initial)
+    backoff_max = table.get("backoff_max", seconds, Uplink.backoff_max)
+    if None not in (backoff_initial, backoff_max) and backoff_max < backoff_initial:
+        table.problem(
+            "backoff_max", f"expected seconds >= backoff_initial ({backoff_initial}), got {backoff_max!r}"
+        )
+    values = dict(
+        ca_file=table.get("ca_file", table.file.resolve),
+        cert_file=table.get("cert_file", table.file.resolve),
+        key_file=table.get("key_file", table.file.resolve),
+        proxy=table.get("proxy", _proxy, None),
+        connect_timeout=table.get("connect_timeout", seconds, Uplink.connect_timeout),
+        keepalive_interval=table.get("keepalive_interval", seconds, Uplink.keepalive_interval),
+        keepalive_timeout=table.get("keepalive_timeout", seconds, Uplink.keepalive_timeout),
+        batch_max=table.get("batch_max", integer(1, 500), Uplink.batch_max),
+        tls=_read_tls_policy(table),
+        hub_org_ids=frozenset(table.get_list("hub_org_ids", _org_id, ()) or ()),  # None: already reported
+    )
+    if not table.valid:  # the load fails; there is nothing to build
+        return None
+    return Uplink(
+        hub_url=hub.geturl(),
+        hub_host=hub.hostname,
+        hub_port=443 if hub.port is None else hub.port,
+        server_name=server_name or hub.hostname,
+        backoff_initial=backoff_initial,
+        backoff_max=backoff_max,
+        **values,
+    )
+
+
+def _read_tls_policy(table: Table) -> TlsPolicy:
+    return TlsPolicy(
+        allow_tls12=table.get("allow_tls12", boolean, False),
+        crl_files=table.get_list("crl_files", table.file.resolve, ()),
+        crl_stale=table.get("crl_stale", _crl_stale, "fail"),
+    )
+
+
+def _read_local_api(table: Table) -> LocalApi | None:
+    for key, other in [("tls_cert_file", "tls_key_file"), ("tls_key_file", "tls_cert_file"),
+                       ("tls_cert_file", "tls_client_ca_file")]:
+        if other in table and key not in table:
+            table.problem(key, f"missing, required when {other} is set")
+    values = dict(
+        listen=table.get("listen", _address, LocalApi.listen),
+        tls_cert_file=table.get("tls_cert_file", table.file.resolve, None),
+        tls_key_file=table.get("tls_key_file", table.file.resolve, None),
+        tls_client_ca_file=table.get("tls_client_ca_file", table.file.resolve, None),
+        max_body_bytes=table.get("max_body_bytes", integer(1), LocalApi.max_body_bytes),
+        max_connections=table.get("max_connections", integer(1), LocalApi.max_connections),
+    )
+    return LocalApi(**values) if table.valid else None
+
+
+def _read_store(table: Table) -> StoreLimits | None:
+    values = dict(
+        max_bytes=table.get("max_size", size, StoreLimits.max_bytes),
+        high_water=table.get("high_water", fraction, StoreLimits.high_water),
+    )
+    return StoreLimits(**values) if table.valid else None
+
+
+def _read_metrics(table: Table) -> MetricsEndpoint | None:
+    listen = table.get("listen", _address, None)
+    return MetricsEndpoint(listen) if table.valid else None
+
+
+def _read_local_systems(tables: list[Table], domain: str | None) -> tuple[LocalSystem, ...]:
+    """Read the [[local_system]] tables.
+
+    Names must be unique so that logs are unambiguous, token hashes so that a
+    token identifies one system.
+    """
+    parse_user = _user_parser(domain)
+    names: dict[str, Table] = {}
+    tokens: dict[bytes, Table] = {}
+    systems = []
+    for table in tables:
+        name = table.get("name", _system_name)
+        token_sha256 = table.get("token_sha256", _sha256_hex)
+        users = table.get_list("users", parse_user)
+        if users == ():
+            table.problem("users", 'expected at least one address or "*", got []')
+        webhook_url = table.get("webhook_url", _webhook_url, None)
+        secret_file = table.get("webhook_secret_file", table.file.resolve, None)
+        if webhook_url is not None and secret_file is None:
+            table.problem("webhook_secret_file", "missing, required when webhook_url is set")
+        secret = _read_secret(table, "webhook_secret_file", secret_file) if secret_file else None
+        webhook_timeout = table.get("webhook_timeout", duration, LocalSystem.webhook_timeout)
+        rate_limit = table.get("rate_limit", non_negative, LocalSystem.rate_limit)
+        rate_burst = table.get("rate_burst", integer(1), LocalSystem.rate_burst)
+        max_message_bytes = table.get("max_message_bytes", integer(1, 256 * 1024), LocalSystem.max_message_bytes)
+        _require_unique(table, "name", name, names)
+        _require_unique(table, "token_sha256", token_sha256, tokens)
+        if table.valid:
+            systems.append(
+                LocalSystem(
+                    name=name,
+                    token_sha256=token_sha256,
+                    users=frozenset(users) - {"*"},
+                    all_users="*" in users,
+                    domain=domain,
+                    webhook_url=webhook_url,
+                    webhook_secret=secret,
+                    webhook_timeout=webhook_timeout,
+                    rate_limit=rate_limit,
+                    rate_burst=rate_burst,
+                    max_message_bytes=max_message_bytes,
+                )
+            )
+    return tuple(systems)
+
+
+def _require_unique(table: Table, key: str, value: object, seen: dict[Any, Table]) -> None:
+    if value is not None and (first := seen.setdefault(value, table)) is not table:
+        elsewhere = "" if first.origin == table.origin else f" in {table.file.name_of(first.origin)}"
+        table.problem(key, f"same {key} as {first.label}{elsewhere}")
+
+
+def _read_secret(table: Table, key: str, path: Path) -> bytes | None:
+    """A secret kept in its own file, which only the relay's user may read."""
+    try:
+        mode = path.stat().st_mode
+        secret = path.read_bytes().strip()
+    except OSError as error:
+        table.problem(key, f"cannot read {path}: {error.strerror or error}")
+        return None
+    if mode & 0o077:
+        table.problem(key, f"{path} is readable by group or others (mode {mode & 0o777:o}); chmod 600 it")
+    elif len(secret) < 16:
+        table.problem(key, f"{path} holds fewer than 16 bytes: too short for a signing key")
+    return secret
+
+
+# Parsers of the relay's own vocabulary (names, addresses, URLs): each turns a
+# TOML value into a typed one, or raises Invalid saying what was expected. The
+# generic ones (numbers, durations, sizes) are in config_reader.
+
+_domain = string("a DNS name", is_domain, fold_case=True)
+_host = string("a host name or IP address", _is_host, fold_case=True)
+_log_level = string(f"one of {', '.join(_LOG_LEVELS)}", _LOG_LEVELS.__contains__)
+_log_format = string('"logfmt" or "json"', ("logfmt", "json").__contains__)
+_system_name = string("a name of letters, digits, '.', '_' and '-'", _SYSTEM_NAME.fullmatch)
+
+
+def _user_parser(domain: str | None) -> Parser[str]:
+    """A parser of the users of a local system: addresses of the relay's domain, or "*".
+
+    When the domain is itself invalid (None), any domain is accepted, so
+    that the addresses are still checked for syntax.
+    """
+
+    def accept(text: str) -> bool:
+        return text == "*" or (is_address(text) and domain in (None, _domain_of(text)))
+
+    where = f" at {domain}" if domain else ""
+    return string(f'an address{where} or "*"', accept, fold_case=True)
+
+
+def _sha256_hex(value: object) -> bytes:
+    if isinstance(value, str) and _SHA256_HEX.fullmatch(value):
+        return bytes.fromhex(value)
+    raise expected("64 hexadecimal digits (a SHA-256 hash)", value)
+
+
+def _address(value: object) -> Address:
+    """Parse "HOST:PORT", or "[IPV6]:PORT" since an IPv6 address has colons of its own."""
+    if isinstance(value, str):
+        host, _, port = value.lower().rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+            valid_host = ":" in host and _is_host(host)  # a bracketed host must be IPv6
+        else:
+            valid_host = ":" not in host and _is_host(host)
+        if valid_host and port.isascii() and port.isdigit() and int(port) <= 65535:
+            return Address(host, int(port))
+    raise expected("HOST:PORT", value)
+
+
+def _server_url(text: str, scheme: str) -> SplitResult | None:
+    """Split SCHEME://[USER:PASSWORD@]HOST[:PORT][/], a URL naming a server rather than a resource."""
+    try:
+        url = urlsplit(text)
+        valid = (
+            url.scheme == scheme
+            and _is_host(url.hostname or "")
+            and url.port != 0
+            and url.path in ("", "/")
+            and not url.query
+            and not url.fragment
+        )
+    except ValueError:  # a bad port or IPv6 literal
+        return None
+    return url if valid else None
+
+
+def _hub_url(value: object) -> SplitResult:
+    if not (isinstance(value, str) and value.lower().startswith("https://")):
+        raise expected("an https:// URL", value)
+    url = _server_url(value, "https")
+    if url is None or url.username is not None:
+        raise expected("https://HOST or https://HOST:PORT", value)
+    return url
+
+
+def _proxy(value: object) -> Proxy:
+    url = _server_url(value, "http") if isinstance(value, str) else None
+    if url is None or url.port is None or (url.username is None) != (url.password is None):
+        # The value is not repeated: it may hold a password, and problems get logged.
+        raise Invalid("expected http://HOST:PORT or http://USER:PASSWORD@HOST:PORT")
+    if url.username is None:
+        return Proxy(url.hostname, url.port, None, None)
+    return Proxy(url.hostname, url.port, unquote(url.username), unquote(url.password))
+
+
+_crl_stale = string('"fail" or "warn"', ("fail", "warn").__contains__)
+_org_id = string("an organisation identifier: 1 + FINESS or 3 + SIRET digits",
+                 lambda text: re.fullmatch(r"1[0-9]{9}|3[0-9]{14}", text) is not None)
+
+
+def _webhook_url(value: object) -> str:
+    try:
+        url = urlsplit(value) if isinstance(value, str) else None
+        valid = (
+            url is not None
+            and url.scheme in ("http", "https")
+            and _is_host(url.hostname or "")
+            and url.port != 0
+            and url.username is None
+            and not url.fragment
+        )
+    except ValueError:  # a bad port or IPv6 literal
+        valid = False
+    if not valid:
+        raise expected("an http:// or https:// URL", value)
+    return value

@@ -1,0 +1,377 @@
+"""The reference national hub: routes envelopes between relays.
+
+Theory of operation
+-------------------
+Relays dial in over mutual TLS; the domain a relay speaks for is the first
+DNS name of its certificate's subjectAltName, verified against the national
+CA.  Each connection is one `Http2Connection` whose streams are served by
+`HubConnection`:
+
+* ``POST /v1/transactions/{id}``: a batch of envelopes.  One store unit
+  checks each envelope (sender of the connection's domain, destination
+  known, well-formed), drops the ones already queued, queues the rest for
+  their destination, and records the answer under the transaction id, all
+  in one commit.  Only then does the relay get its answer.
+* ``GET /v1/inbox``: a long-lived stream of the domain's queue, urgent lane
+  first.  At most `INBOX_WINDOW` items are in flight unacknowledged; a new
+  inbox stream for the same domain replaces the old one and starts again
+  from the oldest unacknowledged item.
+* ``POST /v1/ack``: positions the relay has durably taken.  They leave the
+  queue and each message's origin gets a ``delivered`` (or ``failed``)
+  receipt, in the same commit.
+* ``POST /v1/receipts``: ``read`` receipts from a destination relay, each
+  routed to the message's origin if that relay really received it.
+
+Offline domains simply accumulate: store-and-forward is the queue itself,
+until a message's time-to-live runs out and its origin gets ``expired``.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from dataclasses import dataclass, field
+from email.utils import formatdate
+
+import trio
+
+from relay.config.model import HubConfig
+from relay.core import protocol
+from relay.core.protocol import ProtocolViolation
+from relay.net.h2connection import BodyTooLarge, H2Stream, Http2Connection, Http2Settings, header
+from relay.net.revocation import RevocationList, Revoked
+from relay.net.tls import hub_server_context
+from relay.net.wakeup import Signal
+from relay.pki.identity import PeerIdentity, peer_identity
+from relay.store import audit, hub_queue
+from relay.store.engine import Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+# Items sent on an inbox stream and not yet acknowledged: enough to keep a
+# relay busy between two acks (it acks without stopping the stream), few
+# enough that an urgent item, which goes first from the hub, has little to
+# wait behind at the relay; and a stuck relay costs little memory.
+INBOX_WINDOW = 500
+INBOX_FETCH = 250
+HANDSHAKE_TIMEOUT = 10.0
+# A request's body must arrive within this.
+BODY_TIMEOUT = 30.0
+# How often queued messages are checked against their time-to-live.
+EXPIRY_INTERVAL = 30.0
+
+
+@dataclass
+class DomainLink:
+    """The hub's view of one destination domain's relay."""
+
+    changed: Signal = field(default_factory=Signal)
+    inbox_scope: trio.CancelScope | None = None
+    unacked: set[int] = field(default_factory=set)
+    connected: int = 0
+
+
+class Hub:
+    def __init__(self, config: HubConfig, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.links: dict[str, DomainLink] = {}
+        self._ssl = hub_server_context(config.cert_file, config.key_file, config.ca_file, config.tls)
+        self._revocation = RevocationList(config.tls, config.ca_file)
+        self._known: set[str] = set()
+        self._connections: set[Http2Connection] = set()
+
+    async def swap_config(self, config: HubConfig) -> None:
+        """Use ``config`` from now on (SIGHUP, or renewed files): new
+        handshakes present the new certificate and check the new CA and
+        CRLs; connections already up go on.  Newly listed domains are
+        registered.  Raises what loading the TLS files raises, before
+        anything changes."""
+        tls = hub_server_context(config.cert_file, config.key_file, config.ca_file, config.tls)
+        self.config, self._ssl, self._revocation = config, tls, RevocationList(config.tls, config.ca_file)
+        await self.store.run("register_configured_domains",
+                             lambda c: hub_queue.register_domains(c, config.domains, learnt=False))
+        self._known = await self.store.run("known_domains", hub_queue.known_domains)
+
+    def link(self, domain: str) -> DomainLink:
+        return self.links.setdefault(domain, DomainLink())
+
+    async def serve(self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.store.run("register_configured_domains",
+                             lambda c: hub_queue.register_domains(c, self.config.domains, learnt=False))
+        self._known = await self.store.run("known_domains", hub_queue.known_domains)
+        listen = self.config.listen
+        listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+        try:
+            async with trio.open_nursery(strict_exception_groups=True) as nursery:
+                for listener in listeners:
+                    nursery.start_soon(trio.serve_listeners, self._on_tcp, [listener])
+                nursery.start_soon(self._expire_periodically)
+                log.info("hub %s listening on %s", self.config.name,
+                         ", ".join(_sockname(l) for l in listeners))
+                task_status.started(listeners)
+        finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+
+    async def _expire_periodically(self) -> None:
+        while True:
+            woken = await self.store.run_patiently("expire", lambda c: hub_queue.expire(c, time.time()))
+            await self.store.run_patiently(
+                "prune_audit", lambda c: audit.prune(c, time.time(), self.config.audit_retention))
+            for domain in woken:
+                self.link(domain).changed.fire()
+            await trio.sleep(EXPIRY_INTERVAL)
+
+    async def shutdown(self) -> None:
+        """Graceful stop: GOAWAY on every connection, in-flight requests finish.
+
+        Inbox streams never finish by themselves: they are ended once no new
+        stream can replace them; relays resume them from their last ack."""
+        for conn in self._connections:
+            conn.send_goaway()
+        for link in self.links.values():
+            if link.inbox_scope is not None:
+                link.inbox_scope.cancel()
+        async with trio.open_nursery(strict_exception_groups=True) as nursery:
+            for conn in list(self._connections):
+                nursery.start_soon(conn.aclose_gracefully)
+
+    async def _on_tcp(self, tcp: trio.SocketStream) -> None:
+        stream = trio.SSLStream(tcp, self._ssl, server_side=True)
+        peer = _peer(tcp)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await stream.do_handshake()
+        except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as exc:
+            log.warning("TLS handshake with %s failed: %s", peer, _reason(exc))
+            await trio.aclose_forcefully(stream)
+            return
+        if stream.selected_alpn_protocol() != protocol.ALPN:
+            log.warning("%s did not negotiate ALPN h2; closing", peer)
+            await trio.aclose_forcefully(stream)
+            return
+        der = stream.getpeercert(binary_form=True)
+        identity = peer_identity(der)
+        domain = identity.dns_names[0].lower() if identity.dns_names else ""
+        try:
+            self._revocation.check(der)
+        except Revoked as exc:
+            log.warning("refused %s (%s): %s", peer, _who(identity), exc)
+            await trio.aclose_forcefully(stream)
+            return
+        if not await self._admit(domain):
+            log.warning("refused %s: certificate for %r is not a registered domain", peer, domain)
+            await trio.aclose_forcefully(stream)
+            return
+        settings = Http2Settings(
+            max_concurrent_streams=self.config.max_concurrent_streams,
+            keepalive_interval=self.config.keepalive_interval,
+            keepalive_timeout=self.config.keepalive_timeout,
+        )
+        conn = Http2Connection(stream, client=False, settings=settings, name=f"{domain} ({peer})")
+        link = self.link(domain)
+        link.connected += 1
+        self._connections.add(conn)
+        log.info("relay %s connected from %s (org %s)", domain, peer, identity.org_id or "-")
+        try:
+            await conn.run(HubConnection(self, domain, identity, der, conn).handle)
+        finally:
+            self._connections.discard(conn)
+            link.connected -= 1
+            log.info("relay %s disconnected", domain)
+
+    async def _admit(self, domain: str) -> bool:
+        if domain in self._known:
+            return True
+        if not domain or not self.config.learn_domains:
+            return False
+        await self.store.run("learn_domain", lambda c: hub_queue.register_domains(c, frozenset([domain]), learnt=True))
+        self._known.add(domain)
+        log.info("learnt new domain %s", domain)
+        return True
+
+
+class HubConnection:
+    """Serves the streams of one authenticated relay connection."""
+
+    def __init__(self, hub: Hub, domain: str, identity: PeerIdentity, der: bytes, conn: Http2Connection) -> None:
+        self.hub = hub
+        self.domain = domain
+        self.identity = identity
+        self._der = der
+        self.conn = conn
+
+    async def handle(self, stream: H2Stream) -> None:
+        headers = stream.headers or []
+        method = header(headers, b":method")
+        path = (header(headers, b":path") or b"").decode("ascii", "replace")
+        try:
+            self.hub._revocation.check(self._der)  # a CRL that changed also ends open connections
+        except Revoked as exc:
+            log.warning("refused a request from %s: %s; closing its connection", _who(self.identity), exc)
+            self.conn.abort()
+            return
+        try:
+            if method == b"POST" and path.startswith(protocol.PATH_TRANSACTION):
+                await self._transaction(stream, path[len(protocol.PATH_TRANSACTION):])
+            elif method == b"GET" and path == protocol.PATH_INBOX:
+                await self._inbox(stream)
+            elif method == b"POST" and path == protocol.PATH_ACK:
+                await self._ack(stream)
+            elif method == b"POST" and path == protocol.PATH_RECEIPTS:
+                await self._receipts(stream)
+            else:
+                await _answer(stream, 404, protocol.encode_error("not_found", f"no route for {path}"))
+        except ProtocolViolation as exc:
+            log.warning("refused request from %s: %s", self.domain, exc)
+            await _answer(stream, 400, protocol.encode_error("bad_request", str(exc)))
+        except BodyTooLarge as exc:
+            log.warning("refused request from %s: %s", self.domain, exc)
+            await _answer(stream, 413, protocol.encode_error("too_large", str(exc)))
+        except StoreUnavailable as exc:
+            await _answer(stream, 503, protocol.encode_error("unavailable", str(exc)))
+        except trio.TooSlowError:
+            log.warning("request from %s not received within %g s", self.domain, BODY_TIMEOUT)
+            await _answer(stream, 408, protocol.encode_error("timeout", "request body too slow"))
+
+    async def _transaction(self, stream: H2Stream, txn_id: str) -> None:
+        if not protocol.is_token(txn_id):
+            raise ProtocolViolation("transaction id: expected 8-64 characters of [A-Za-z0-9_-]")
+        body = await _read_body(stream)
+        raw = protocol.decode_transaction(body)
+        org = self.identity.org_id or ""
+        outcomes, woken = await self.hub.store.run(
+            "accept_transaction", lambda c: hub_queue.accept_transaction(c, self.domain, txn_id, raw, org),
+            urgent=all(isinstance(e, dict) and e.get("priority") == "urgent" for e in raw),
+        )
+        forged = sum(outcome.reason == protocol.SENDER_NOT_AUTHENTICATED for outcome in outcomes)
+        if forged:
+            log.warning("refused %d envelope(s) with a sender not of %s from %s", forged, self.domain,
+                        _who(self.identity))
+        for dest in woken:
+            self.hub.link(dest).changed.fire()
+        await _answer(stream, 200, protocol.encode_outcomes(outcomes))
+
+    async def _ack(self, stream: H2Stream) -> None:
+        seqs, failures = protocol.decode_ack(await _read_body(stream))
+        woken = await self.hub.store.run(
+            "apply_ack", lambda c: hub_queue.apply_ack(c, self.domain, seqs, failures)
+        )
+        link = self.hub.link(self.domain)
+        link.unacked.difference_update(seqs)
+        link.changed.fire()
+        for origin in woken:
+            self.hub.link(origin).changed.fire()
+        await _answer(stream, 200, protocol.pack({"v": protocol.VERSION}))
+
+    async def _receipts(self, stream: H2Stream) -> None:
+        raw = protocol.decode_receipts(await _read_body(stream))
+        outcomes, woken = await self.hub.store.run(
+            "accept_receipts", lambda c: hub_queue.accept_receipts(c, self.domain, raw)
+        )
+        if not all(o.accepted for o in outcomes):
+            log.warning("refused %d receipt(s) about messages never received from %s",
+                        sum(not o.accepted for o in outcomes), _who(self.identity))
+        for origin in woken:
+            self.hub.link(origin).changed.fire()
+        await _answer(stream, 200, protocol.encode_outcomes(outcomes))
+
+    async def _inbox(self, stream: H2Stream) -> None:
+        link = self.hub.link(self.domain)
+        if link.inbox_scope is not None:
+            link.inbox_scope.cancel()  # a newer stream replaces a stale one
+        with trio.CancelScope() as scope:
+            link.inbox_scope = scope
+            link.unacked.clear()
+            stream.send_headers([(b":status", b"200"), (b"content-type", protocol.MSGPACK), _date()])
+            sent = {hub_queue.URGENT: 0, hub_queue.NORMAL: 0}
+            while True:
+                changed = link.changed.watch()
+                room = INBOX_WINDOW - len(link.unacked)
+                rows = []
+                if room > 0:
+                    rows = await self.hub.store.read_patiently(  # the 200 is sent: no 503 now
+                        "fetch_inbox",
+                        lambda c: hub_queue.fetch_inbox(c, self.domain, sent, min(room, INBOX_FETCH)),
+                    )
+                    await self._drop_unreadable(rows)
+                if not rows:
+                    await changed.wait()
+                    continue
+                chunk = bytearray()
+                for seq, lane, kind, payload in rows:
+                    sent[lane] = max(sent[lane], seq)
+                    if payload is not None:
+                        chunk += _inbox_item(seq, kind, payload)
+                        link.unacked.add(seq)
+                if chunk:
+                    await stream.send_data(bytes(chunk))
+        if link.inbox_scope is scope:
+            link.inbox_scope = None
+        stream.reset()
+
+    async def _drop_unreadable(self, rows: list[tuple[int, int, str, bytes | None]]) -> None:
+        """Take the fetched items that cannot be opened out of the queue (see
+        `hub_queue.drop_unreadable`); the stream goes on past them."""
+        damaged = [seq for seq, _, _, payload in rows if payload is None]
+        if damaged:
+            await self.hub.store.run_patiently(
+                "drop_unreadable", lambda c: hub_queue.drop_unreadable(c, self.domain, damaged))
+
+
+def _inbox_item(seq: int, kind: str, payload: bytes) -> bytes:
+    """One inbox frame, built around the stored payload without decoding it."""
+    return b"".join((_ITEM_START, protocol.pack(seq), _ITEM_KIND[kind], payload))
+
+
+# The constant parts of an inbox frame: a msgpack map of three entries, and
+# per kind the "kind" entry and the key of the payload.
+_ITEM_START = b"\x83" + protocol.pack("seq")
+_ITEM_KIND = {
+    kind: protocol.pack("kind") + protocol.pack(kind) + protocol.pack(key)
+    for kind, key in (("message", "envelope"), ("receipt", "receipt"))
+}
+
+
+async def _read_body(stream: H2Stream) -> bytes:
+    """A request body, bounded in size and in time (a stream that never
+    sends its body must not hold a handler forever)."""
+    with trio.fail_after(BODY_TIMEOUT):
+        return await stream.read_body(protocol.MAX_TRANSACTION_BYTES)
+
+
+async def _answer(stream: H2Stream, status: int, body: bytes) -> None:
+    await stream.send_response(status, [(b"content-type", protocol.MSGPACK), _date()], body)
+
+
+def _date() -> tuple[bytes, bytes]:
+    """The Date header (RFC 9110 §6.6.1): ``eimis-relay doctor`` measures a
+    relay's clock offset against it."""
+    return b"date", formatdate(usegmt=True).encode()
+
+
+def _peer(tcp: trio.SocketStream) -> str:
+    try:
+        host, port, *_ = tcp.socket.getpeername()
+        return f"{host}:{port}"
+    except OSError:
+        return "?"
+
+
+def _sockname(listener: trio.SocketListener) -> str:
+    host, port, *_ = listener.socket.getsockname()
+    return f"{host}:{port}"
+
+
+def _who(identity: PeerIdentity) -> str:
+    """A certificate's identity, for the log: names, organisation, serial."""
+    return (f"certificate {','.join(identity.dns_names) or '(no DNS name)'} org {identity.org_id or '-'} "
+            f"serial {identity.serial:x}")
+
+
+def _reason(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc
+    return getattr(cause, "reason", None) or str(cause) or exc.__class__.__name__
+

@@ -1,0 +1,287 @@
+"""The hub's durable state and the units of work that change it.
+
+Each function here is a unit for `Store.run`: synchronous, given the
+connection, running inside the writer thread's group transaction.
+
+Tables
+  domain        the registry of relays' domains (configured or learnt)
+  seen          (origin, message id, destination) already queued: the
+                per-envelope duplicate filter that makes retries harmless
+  txn           the answer to each transaction, so a replayed transaction
+                gets the same answer and changes nothing
+  queue         store-and-forward items per destination domain, in two
+                lanes (1 = urgent and receipts, 0 = normal); an item leaves
+                only when the destination relay acknowledges its position
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from relay.core import protocol
+from relay.core.protocol import Envelope, Failure, Outcome, Receipt
+from relay.store import audit
+
+MIGRATIONS: list[list[str]] = [
+    [
+        "CREATE TABLE domain (name TEXT PRIMARY KEY, added_at REAL NOT NULL, learnt INTEGER NOT NULL)",
+        """CREATE TABLE seen (
+            origin TEXT NOT NULL, id TEXT NOT NULL, dest TEXT NOT NULL, at REAL NOT NULL,
+            PRIMARY KEY (origin, id, dest)) WITHOUT ROWID""",
+        """CREATE TABLE txn (
+            origin TEXT NOT NULL, id TEXT NOT NULL, results BLOB NOT NULL, at REAL NOT NULL,
+            PRIMARY KEY (origin, id)) WITHOUT ROWID""",
+        """CREATE TABLE queue (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            domain TEXT NOT NULL, lane INTEGER NOT NULL, kind TEXT NOT NULL,
+            origin TEXT NOT NULL, payload BLOB NOT NULL)""",
+        "CREATE INDEX queue_by_domain ON queue (domain, lane, seq)",
+    ],
+    [
+        # Messages carry their time-to-live; the hub fails the expired ones.
+        "ALTER TABLE queue ADD COLUMN expires_at REAL",
+        "ALTER TABLE queue ADD COLUMN sweep_at REAL",  # see protocol.sweep_time
+        "CREATE INDEX queue_by_sweep ON queue (sweep_at) WHERE sweep_at IS NOT NULL",
+        # Read receipts are taken only about messages the relay acknowledged.
+        "ALTER TABLE seen ADD COLUMN delivered INTEGER NOT NULL DEFAULT 0",
+    ],
+    audit.MIGRATION,
+]
+
+URGENT, NORMAL = 1, 0
+
+# Positions looked up per statement: well under SQLite's limit on bound parameters.
+ACK_CHUNK = 500
+
+
+def lane_of(priority: str) -> int:
+    return URGENT if priority == "urgent" else NORMAL
+
+
+def register_domains(conn: sqlite3.Connection, names: frozenset[str], learnt: bool) -> None:
+    conn.executemany(
+        "INSERT OR IGNORE INTO domain (name, added_at, learnt) VALUES (?, ?, ?)",
+        [(name, time.time(), int(learnt)) for name in sorted(names)],
+    )
+
+
+def known_domains(conn: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in conn.execute("SELECT name FROM domain")}
+
+
+def accept_transaction(
+    conn: sqlite3.Connection, origin: str, txn_id: str, raw_envelopes: list[object], origin_org: str = ""
+) -> tuple[list[Outcome], set[str]]:
+    """Queue a relay's envelopes; return the per-envelope answers and the
+    destination domains that got something new (to wake their streams).
+
+    A transaction seen before returns its stored answer and queues nothing.
+    """
+    row = conn.execute("SELECT results FROM txn WHERE origin = ? AND id = ?", (origin, txn_id)).fetchone()
+    if row is not None:
+        stored = protocol.unpack(row[0], "stored results")
+        return [Outcome.from_wire(o) for o in stored], set()
+    known = known_domains(conn)
+    now = time.time()
+    outcomes: list[Outcome] = []
+    woken: set[str] = set()
+    trail: list[audit.Entry] = []
+    for raw in raw_envelopes:
+        outcome, dest = _accept_one(conn, origin, origin_org, raw, known, now)
+        outcomes.append(outcome)
+        ident = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
+        trail.append((f"relay:{origin}", "accepted" if outcome.accepted else "refused", ident, dest,
+                      outcome.reason or "queued"))
+        if dest:
+            woken.add(dest)
+    audit.record_many(conn, trail)
+    conn.execute(
+        "INSERT INTO txn (origin, id, results, at) VALUES (?, ?, ?, ?)",
+        (origin, txn_id, protocol.pack([o.to_wire() for o in outcomes]), now),
+    )
+    return outcomes, woken
+
+
+def _accept_one(
+    conn: sqlite3.Connection, origin: str, origin_org: str, raw: object, known: set[str], now: float
+) -> tuple[Outcome, str | None]:
+    try:
+        envelope = Envelope.from_wire(raw)
+    except protocol.ProtocolViolation as exc:
+        return Outcome(False, protocol.INVALID_ENVELOPE, str(exc)), None
+    if protocol.domain_of(envelope.sender) != origin:
+        return (
+            Outcome(False, protocol.SENDER_NOT_AUTHENTICATED, f"sender is not of {origin}, the connection's domain"),
+            None,
+        )
+    dest = envelope.dest
+    if dest not in known:
+        return Outcome(False, protocol.UNKNOWN_DOMAIN, f"no relay is registered for {dest}"), None
+    expired = envelope.expires_at is not None and envelope.expires_at < now
+    if expired:
+        seen = conn.execute("SELECT 1 FROM seen WHERE origin = ? AND id = ? AND dest = ?",
+                            (origin, envelope.id, dest)).fetchone()
+        if seen is None:
+            return Outcome(False, protocol.EXPIRED,
+                           "the message's time-to-live ran out before it reached the hub"), None
+        return Outcome(True), None  # a replay of what was accepted before it expired
+    if not conn.execute("INSERT OR IGNORE INTO seen (origin, id, dest, at) VALUES (?, ?, ?, ?)",
+                        (origin, envelope.id, dest, now)).rowcount:
+        return Outcome(True), None  # a replay of what was accepted before: queued once is enough
+    stamped = Envelope(**{**envelope.__dict__, "origin": origin, "origin_org": origin_org})
+    expires_at = envelope.expires_at
+    sweep_at = None if expires_at is None else protocol.sweep_time(envelope.sent_at, expires_at)
+    conn.execute(
+        "INSERT INTO queue (domain, lane, kind, origin, payload, expires_at, sweep_at)"
+        " VALUES (?, ?, 'message', ?, seal(?, ?), ?, ?)",
+        (dest, lane_of(envelope.priority), origin, protocol.pack(stamped.to_wire()), dest, expires_at, sweep_at),
+    )
+    return Outcome(True), dest
+
+
+def accept_receipts(conn: sqlite3.Connection, domain: str, raw_receipts: list[object]) -> tuple[list[Outcome], set[str]]:
+    """Route ``read`` receipts from the relay of ``domain`` to each message's
+    origin; refuse any receipt about a message this domain never received.
+    Returns the answers and the origin domains to wake."""
+    outcomes: list[Outcome] = []
+    woken: set[str] = set()
+    for raw in raw_receipts:
+        try:
+            receipt = Receipt.from_wire(raw)
+        except protocol.ProtocolViolation as exc:
+            outcomes.append(Outcome(False, protocol.INVALID_ENVELOPE, str(exc)))
+            continue
+        received = conn.execute(
+            "SELECT 1 FROM seen WHERE origin = ? AND id = ? AND dest = ? AND delivered = 1",
+            (receipt.origin, receipt.id, domain),
+        ).fetchone()
+        if (
+            receipt.status != "read"
+            or received is None
+            or any(protocol.domain_of(a) != domain for a in receipt.rcpt)
+        ):
+            outcomes.append(Outcome(False, protocol.UNKNOWN_MESSAGE,
+                                    f"{domain} received no message {receipt.id} from {receipt.origin or '?'}"))
+            audit.record(conn, f"relay:{domain}", "refused", receipt.id, receipt.origin, protocol.UNKNOWN_MESSAGE)
+            continue
+        _queue_receipt(conn, receipt.origin, Receipt(receipt.id, receipt.rcpt, "read"))
+        audit.record(conn, f"relay:{domain}", "read", receipt.id, receipt.origin, "routed")
+        outcomes.append(Outcome(True))
+        woken.add(receipt.origin)
+    return outcomes, woken
+
+
+def expire(conn: sqlite3.Connection, now: float) -> set[str]:
+    """Fail the queued messages past their time-to-live and its grace (no
+    inbox stream sends them once expired, and one sent just before has been
+    acknowledged by then): each origin gets a ``failed`` receipt with reason
+    ``expired``.  Returns the domains to wake."""
+    rows = conn.execute(
+        "SELECT seq, origin, unseal(payload, domain) FROM queue WHERE kind = 'message' AND sweep_at < ?", (now,)
+    ).fetchall()
+    woken: set[str] = set()
+    for seq, origin, payload in rows:
+        conn.execute("DELETE FROM queue WHERE seq = ?", (seq,))
+        if payload is None:  # unreadable (see relay.sealing): nothing to tell anyone
+            continue
+        envelope = Envelope.from_wire(protocol.unpack(payload, "queued envelope"))
+        _queue_receipt(conn, origin, Receipt(envelope.id, envelope.rcpt, "failed", protocol.EXPIRED))
+        audit.record(conn, "hub", "expired", envelope.id, origin, "failed")
+        woken.add(origin)
+    return woken
+
+
+def fetch_inbox(
+    conn: sqlite3.Connection, domain: str, after: dict[int, int], limit: int, now: float | None = None
+) -> list[tuple[int, int, str, bytes | None]]:
+    """The next items for ``domain`` past what this stream already sent,
+    urgent lane first, none already swept as expired: (seq, lane, kind,
+    payload).  Read only: a payload that cannot be opened (see
+    `relay.store.sealing`) comes back as None, for `drop_unreadable`.
+
+    An item is still sent during its expiry grace: one whose first delivery
+    was committed but not acknowledged then gets its ack, and its origin a
+    ``delivered`` rather than an ``expired``."""
+    now = time.time() if now is None else now
+    rows = []
+    for lane in (URGENT, NORMAL):  # one range scan of the (domain, lane, seq) index each
+        rows += conn.execute(
+            """SELECT seq, lane, kind, unseal(payload, domain) FROM queue
+               WHERE domain = ? AND lane = ? AND seq > ? AND (sweep_at IS NULL OR sweep_at >= ?)
+               ORDER BY seq LIMIT ?""",
+            (domain, lane, after[lane], now, limit - len(rows)),
+        ).fetchall()
+        if len(rows) >= limit:
+            break
+    return rows
+
+
+def drop_unreadable(conn: sqlite3.Connection, domain: str, seqs: list[int]) -> None:
+    """Take out of ``domain``'s queue items whose payload cannot be opened:
+    they would block it forever, and nobody can be told about them."""
+    for seq in seqs:
+        conn.execute("DELETE FROM queue WHERE seq = ? AND domain = ?", (seq, domain))
+        audit.record(conn, "hub", "dropped", None, domain, f"queue item {seq} cannot be opened")
+
+
+def apply_ack(conn: sqlite3.Connection, domain: str, seqs: list[int], failures: list[Failure]) -> set[str]:
+    """The relay of ``domain`` has durably taken these positions: drop them
+    and send a receipt to each message's origin.  Positions that are not in
+    ``domain``'s queue (already acknowledged, or someone else's) are ignored.
+    Returns the domains that got receipts.
+
+    An ack covers hundreds of positions at full speed, so the work is done
+    a statement per kind of change, not per position."""
+    failed = {f.seq: f for f in failures}
+    found: dict[int, tuple[str, str, bytes]] = {}
+    for start in range(0, len(seqs), ACK_CHUNK):
+        chunk = seqs[start:start + ACK_CHUNK]
+        for seq, kind, origin, payload in conn.execute(
+            f"SELECT seq, kind, origin, unseal(payload, domain) FROM queue"
+            f" WHERE domain = ? AND seq IN ({','.join('?' * len(chunk))})", (domain, *chunk),
+        ):
+            found[seq] = (kind, origin, payload)
+    conn.executemany("DELETE FROM queue WHERE seq = ?", [(seq,) for seq in found])
+    woken: set[str] = set()
+    delivered: list[tuple[str, str, str]] = []
+    receipts: list[tuple[str, Receipt]] = []
+    trail: list[audit.Entry] = []
+    for seq in dict.fromkeys(seqs):
+        if seq not in found:
+            continue
+        kind, origin, payload = found[seq]
+        if kind != "message" or payload is None:  # a receipt, or unreadable (see relay.sealing)
+            continue
+        # Written by this hub from a checked envelope: only its id and recipients are needed.
+        stored = protocol.unpack(payload, "queued envelope")
+        ident, rcpt = stored["id"], stored["rcpt"]
+        trail.append((f"relay:{domain}", "delivered", ident, origin, "acknowledged"))
+        delivered.append((origin, ident, domain))
+        failure = failed.get(seq)
+        lost = tuple(a for a in rcpt if failure and a in failure.rcpt)
+        taken = tuple(a for a in rcpt if a not in lost)
+        if taken:
+            receipts.append((origin, Receipt(ident, taken, "delivered")))
+        if lost:
+            receipts.append((origin, Receipt(ident, lost, "failed", failure.reason)))
+        woken.add(origin)
+    conn.executemany("UPDATE seen SET delivered = 1 WHERE origin = ? AND id = ? AND dest = ?", delivered)
+    _queue_receipts(conn, receipts)
+    audit.record_many(conn, trail)
+    return woken
+
+
+def _queue_receipts(conn: sqlite3.Connection, receipts: list[tuple[str, Receipt]]) -> None:
+    conn.executemany(
+        "INSERT INTO queue (domain, lane, kind, origin, payload) VALUES (?, ?, 'receipt', '', ?)",
+        [(origin, URGENT, protocol.pack(receipt.to_wire())) for origin, receipt in receipts],
+    )
+
+
+def _queue_receipt(conn: sqlite3.Connection, origin: str, receipt: Receipt) -> None:
+    _queue_receipts(conn, [(origin, receipt)])
+
+
+def queue_depths(conn: sqlite3.Connection) -> dict[str, int]:
+    return dict(conn.execute("SELECT domain, count(*) FROM queue GROUP BY domain"))

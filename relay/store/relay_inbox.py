@@ -1,0 +1,183 @@
+"""The relay's incoming side: what the hub brings, and what local systems read.
+
+Units of work for `Store.run` over the tables `relay_store` creates
+(inbound, event, receipt_out, webhook).  Events are what
+``GET /v1/events`` and the webhooks deliver: a ``message`` for a system's
+users, or a notice (``delayed``, ``failed``) about a message it sent.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from typing import Callable, Iterable
+
+from relay.core import protocol
+from relay.core.protocol import Failure, InboxItem
+from relay.store import audit
+from relay.store.relay_queue import advance, fail, iso
+
+
+def take_inbound(
+    conn: sqlite3.Connection,
+    domain: str,
+    items: list[InboxItem],
+    systems_serving: Callable[[str], Iterable[str]],
+) -> tuple[list[Failure], set[str]]:
+    """Commit what the hub sent; return the failures to report in the ack
+    and the local systems that have new events.
+
+    A message already taken (the hub resent it after a lost ack) creates no
+    new event, but its failures are reported again: the ack is rebuilt the
+    same way every time.
+    """
+    now = time.time()
+    failures: list[Failure] = []
+    woken: set[str] = set()
+    trail: list[audit.Entry] = []
+    news = _News(conn)
+    for item in items:
+        if item.receipt is not None:
+            r = item.receipt
+            news.add(r, woken)
+            trail.append(("hub", f"receipt {r.status}", r.id, ",".join(r.rcpt), r.reason))
+            continue
+        env = item.envelope
+        assert env is not None
+        if env.dest != domain:
+            failures.append(Failure(item.seq, env.rcpt, protocol.MISROUTED))
+            trail.append(("hub", "refused", env.id, env.origin, protocol.MISROUTED))
+            continue
+        served = {a: sorted(systems_serving(a)) for a in env.rcpt}
+        unknown = tuple(a for a, systems in served.items() if not systems)
+        if unknown:
+            failures.append(Failure(item.seq, unknown, protocol.UNKNOWN_RECIPIENT))
+        systems = sorted({s for found in served.values() for s in found})
+        if not systems:
+            continue
+        cursor = conn.execute(
+            "INSERT OR IGNORE INTO inbound (domain, origin, origin_org, id, sender, recipients, thread, priority,"
+            " body, sent_at, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, seal(?, ?), ?, ?)",
+            (domain, env.origin, env.origin_org or None, env.id, env.sender, protocol.pack(list(env.to)),
+             env.thread, env.priority, env.body, env.id, env.sent_at, now),
+        )
+        if cursor.rowcount:
+            trail.append(("hub", "received", env.id, env.origin, f"for {', '.join(systems)}"))
+            conn.executemany(  # now, so that events keep the order of arrival with notices posted meanwhile
+                "INSERT INTO event (system, type, inbound, created_at) VALUES (?, 'message', ?, ?)",
+                [(system, cursor.lastrowid, now) for system in systems],
+            )
+            woken.update(systems)
+    news.flush()
+    audit.record_many(conn, trail)
+    return failures, woken
+
+
+class _News:
+    """Receipts applied in arrival order, a run of the same status in one
+    statement: a recipient's status only moves forward, but ``failed``
+    after ``delivered`` is not the same as ``delivered`` after ``failed``."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._status = ""
+        self._moves: list[tuple[str, str]] = []
+
+    def add(self, receipt: protocol.Receipt, notified: set[str]) -> None:
+        if receipt.status != self._status:
+            self.flush()
+        if receipt.status == "failed":  # rare, and its sender gets a notice
+            fail(self._conn, receipt.id, receipt.rcpt, receipt.reason, notified)
+            return
+        self._status = receipt.status
+        self._moves.extend((receipt.id, address) for address in receipt.rcpt)
+
+    def flush(self) -> None:
+        if self._moves:
+            advance(self._conn, self._moves, self._status)
+        self._status, self._moves = "", []
+
+
+def events(conn: sqlite3.Connection, system: str, after: int, limit: int) -> list[dict]:
+    """A page of a system's events, in cursor order, as the API shows them."""
+    rows = conn.execute(
+        """SELECT e.cursor, e.type, e.notice, i.id, i.origin, i.origin_org, i.sender, i.recipients,
+                  unseal(i.body, i.id), i.thread, i.priority, i.sent_at
+           FROM event e LEFT JOIN inbound i ON i.rowid = e.inbound
+           WHERE e.system = ? AND e.cursor > ? ORDER BY e.cursor LIMIT ?""",
+        (system, after, limit),
+    ).fetchall()
+    page = []
+    for cursor, kind, notice, ident, origin, origin_org, sender, recipients, body, thread, priority, sent_at in rows:
+        if kind != "message":
+            page.append({"cursor": cursor, "type": kind, "notice": json.loads(notice)})
+            continue
+        page.append({
+            "cursor": cursor,
+            "type": "message",
+            "message": {
+                "id": ident,
+                "from": sender,
+                "to": protocol.unpack(recipients, "stored recipients"),
+                "body": body,
+                "thread": thread,
+                "priority": priority,
+                "sent_at": iso(sent_at),
+                # Verified by the hub from the sending relay's certificate.
+                "origin": {"domain": origin, "organisation": origin_org},
+            },
+        })
+    return page
+
+
+def mark_read(
+    conn: sqlite3.Connection, domain: str, system: str, ident: str, serves: Callable[[str], bool]
+) -> bool | None:
+    """A system reports that its user read a message it received.
+
+    Returns None when this system never received that message, False when
+    it was already marked read, True when a ``read`` receipt was queued for
+    the sender (for the recipients this system serves).
+    """
+    rows = conn.execute(
+        """SELECT e.cursor, e.read_at, i.origin, i.recipients FROM event e JOIN inbound i ON i.rowid = e.inbound
+           WHERE e.system = ? AND e.type = 'message' AND i.id = ? AND i.domain = ?""",
+        (system, ident, domain),
+    ).fetchall()
+    if not rows:
+        return None
+    cursor, read_at, origin, recipients = rows[0]
+    if read_at is not None:
+        return False
+    conn.execute("UPDATE event SET read_at = ? WHERE cursor = ?", (time.time(), cursor))
+    rcpt = [a for a in protocol.unpack(recipients, "stored recipients")
+            if protocol.domain_of(a) == domain and serves(a)]
+    conn.execute(
+        "INSERT INTO receipt_out (domain, origin, id, rcpt, status) VALUES (?, ?, ?, ?, 'read')",
+        (domain, origin, ident, protocol.pack(rcpt)),
+    )
+    audit.record(conn, f"system:{system}", "read", ident, origin, "receipt queued")
+    return True
+
+
+def prune(conn: sqlite3.Connection, now: float, retention: float) -> int:
+    """Drop events older than ``retention`` seconds, read or not, and the
+    bodies no event points to any more; return how many events went."""
+    dropped = conn.execute("DELETE FROM event WHERE created_at < ?", (now - retention,)).rowcount
+    if dropped:
+        conn.execute("DELETE FROM inbound WHERE received_at < ? AND rowid NOT IN"
+                     " (SELECT inbound FROM event WHERE inbound IS NOT NULL)", (now - retention,))
+    return dropped
+
+
+def webhook_position(conn: sqlite3.Connection, system: str) -> int:
+    row = conn.execute("SELECT cursor FROM webhook WHERE system = ?", (system,)).fetchone()
+    return row[0] if row else 0
+
+
+def set_webhook_position(conn: sqlite3.Connection, system: str, cursor: int) -> None:
+    conn.execute(
+        "INSERT INTO webhook (system, cursor) VALUES (?, ?) ON CONFLICT (system) DO UPDATE SET cursor = excluded.cursor",
+        (system, cursor),
+    )
