@@ -20,6 +20,8 @@ from typing import Any
 
 import msgpack
 
+from relay.core.addresses import domain_of, is_address
+
 VERSION = 1
 ALPN = "h2"
 MSGPACK = b"application/msgpack"
@@ -52,7 +54,6 @@ PATH_INBOX = "/v1/inbox"
 PATH_ACK = "/v1/ack"
 PATH_RECEIPTS = "/v1/receipts"
 
-_ADDRESS = re.compile(r"^[a-z0-9._+-]{1,64}@([a-z0-9-]{1,63}(\.[a-z0-9-]{1,63})+)$")
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 
 # Machine-readable reasons in per-envelope answers and `failed` receipts.
@@ -78,15 +79,6 @@ RECEIPT_STATUSES = ("delivered", "failed", "read")
 
 class ProtocolViolation(ValueError):
     """A peer sent something v1 does not allow; the message names the field."""
-
-
-def domain_of(address: str) -> str:
-    return address.rpartition("@")[2]
-
-
-def is_address(text: object) -> bool:
-    # fullmatch, not match: "$" also matches before a trailing newline.
-    return isinstance(text, str) and len(text) <= 320 and _ADDRESS.fullmatch(text) is not None
 
 
 def new_message_id() -> str:
