@@ -24,6 +24,7 @@ import trio
 
 from relay.config.model import LocalSystem, RelayConfig
 from relay.core import protocol
+from relay.core.priority import PRIORITIES
 from relay.core.ratelimit import TokenBucket
 from relay.net.local_server import Request, Response
 from relay.net.wakeup import Signal
@@ -200,7 +201,7 @@ class LocalApi:
         if thread is not None and (not isinstance(thread, str) or len(thread) > protocol.MAX_THREAD_CHARS):
             raise _invalid("thread", f"expected a string of at most {protocol.MAX_THREAD_CHARS} characters")
         priority = doc.get("priority", "normal")
-        if priority not in protocol.PRIORITIES:
+        if priority not in PRIORITIES:
             raise _invalid("priority", "expected 'normal' or 'urgent'")
         if idem_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idem_key):
             raise _invalid("Idempotency-Key", "expected 1 to 128 printable ASCII characters")

@@ -33,11 +33,11 @@ from relay.appliance.operations import certificates
 from relay.appliance.uplink import Uplink, UplinkState
 from relay.appliance.webhook import WebhookPusher
 from relay.config.model import RelayConfig
+from relay.core.priority import PRIORITIES
 from relay.net.local_server import Request, Response
 from relay.store import relay_queue
 from relay.store.engine import Store, StoreUnavailable
 
-PRIORITIES = ("normal", "urgent")
 # Group commits take milliseconds (one fsync); seconds mean a sick disk.
 COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # End-to-end delivery: sub-second when both relays are up, hours when a

@@ -21,6 +21,7 @@ from typing import Any
 import msgpack
 
 from relay.core.addresses import domain_of, is_address
+from relay.core.priority import PRIORITIES
 
 VERSION = 1
 ALPN = "h2"
@@ -46,8 +47,6 @@ MAX_ITEM_BYTES = MAX_BODY_BYTES + 128 * 1024
 # with time.gmtime (which overflows on inf or 1e300), so an unbounded value
 # from one peer would poison every other relay it reaches.
 MAX_SENT_AT = 253402300800.0  # 10000-01-01T00:00:00Z
-
-PRIORITIES = ("normal", "urgent")
 
 PATH_TRANSACTION = "/v1/transactions/"  # + transaction id
 PATH_INBOX = "/v1/inbox"
