@@ -375,6 +375,16 @@ def encode_error(reason: str, detail: str) -> bytes:
     return pack({"v": VERSION, "error": reason, "detail": detail})
 
 
+def error_text(body: bytes) -> str:
+    """An error answer (`encode_error`) in words, for a log line: it is
+    only ever reported, so an unreadable one is described, not refused."""
+    try:
+        answer = unpack(body, "error")
+        return f"{answer.get('error')}: {answer.get('detail')}"
+    except (ProtocolViolation, AttributeError):
+        return f"{len(body)} bytes of unreadable answer"
+
+
 # -- field helpers ------------------------------------------------------------------
 
 

@@ -28,7 +28,6 @@ a certificate and its key written one after the other are read as a pair.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import ssl
 import time
@@ -41,6 +40,8 @@ import trio
 from relay.appliance.webhook import WebhookPusher
 from relay.config.model import HubConfig, LocalSystem, RelayConfig
 from relay.config.reader import ConfigError
+from relay.config.stamps import files_stamp
+from relay.core.errors import describe_error
 from relay.net.tls import hub_server_context, local_server_context, relay_client_context
 from relay.net.wakeup import Signal
 from relay.pki import identity
@@ -97,7 +98,7 @@ class Reloader(Generic[C]):
             applied = seen = self._stamp()
 
     def _stamp(self) -> tuple:
-        return tuple(_file_stamp(path) for path in self._files(self.config) if path is not None)
+        return files_stamp(self._files(self.config))
 
     async def reload(self, trigger: str) -> bool:
         """Load, check and apply the configuration file; True when applied."""
@@ -114,23 +115,15 @@ class Reloader(Generic[C]):
         try:
             await self._apply(new)
         except (OSError, ssl.SSLError, ValueError) as exc:  # a file changed again since the checks
-            self.last["errors"] = [identity.describe_error(exc)]
+            self.last["errors"] = [describe_error(exc)]
             log.error("reload failed while applying (%s); it is tried again when the files change",
-                      identity.describe_error(exc))
+                      describe_error(exc))
             return False
         self.config = new
         self.last["ok"] = True
         self.reloaded.fire()
         log.info("reloaded %s", new.path)
         return True
-
-
-def _file_stamp(path: Path) -> tuple:
-    try:
-        info = os.stat(path)
-    except OSError:
-        return (str(path), None)
-    return (str(path), info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 # -- the relay ---------------------------------------------------------------------
@@ -172,7 +165,7 @@ def _loads(build: Callable[[], ssl.SSLContext], where: str) -> list[str]:
     try:
         build()
     except (OSError, ssl.SSLError, ValueError) as exc:
-        return [f"{where}: the TLS certificate, key or CA do not load: {identity.describe_error(exc)}"]
+        return [f"{where}: the TLS certificate, key or CA do not load: {describe_error(exc)}"]
     return []
 
 

@@ -36,6 +36,7 @@ from typing import Callable, Iterable
 from relay.core import protocol
 from relay.core.priority import NORMAL, URGENT, lane_of, priority_of
 from relay.core.protocol import Envelope, Outcome, Receipt
+from relay.core.timeformat import iso
 from relay.store import audit
 
 MIGRATIONS: list[list[str]] = [
@@ -383,10 +384,6 @@ def outbox_depth(conn: sqlite3.Connection) -> dict[str, int]:
     for lane, count in rows:
         depth[priority_of(lane)] = count
     return depth
-
-
-def iso(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp)) + f".{int(timestamp % 1 * 1000):03d}Z"
 
 
 # -- queries and units of the operations tools (``eimis-relay queue``, ``status``) --------
