@@ -40,6 +40,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from relay.cli.arguments import add_config_option, config_path
 from relay.cli.ops import DB_NAME, store_dir
 from relay.config.model import RelayConfig, load_relay_config
 from relay.config.reader import ConfigError
@@ -51,7 +52,6 @@ from relay.net.h2connection import Http2Connection, Http2Settings, header
 from relay.net.proxy import dial
 from relay.net.tls import relay_client_context
 from relay.pki import identity
-from relay.runtime.paths import default_config
 
 # Clock offset against the hub: the Date header has one-second resolution;
 # certificates are issued with five minutes of slack (authority._CLOCK_SKEW).
@@ -71,13 +71,12 @@ class Check:
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("doctor", help="check the installation and the way to the hub; say what to fix")
-    parser.add_argument("--config", type=Path, default=None, metavar="PATH",
-                        help="the relay's config file (default: relay.toml in the configuration directory)")
+    add_config_option(parser)
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    path = args.config or default_config("relay.toml")
+    path = config_path(args)
     checks = run_checks(path)
     for check in checks:
         print(f"{check.level:<8} {check.topic:<12} {check.detail}")

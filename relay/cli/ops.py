@@ -29,13 +29,14 @@ from typing import Any
 import trio
 
 from relay.appliance.operations import QueueTools, span
+from relay.cli.arguments import add_config_option, config_path
 from relay.config.model import RelayConfig, load_relay_config
 from relay.config.reader import ConfigError
 from relay.core import timeformat
 from relay.core.errors import describe_error
 from relay.net import admin_socket
 from relay.pki import authority
-from relay.runtime.paths import default_config, state_dir
+from relay.runtime.paths import state_dir
 from relay.store import relay_queue
 from relay.store.engine import Store, backup
 from relay.store.sealing import KEY_FILE, KeyRing, KeyRingError, install
@@ -95,8 +96,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def _command(parent: argparse._SubParsersAction, name: str, summary: str) -> argparse.ArgumentParser:
     parser = parent.add_parser(name, help=summary, description=summary)
-    parser.add_argument("--config", type=Path, default=None, metavar="PATH",
-                        help="the relay's config file (default: relay.toml in the configuration directory)")
+    add_config_option(parser)
     return parser
 
 
@@ -115,7 +115,7 @@ def _guarded(run):
 
 
 def load(args: argparse.Namespace) -> RelayConfig:
-    path = args.config or default_config("relay.toml")
+    path = config_path(args)
     try:
         return load_relay_config(path)
     except ConfigError as exc:
@@ -139,7 +139,7 @@ def ask(args: argparse.Namespace, op: str, request: dict[str, Any] | None = None
     try:
         state = store_dir(load(args))
     except CommandFailed as problem:
-        state = _state_dir_of_broken(args.config or default_config("relay.toml"))
+        state = _state_dir_of_broken(config_path(args))
         if state is None:
             raise
         print(f"warning: {str(problem).splitlines()[0]} (eimis-relay check-config); asking the running daemon"
