@@ -192,20 +192,28 @@ def apply_log_level(config: RelayConfig | HubConfig) -> None:
 
 class WebhookSet:
     """The webhook pushers of the local systems that have a webhook_url:
-    one task each, started, updated in place or stopped as the
-    configuration says."""
+    one task each in `run`'s nursery, started, updated in place or stopped
+    as the configuration says (`apply`, once `run` has started)."""
 
-    def __init__(self, nursery: trio.Nursery, store: Store, signal_of: Callable[[str], Signal]) -> None:
-        self._nursery = nursery
+    def __init__(self, store: Store, signal_of: Callable[[str], Signal]) -> None:
         self._store = store
         self._signal_of = signal_of
+        self._nursery: trio.Nursery | None = None
         self._running: dict[str, tuple[WebhookPusher, trio.CancelScope]] = {}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery(strict_exception_groups=True) as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
 
     @property
     def pushers(self) -> list[WebhookPusher]:
         return [pusher for pusher, _ in self._running.values()]
 
     def apply(self, systems: Iterable[LocalSystem]) -> None:
+        if self._nursery is None:
+            raise RuntimeError("WebhookSet.apply before run has started")
         wanted = {s.name: s for s in systems if s.webhook_url is not None}
         for name in set(self._running) - set(wanted):
             self._running.pop(name)[1].cancel()
