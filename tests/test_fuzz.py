@@ -17,7 +17,7 @@ from relay.config.model import load_relay_config
 from relay.core import protocol
 from relay.core.protocol import Envelope, InboxItem, ProtocolViolation
 from relay.net.local_server import Request
-from relay.net.wakeup import Signal
+from relay.net.wakeup import Signal, Signals
 
 plain = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=40)
@@ -85,7 +85,8 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> LocalApi:
     directory = tmp_path_factory.mktemp("fuzz")
     demo.init(directory)
     config = load_relay_config(directory / "relay-a.toml")
-    return LocalApi(config, store=None, outbox_changed=Signal(), uplink_state=lambda: "down")
+    return LocalApi(config, store=None, outbox_changed=Signal(), events=Signals(), uplink_state=lambda: "down",
+                    on_accepted=lambda priority: None)
 
 
 json_values = st.recursive(

@@ -202,8 +202,8 @@ def test_a_token_with_a_newline_is_not_a_token() -> None:
 
 def test_address_length_is_bounded() -> None:
     local = "a" * 64
-    domain = ".".join(["d" * 63] * 4)
-    assert protocol.is_address(f"{local}@{domain}")  # 320 characters
+    domain = ".".join(["d" * 63] * 3 + ["d" * 61])  # the longest DNS name, 253 characters
+    assert protocol.is_address(f"{local}@{domain}")  # 318 characters
     assert not protocol.is_address(f"{local}a@{domain}")
     assert not protocol.is_address(f"{local}@{domain}x")
 
@@ -321,6 +321,12 @@ def test_encode_error() -> None:
         "v": 1, "error": "bad_request", "detail": "why"}
 
 
+def test_error_text_reads_an_error_answer_and_describes_anything_else() -> None:
+    assert protocol.error_text(protocol.encode_error("bad_request", "why")) == "bad_request: why"
+    assert protocol.error_text(b"<html>") == "6 bytes of unreadable answer"
+    assert protocol.error_text(protocol.pack([1, 2])) == "3 bytes of unreadable answer"
+
+
 # -- msgpack itself ------------------------------------------------------------------------
 
 
@@ -403,7 +409,7 @@ def test_stream_unpacker_fed_byte_by_byte_yields_every_item() -> None:
 def test_stream_unpacker_takes_a_largest_envelope_in_frame_sized_chunks() -> None:
     """A maximal legal envelope (full body, 100 of the longest addresses,
     the longest thread) goes through the stream in 64 KiB DATA frames."""
-    domain = ".".join(["d" * 63] * 4)
+    domain = ".".join(["d" * 63] * 3 + ["d" * 61])
     to = tuple(f"u{i:03d}{'a' * 60}@{domain}" for i in range(protocol.MAX_RECIPIENTS))
     big = envelope(
         id="i" * 64, sender=to[0], to=to, rcpt=to, body="é" * (protocol.MAX_BODY_BYTES // 2),

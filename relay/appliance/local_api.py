@@ -18,15 +18,17 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import trio
 
 from relay.config.model import LocalSystem, RelayConfig
 from relay.core import protocol
+from relay.core.addresses import domain_of, is_address
+from relay.core.priority import PRIORITIES
 from relay.core.ratelimit import TokenBucket
 from relay.net.local_server import Request, Response
-from relay.net.wakeup import Signal
+from relay.net.wakeup import Signal, Signals
 from relay.store import audit, relay_inbox, relay_queue
 from relay.store.engine import Store, StoreUnavailable
 from relay.store.relay_queue import Submission
@@ -55,23 +57,20 @@ def too_large(limit: int) -> Callable[[], Response]:
 
 
 class LocalApi:
-    def __init__(self, config: RelayConfig, store: Store, outbox_changed: Signal, uplink_state: Callable[[], str]) -> None:
+    """The routes above; ``events`` has a local system's signal fired when
+    it has new events (long-polls wait on it), ``uplink_state`` says how
+    the link to the hub is (``/healthz``), and ``on_accepted`` is told the
+    priority of each submission answered 202 (the metrics)."""
+
+    def __init__(self, config: RelayConfig, store: Store, outbox_changed: Signal, events: Signals,
+                 uplink_state: Callable[[], str], on_accepted: Callable[[str], None]) -> None:
         self.config = config
         self.store = store
         self.outbox_changed = outbox_changed
+        self._events = events
         self._uplink_state = uplink_state
-        self._events: dict[str, Signal] = {}
+        self._on_accepted = on_accepted
         self._buckets: dict[tuple[str, float, int], TokenBucket] = {}
-        # Told the priority of each submission answered 202 (the metrics).
-        self.on_accepted: Callable[[str], None] = lambda priority: None
-
-    def events_arrived(self, systems: Iterable[str]) -> None:
-        for name in systems:
-            self.signal(name).fire()
-
-    def signal(self, system: str) -> Signal:
-        """Fired when ``system`` has new events (long-polls and webhooks wait on it)."""
-        return self._events.setdefault(system, Signal())
 
     async def __call__(self, request: Request) -> Response:
         try:
@@ -160,7 +159,7 @@ class LocalApi:
             # and the audit trail already records every acceptance.
             log.debug("accepted message %s from %s (%s) for %d recipient(s)",
                      ident, submission.sender, system.name, len(submission.to), extra={"message_id": ident})
-        self.on_accepted(submission.priority)
+        self._on_accepted(submission.priority)
         return Response.json(202, {"id": ident, "status": status})
 
     def _has_room(self, priority: str) -> bool:
@@ -176,9 +175,9 @@ class LocalApi:
         if unknown:
             raise _invalid(sorted(unknown)[0], "unknown field")
         sender = doc.get("from")
-        if not protocol.is_address(sender):
+        if not is_address(sender):
             raise _invalid("from", "expected an address like alice@" + self.config.domain)
-        if protocol.domain_of(sender) != self.config.domain:
+        if domain_of(sender) != self.config.domain:
             raise ApiError(403, "forbidden", f"from: {sender} is not an address of this relay's domain "
                                              f"({self.config.domain})")
         if not system.may_send_as(sender):
@@ -187,7 +186,7 @@ class LocalApi:
         if not isinstance(to, list) or not 1 <= len(to) <= protocol.MAX_RECIPIENTS:
             raise _invalid("to", f"expected a list of 1 to {protocol.MAX_RECIPIENTS} addresses")
         for index, address in enumerate(to):
-            if not protocol.is_address(address):
+            if not is_address(address):
                 raise _invalid(f"to[{index}]", "expected an address like bob@clinique-sud.test")
         if len(set(to)) != len(to):
             raise _invalid("to", "duplicate recipient")
@@ -200,7 +199,7 @@ class LocalApi:
         if thread is not None and (not isinstance(thread, str) or len(thread) > protocol.MAX_THREAD_CHARS):
             raise _invalid("thread", f"expected a string of at most {protocol.MAX_THREAD_CHARS} characters")
         priority = doc.get("priority", "normal")
-        if priority not in protocol.PRIORITIES:
+        if priority not in PRIORITIES:
             raise _invalid("priority", "expected 'normal' or 'urgent'")
         if idem_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idem_key):
             raise _invalid("Idempotency-Key", "expected 1 to 128 printable ASCII characters")
@@ -244,7 +243,7 @@ class LocalApi:
     async def _events_page(self, system: LocalSystem, request: Request) -> Response:
         after = _int_param(request, "after", 0, minimum=0)
         wait = _float_param(request, "wait", 0.0, maximum=MAX_WAIT)
-        signal = self.signal(system.name)
+        signal = self._events.signal(system.name)
         deadline = trio.current_time() + wait
         while True:
             arrived = signal.watch()

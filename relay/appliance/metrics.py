@@ -33,11 +33,11 @@ from relay.appliance.operations import certificates
 from relay.appliance.uplink import Uplink, UplinkState
 from relay.appliance.webhook import WebhookPusher
 from relay.config.model import RelayConfig
+from relay.core.priority import PRIORITIES
 from relay.net.local_server import Request, Response
 from relay.store import relay_queue
 from relay.store.engine import Store, StoreUnavailable
 
-PRIORITIES = ("normal", "urgent")
 # Group commits take milliseconds (one fsync); seconds mean a sick disk.
 COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # End-to-end delivery: sub-second when both relays are up, hours when a
@@ -45,15 +45,13 @@ COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 
 DELIVERY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
 
 
-class RelayMetrics:
-    """The registry of one relay and the routes that serve it."""
+class RelayCounters:
+    """The registry of one relay, with what its parts report as it
+    happens.  Made before the parts, which are each given the method they
+    call: the store `observe_commit`, the uplink `observe_delivery`, the
+    local API `count_accepted`."""
 
-    def __init__(self, config: Callable[[], RelayConfig], store: Store, uplink: Uplink,
-                 webhooks: Callable[[], Iterable[WebhookPusher]], housekeeping: Housekeeping) -> None:
-        self.config = config
-        self.store = store
-        self.uplink = uplink
-        self.housekeeping = housekeeping
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         Info("eimis_relay_build", "The relay's version", registry=self.registry).info(
             {"version": __version__, "python": platform.python_version()})
@@ -67,22 +65,42 @@ class RelayMetrics:
         for priority in PRIORITIES:  # every series exists from the start, at 0
             self.accepted.labels(priority)
             self.delivery_seconds.labels(priority)
-        self.registry.register(_RelayCollector(self, webhooks))
-        self._queues: dict[str, Any] | None = None
-        store.on_commit = self.commit_seconds.observe
-        uplink.on_delivered = lambda priority, seconds: self.delivery_seconds.labels(priority).observe(seconds)
 
     def count_accepted(self, priority: str) -> None:
-        """`LocalApi.on_accepted`: a 202 to a submission.  (A retry with the
-        same Idempotency-Key is answered 202 again, and counted again.)"""
+        """A 202 to a submission.  (A retry with the same Idempotency-Key is
+        answered 202 again, and counted again.)"""
         self.accepted.labels(priority).inc()
+
+    def observe_commit(self, seconds: float) -> None:
+        """A group committed (called on the store's writer thread, which prometheus_client allows)."""
+        self.commit_seconds.observe(seconds)
+
+    def observe_delivery(self, priority: str, seconds: float) -> None:
+        """A destination relay committed a message sent from here, ``seconds`` after its acceptance."""
+        self.delivery_seconds.labels(priority).observe(seconds)
+
+
+class RelayMetrics:
+    """The routes that serve one relay's registry; what the relay counts
+    anyway is read from its parts at scrape time."""
+
+    def __init__(self, counters: RelayCounters, config: Callable[[], RelayConfig], store: Store, uplink: Uplink,
+                 webhooks: Callable[[], Iterable[WebhookPusher]], housekeeping: Housekeeping) -> None:
+        self.config = config
+        self.store = store
+        self.uplink = uplink
+        self.housekeeping = housekeeping
+        self.registry = counters.registry
+        self.registry.register(_RelayCollector(self, webhooks))
+        # The queue figures of the last scrape, for the collector.
+        self.queues: dict[str, Any] | None = None
 
     async def __call__(self, request: Request) -> Response:
         if request.method != "GET":
             return Response(405, b"GET only\n", [("allow", "GET"), ("content-type", "text/plain")])
         if request.path == "/metrics":
             try:
-                self._queues = await self.store.read("queue_summary", relay_queue.queue_summary)
+                self.queues = await self.store.read("queue_summary", relay_queue.queue_summary)
             except StoreUnavailable:
                 pass  # the store cannot commit: the last figures read, and the rest, still tell a story
             return Response(200, generate_latest(self.registry), [("content-type", CONTENT_TYPE_LATEST)])
@@ -140,7 +158,7 @@ class _RelayCollector:
         yield expiry
         yield GaugeMetricFamily("eimis_relay_store_used_bytes", "Bytes in use in the store",
                                 value=self.metrics.store.used_bytes)
-        queues = self.metrics._queues
+        queues = self.metrics.queues
         if queues is None:
             return
         depth = GaugeMetricFamily("eimis_relay_outbound_queue", "Envelopes waiting for the hub",

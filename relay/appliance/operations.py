@@ -26,7 +26,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -36,6 +35,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from relay import __version__
 from relay.appliance.uplink import Uplink, UplinkState
 from relay.config.model import RelayConfig
+from relay.core import timeformat
+from relay.core.errors import describe_error
 from relay.net.admin_socket import AdminError, Handler
 from relay.net.sdnotify import notify
 from relay.net.wakeup import Signal
@@ -163,7 +164,7 @@ class CertificateWatch:
             if threshold is None:
                 continue
             where = f" ({cert.file})" if cert.file else ""
-            when = datetime.fromtimestamp(cert.expires, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+            when = timeformat.minute(cert.expires)
             if threshold == 0:
                 log.error("certificate %s%s EXPIRED on %s: renew it now (docs/operations.md, "
                           "'Renew a certificate')", cert.name, where, when)
@@ -343,6 +344,6 @@ async def watch_own_certificate(name: str, cert_file: Callable[[], Path], reload
             expires = identity.peer_identity(identity.load_certificates(path)[0].public_bytes(Encoding.DER)).not_after
             watch.check([Certificate(name, expires.timestamp(), str(path))], time.time())
         except (OSError, ValueError, IndexError) as exc:
-            log.error("certificate %s: cannot read %s: %s", name, path, identity.describe_error(exc))
+            log.error("certificate %s: cannot read %s: %s", name, path, describe_error(exc))
         with trio.move_on_after(CERT_CHECK_INTERVAL):
             await changed.wait()

@@ -11,22 +11,21 @@ import argparse
 import ssl
 from pathlib import Path
 
+from relay.cli.arguments import add_config_option, config_path
 from relay.config.model import HubConfig, RelayConfig, load_hub_config, load_relay_config
 from relay.config.reader import ConfigError, defines_table
 from relay.net.tls import local_server_context
 from relay.pki import identity
-from relay.runtime.paths import default_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("check-config", help="validate a relay's or the hub's configuration")
-    parser.add_argument("--config", type=Path, default=None, metavar="PATH",
-                        help="config file (default: relay.toml in the configuration directory)")
+    add_config_option(parser)
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    path = args.config or default_config("relay.toml")
+    path = config_path(args)
     try:
         config = load_hub_config(path) if _is_hub(path) else load_relay_config(path)
     except ConfigError as exc:

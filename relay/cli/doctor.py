@@ -40,16 +40,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from relay.cli.arguments import add_config_option, config_path
 from relay.cli.ops import DB_NAME, store_dir
 from relay.config.model import RelayConfig, load_relay_config
 from relay.config.reader import ConfigError
-from relay.core import protocol
+from relay.core import protocol, timeformat
+from relay.core.errors import describe_error
 from relay.net import admin_socket
+from relay.net.errors import reason
 from relay.net.h2connection import Http2Connection, Http2Settings, header
-from relay.net.proxy import open_tunnel
+from relay.net.proxy import dial
 from relay.net.tls import relay_client_context
 from relay.pki import identity
-from relay.runtime.paths import default_config
 
 # Clock offset against the hub: the Date header has one-second resolution;
 # certificates are issued with five minutes of slack (authority._CLOCK_SKEW).
@@ -69,13 +71,12 @@ class Check:
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("doctor", help="check the installation and the way to the hub; say what to fix")
-    parser.add_argument("--config", type=Path, default=None, metavar="PATH",
-                        help="the relay's config file (default: relay.toml in the configuration directory)")
+    add_config_option(parser)
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    path = args.config or default_config("relay.toml")
+    path = config_path(args)
     checks = run_checks(path)
     for check in checks:
         print(f"{check.level:<8} {check.topic:<12} {check.detail}")
@@ -163,7 +164,7 @@ def tls_policy(config: RelayConfig) -> list[Check]:
     try:
         context = relay_client_context(up.cert_file, up.key_file, up.ca_file, up.tls)
     except (OSError, ssl.SSLError, ValueError) as exc:
-        return [Check("failed", "tls", f"the TLS context does not load: {identity.describe_error(exc)}",
+        return [Check("failed", "tls", f"the TLS context does not load: {describe_error(exc)}",
                       "fix the certificate findings above")]
     suites = sorted({c["name"] for c in context.get_ciphers() if c["protocol"] in ("TLSv1.3", "TLSv1.2")})
     if context.minimum_version == ssl.TLSVersion.TLSv1_3:
@@ -186,24 +187,17 @@ async def network(config: RelayConfig) -> list[Check]:
         shown = sorted({a[4][0] for a in addresses})
         checks.append(Check("ok", "dns", f"{first_hop[0]} resolves to {', '.join(shown)}"))
     except (OSError, trio.TooSlowError) as exc:
-        return checks + [Check("failed", "dns", f"{first_hop[0]} does not resolve: {_reason(exc)}",
+        return checks + [Check("failed", "dns", f"{first_hop[0]} does not resolve: {reason(exc)}",
                                "check /etc/resolv.conf and the hospital's DNS, or the host in hub_url/proxy")]
     try:
         with trio.fail_after(up.connect_timeout):
-            tcp = await _open(config)
+            tcp = await dial(up.hub_host, up.hub_port, up.proxy)
     except (OSError, trio.TooSlowError) as exc:
-        return checks + [Check("failed", "tcp", f"cannot reach {up.hub_host}:{up.hub_port}{via}: {_reason(exc)}",
+        return checks + [Check("failed", "tcp", f"cannot reach {up.hub_host}:{up.hub_port}{via}: {reason(exc)}",
                                "ask the network team to open outbound TCP to the hub (or fix [uplink] proxy)")]
     await tcp.aclose()
     checks.append(Check("ok", "tcp", f"{up.hub_host}:{up.hub_port} reached{via}"))
     return checks + await handshake(config)
-
-
-async def _open(config: RelayConfig) -> trio.SocketStream:
-    up = config.uplink
-    if up.proxy is not None:
-        return await open_tunnel(up.proxy, up.hub_host, up.hub_port)
-    return await trio.open_tcp_stream(up.hub_host, up.hub_port)
 
 
 async def handshake(config: RelayConfig) -> list[Check]:
@@ -212,7 +206,8 @@ async def handshake(config: RelayConfig) -> list[Check]:
     stream = None
     try:
         with trio.fail_after(up.connect_timeout):
-            stream = trio.SSLStream(await _open(config), context, server_hostname=up.server_name)
+            tcp = await dial(up.hub_host, up.hub_port, up.proxy)
+            stream = trio.SSLStream(tcp, context, server_hostname=up.server_name)
             await stream.do_handshake()
     except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
         if stream is not None:
@@ -220,13 +215,13 @@ async def handshake(config: RelayConfig) -> list[Check]:
         cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
         if isinstance(cause, ssl.SSLCertVerificationError):
             return [await _refused_certificate(config, cause)]
-        return [Check("failed", "handshake", f"TLS handshake with the hub failed: {_reason(cause or exc)}",
+        return [Check("failed", "handshake", f"TLS handshake with the hub failed: {reason(exc)}",
                       "run `eimis-relay doctor` on the hub side too; check the hub's logs for this relay")]
     version, cipher = stream.version(), stream.cipher()[0]
     der = stream.getpeercert(binary_form=True)
     hub = identity.peer_identity(der)
     checks = [Check("ok", "handshake", f"{version} {cipher} with {up.server_name}; its certificate is from the"
-                    f" configured CA and expires {hub.not_after:%Y-%m-%d}")]
+                    f" configured CA and expires {timeformat.day(hub.not_after)}")]
     checks.append(await _clock(config, stream))
     return checks
 
@@ -240,7 +235,8 @@ async def _refused_certificate(config: RelayConfig, error: ssl.SSLCertVerificati
     der = None
     with trio.move_on_after(up.connect_timeout):
         try:
-            stream = trio.SSLStream(await _open(config), loose, server_hostname=up.server_name)
+            tcp = await dial(up.hub_host, up.hub_port, up.proxy)
+            stream = trio.SSLStream(tcp, loose, server_hostname=up.server_name)
         except OSError:
             stream = None
         if stream is not None:
@@ -281,7 +277,7 @@ async def _clock(config: RelayConfig, stream: trio.SSLStream) -> Check:
                 probe.reset()
                 conn.abort()
     except Exception as exc:  # the handshake was fine; the hub refused this relay at the HTTP/2 level
-        return Check("failed", "hub", f"the hub closed the connection after the handshake: {_reason(exc)}",
+        return Check("failed", "hub", f"the hub closed the connection after the handshake: {reason(exc)}",
                      "the hub may not know this relay's domain, or has revoked its certificate: ask its operator")
     if date is None:
         return Check("warning", "clock", "the hub sent no Date header: the clock offset cannot be measured",
@@ -291,16 +287,6 @@ async def _clock(config: RelayConfig, stream: trio.SSLStream) -> Check:
     level = "ok" if abs(offset) < CLOCK_WARNING else "warning" if abs(offset) < CLOCK_FAILED else "failed"
     return Check(level, "clock", f"offset against the hub {offset:+.0f} s (±1 s)",
                  "" if level == "ok" else "synchronise this host's clock with NTP (timedatectl set-ntp true)")
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, trio.TooSlowError):
-        return "timed out"
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or exc.__class__.__name__
 
 
 # -- the store and the daemon -----------------------------------------------------------

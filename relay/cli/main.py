@@ -11,12 +11,12 @@ import trio
 
 from relay import __version__
 from relay.cli import check_config, demo, doctor, ops, pki
+from relay.cli.arguments import add_config_option, config_path
 from relay.config.model import load_hub_config, load_relay_config
 from relay.config.reader import ConfigError, NotConfigured
 from relay.net.admin_socket import StoreBusy
 from relay.runtime import logs
 from relay.runtime.daemon import run_hub, run_relay
-from relay.runtime.paths import default_config
 from relay.runtime.permissions import exposed_secrets
 from relay.store import audit, sealing
 from relay.store.sealing import KeyRingError
@@ -28,13 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run the relay daemon")
-    run.add_argument("--config", type=Path, default=None, metavar="PATH",
-                     help="config file (default: relay.toml in the configuration directory)")
+    add_config_option(run, "relay.toml")
     run.set_defaults(func=_run)
 
     hub = commands.add_parser("hub", help="run the reference national hub")
-    hub.add_argument("--config", type=Path, default=None, metavar="PATH",
-                     help="config file (default: hub.toml in the configuration directory)")
+    add_config_option(hub, "hub.toml")
     hub.set_defaults(func=_hub)
 
     check_config.register(commands)
@@ -50,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    return _start(args.config or default_config("relay.toml"), load_relay_config, run_relay)
+    return _start(config_path(args), load_relay_config, run_relay)
 
 
 def _hub(args: argparse.Namespace) -> int:
-    return _start(args.config or default_config("hub.toml"), load_hub_config, run_hub)
+    return _start(config_path(args), load_hub_config, run_hub)
 
 
 def _start(path: Path, load, daemon) -> int:

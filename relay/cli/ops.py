@@ -23,18 +23,20 @@ import sqlite3
 import sys
 import time
 import tomllib
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from relay.appliance.operations import QueueTools, span
+from relay.cli.arguments import add_config_option, config_path
 from relay.config.model import RelayConfig, load_relay_config
 from relay.config.reader import ConfigError
+from relay.core import timeformat
+from relay.core.errors import describe_error
 from relay.net import admin_socket
-from relay.pki import authority, identity
-from relay.runtime.paths import default_config, state_dir
+from relay.pki import authority
+from relay.runtime.paths import state_dir
 from relay.store import relay_queue
 from relay.store.engine import Store, backup
 from relay.store.sealing import KEY_FILE, KeyRing, KeyRingError, install
@@ -94,8 +96,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def _command(parent: argparse._SubParsersAction, name: str, summary: str) -> argparse.ArgumentParser:
     parser = parent.add_parser(name, help=summary, description=summary)
-    parser.add_argument("--config", type=Path, default=None, metavar="PATH",
-                        help="the relay's config file (default: relay.toml in the configuration directory)")
+    add_config_option(parser)
     return parser
 
 
@@ -114,7 +115,7 @@ def _guarded(run):
 
 
 def load(args: argparse.Namespace) -> RelayConfig:
-    path = args.config or default_config("relay.toml")
+    path = config_path(args)
     try:
         return load_relay_config(path)
     except ConfigError as exc:
@@ -138,7 +139,7 @@ def ask(args: argparse.Namespace, op: str, request: dict[str, Any] | None = None
     try:
         state = store_dir(load(args))
     except CommandFailed as problem:
-        state = _state_dir_of_broken(args.config or default_config("relay.toml"))
+        state = _state_dir_of_broken(config_path(args))
         if state is None:
             raise
         print(f"warning: {str(problem).splitlines()[0]} (eimis-relay check-config); asking the running daemon"
@@ -207,7 +208,7 @@ def render_status(s: dict[str, Any], now: float) -> str:
         f"health       {'ok' if s['healthy'] else 'UNHEALTHY'}",
         *(f"  problem    {p}" for p in s["problems"]),
         *(f"  warning    {w}" for w in s["warnings"]),
-        f"uplink       {up['state']} since {_when(up['since'])} ({span(now - up['since'])}),"
+        f"uplink       {up['state']} since {timeformat.second(up['since'])} ({span(now - up['since'])}),"
         f" hub {up['hub_url']}, {up['reconnects']} reconnect(s)",
         f"last error   {up['last_error'] or '-'}",
         f"outbound     {out['urgent'] + out['normal']} queued ({out['urgent']} urgent, {out['normal']} normal);"
@@ -217,19 +218,15 @@ def render_status(s: dict[str, Any], now: float) -> str:
     ]
     for cert in s["certificates"]:
         where = f"  {cert['file']}" if cert["file"] else ""
-        lines.append(f"certificate  {cert['name']} expires {_when(cert['expires'])}"
+        lines.append(f"certificate  {cert['name']} expires {timeformat.second(cert['expires'])}"
                      f" ({(cert['expires'] - now) / 86400:.0f} days){where}")
     lines.append(f"store        {store['path']}, {store['used_bytes'] / 1e6:.1f} MB of {store['max_bytes'] / 1e6:.0f} MB")
     reload = s["reload"]
     last = "never reloaded" if reload["at"] is None else (
-        f"last reload {'ok' if reload['ok'] else 'REFUSED'} at {_when(reload['at'])} ({reload['trigger']})")
+        f"last reload {'ok' if reload['ok'] else 'REFUSED'} at {timeformat.second(reload['at'])} ({reload['trigger']})")
     lines.append(f"config       {s['config']}, {last}")
     lines += [f"  reload     {e}" for e in reload["errors"]]
     return "\n".join(lines)
-
-
-def _when(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 # -- queue ---------------------------------------------------------------------------
@@ -310,7 +307,7 @@ def _enroll(args: argparse.Namespace) -> int:
     try:
         key, csr = authority.make_key_and_csr(args.out, domain=domain, org_id=args.org_id)
     except (OSError, ValueError) as exc:
-        raise CommandFailed(identity.describe_error(exc)) from None
+        raise CommandFailed(describe_error(exc)) from None
     print(f"wrote {key} (private key, mode 0600: never send it anywhere)")
     print(f"wrote {csr}")
     print(f"Next: send {csr.name} to the national PKI (IGC-Santé); install the certificate it returns as the"
@@ -327,7 +324,7 @@ def _backup(args: argparse.Namespace) -> int:
         raise CommandFailed(f"no store at {source}")
     dest = args.dest
     if dest.is_dir():
-        dest = dest / f"relay-{config.domain}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.db"
+        dest = dest / f"relay-{config.domain}-{timeformat.compact(time.time())}.db"
     try:
         size = backup(source, dest)
     except (OSError, sqlite3.Error) as exc:
@@ -358,7 +355,7 @@ def _restore(args: argparse.Namespace) -> int:
             os.fsync(copy.fileno())
         kept = None
         if target.exists():
-            kept = target.with_name(f"{DB_NAME}.replaced-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}")
+            kept = target.with_name(f"{DB_NAME}.replaced-{timeformat.compact(time.time())}")
             for suffix in ("", "-wal", "-shm"):  # the WAL may hold committed data: keep it with its file
                 if Path(f"{target}{suffix}").exists():
                     os.rename(f"{target}{suffix}", f"{kept}{suffix}")

@@ -4,7 +4,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from relay.pki import authority, identity
+from relay.core.errors import describe_error
+from relay.pki import authority
 
 
 def register(subparsers) -> None:
@@ -74,7 +75,7 @@ def _run(make, *args, **kwargs) -> int:
     try:
         paths = make(*args, **kwargs)
     except (OSError, ValueError) as exc:
-        print(f"eimis-relay pki: {identity.describe_error(exc)}", file=sys.stderr)
+        print(f"eimis-relay pki: {describe_error(exc)}", file=sys.stderr)
         return 1
     for path in paths:
         print(f"wrote {path}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -36,44 +35,13 @@ from relay.config.reader import (
     size,
     string,
 )
+from relay.core.addresses import domain_of, is_address, is_domain, is_host
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _DEFAULT_LOG_LEVEL = "info"
 
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})+")
-_LOCAL_PART = re.compile(r"[a-z0-9._+-]{1,64}")
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _SYSTEM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-def is_domain(text: str) -> bool:
-    """Whether `text` is a lowercase DNS name of at least two labels.
-
-    Lowercase only, so that names can be compared as plain strings; the
-    loader lowercases what it reads before checking.
-    """
-    return len(text) <= 253 and _DOMAIN.fullmatch(text) is not None
-
-
-def is_address(text: str) -> bool:
-    """Whether `text` is a lowercase "local@domain" messaging address."""
-    local, _, domain = text.rpartition("@")
-    return _LOCAL_PART.fullmatch(local) is not None and is_domain(domain)
-
-
-def _domain_of(address: str) -> str:
-    return address.rpartition("@")[2]
-
-
-def _is_host(text: str) -> bool:
-    """Whether `text` is an IP address or a lowercase host name (one label allowed, as in "localhost")."""
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return len(text) <= 253 and _HOSTNAME.fullmatch(text) is not None
-    return True
 
 
 @dataclass(frozen=True)
@@ -129,7 +97,7 @@ class LocalSystem:
         return (
             self.all_users
             and is_address(address)
-            and (self.domain is None or _domain_of(address) == self.domain)
+            and (self.domain is None or domain_of(address) == self.domain)
         )
 
     def serves(self, address: str) -> bool:
@@ -486,7 +454,7 @@ def _read_secret(table: Table, key: str, path: Path) -> bytes | None:
 # generic ones (numbers, durations, sizes) are in config_reader.
 
 _domain = string("a DNS name", is_domain, fold_case=True)
-_host = string("a host name or IP address", _is_host, fold_case=True)
+_host = string("a host name or IP address", is_host, fold_case=True)
 _log_level = string(f"one of {', '.join(_LOG_LEVELS)}", _LOG_LEVELS.__contains__)
 _log_format = string('"logfmt" or "json"', ("logfmt", "json").__contains__)
 _system_name = string("a name of letters, digits, '.', '_' and '-'", _SYSTEM_NAME.fullmatch)
@@ -500,7 +468,7 @@ def _user_parser(domain: str | None) -> Parser[str]:
     """
 
     def accept(text: str) -> bool:
-        return text == "*" or (is_address(text) and domain in (None, _domain_of(text)))
+        return text == "*" or (is_address(text) and domain in (None, domain_of(text)))
 
     where = f" at {domain}" if domain else ""
     return string(f'an address{where} or "*"', accept, fold_case=True)
@@ -518,9 +486,9 @@ def _address(value: object) -> Address:
         host, _, port = value.lower().rpartition(":")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
-            valid_host = ":" in host and _is_host(host)  # a bracketed host must be IPv6
+            valid_host = ":" in host and is_host(host)  # a bracketed host must be IPv6
         else:
-            valid_host = ":" not in host and _is_host(host)
+            valid_host = ":" not in host and is_host(host)
         if valid_host and port.isascii() and port.isdigit() and int(port) <= 65535:
             return Address(host, int(port))
     raise expected("HOST:PORT", value)
@@ -532,7 +500,7 @@ def _server_url(text: str, scheme: str) -> SplitResult | None:
         url = urlsplit(text)
         valid = (
             url.scheme == scheme
-            and _is_host(url.hostname or "")
+            and is_host(url.hostname or "")
             and url.port != 0
             and url.path in ("", "/")
             and not url.query
@@ -573,7 +541,7 @@ def _webhook_url(value: object) -> str:
         valid = (
             url is not None
             and url.scheme in ("http", "https")
-            and _is_host(url.hostname or "")
+            and is_host(url.hostname or "")
             and url.port != 0
             and url.username is None
             and not url.fragment

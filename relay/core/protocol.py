@@ -20,6 +20,9 @@ from typing import Any
 
 import msgpack
 
+from relay.core.addresses import domain_of, is_address
+from relay.core.priority import PRIORITIES
+
 VERSION = 1
 ALPN = "h2"
 MSGPACK = b"application/msgpack"
@@ -45,14 +48,11 @@ MAX_ITEM_BYTES = MAX_BODY_BYTES + 128 * 1024
 # from one peer would poison every other relay it reaches.
 MAX_SENT_AT = 253402300800.0  # 10000-01-01T00:00:00Z
 
-PRIORITIES = ("normal", "urgent")
-
 PATH_TRANSACTION = "/v1/transactions/"  # + transaction id
 PATH_INBOX = "/v1/inbox"
 PATH_ACK = "/v1/ack"
 PATH_RECEIPTS = "/v1/receipts"
 
-_ADDRESS = re.compile(r"^[a-z0-9._+-]{1,64}@([a-z0-9-]{1,63}(\.[a-z0-9-]{1,63})+)$")
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 
 # Machine-readable reasons in per-envelope answers and `failed` receipts.
@@ -78,15 +78,6 @@ RECEIPT_STATUSES = ("delivered", "failed", "read")
 
 class ProtocolViolation(ValueError):
     """A peer sent something v1 does not allow; the message names the field."""
-
-
-def domain_of(address: str) -> str:
-    return address.rpartition("@")[2]
-
-
-def is_address(text: object) -> bool:
-    # fullmatch, not match: "$" also matches before a trailing newline.
-    return isinstance(text, str) and len(text) <= 320 and _ADDRESS.fullmatch(text) is not None
 
 
 def new_message_id() -> str:
@@ -382,6 +373,16 @@ def decode_receipts(data: bytes) -> list[object]:
 
 def encode_error(reason: str, detail: str) -> bytes:
     return pack({"v": VERSION, "error": reason, "detail": detail})
+
+
+def error_text(body: bytes) -> str:
+    """An error answer (`encode_error`) in words, for a log line: it is
+    only ever reported, so an unreadable one is described, not refused."""
+    try:
+        answer = unpack(body, "error")
+        return f"{answer.get('error')}: {answer.get('detail')}"
+    except (ProtocolViolation, AttributeError):
+        return f"{len(body)} bytes of unreadable answer"
 
 
 # -- field helpers ------------------------------------------------------------------

@@ -19,6 +19,16 @@ class ProxyError(ConnectionError):
     """The proxy refused or broke the tunnel; the message says how."""
 
 
+async def dial(host: str, port: int, proxy: Proxy | None) -> trio.SocketStream:
+    """A TCP stream to ``host:port``, through ``proxy`` when there is one.
+
+    Raises `OSError` when a connection fails (`ProxyError` is one); the
+    caller puts the deadline around it."""
+    if proxy is not None:
+        return await open_tunnel(proxy, host, port)
+    return await trio.open_tcp_stream(host, port)
+
+
 async def open_tunnel(proxy: Proxy, host: str, port: int) -> trio.SocketStream:
     """A TCP stream to ``host:port`` through ``proxy``, ready for TLS."""
     stream = await trio.open_tcp_stream(proxy.host, proxy.port)

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from relay.config.model import TlsPolicy
-from relay.pki.identity import load_certificates
+from relay.config.stamps import files_stamp
+from relay.core import timeformat
+from relay.pki.identity import load_certificates, signed_by
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class Revoked(Exception):
 
 @dataclass(frozen=True)
 class _Loaded:
-    stamp: tuple[tuple[str, int, int], ...]
+    stamp: tuple
     revoked: frozenset[tuple[bytes, int]]  # (issuer DER, serial)
     next_updates: tuple[tuple[Path, datetime.datetime], ...]
     problem: str | None
@@ -58,7 +58,7 @@ class RevocationList:
         now = now or datetime.datetime.now(datetime.timezone.utc)
         for path, next_update in loaded.next_updates:
             if next_update < now:
-                message = f"CRL {path} is stale (next update was due {next_update:%Y-%m-%d %H:%M} UTC)"
+                message = f"CRL {path} is stale (next update was due {timeformat.minute(next_update)})"
                 if self.policy.crl_stale == "fail":
                     raise Revoked(message + "; refusing peers until it is renewed (crl_stale = \"fail\")")
                 log.warning("%s; using it anyway (crl_stale = \"warn\")", message)
@@ -71,12 +71,12 @@ class RevocationList:
         self._loaded = None
 
     def _current(self) -> _Loaded:
-        stamp = tuple(_stamp(path) for path in self.policy.crl_files)
+        stamp = files_stamp(self.policy.crl_files)
         if self._loaded is None or self._loaded.stamp != stamp:
             self._loaded = self._load(stamp)
         return self._loaded
 
-    def _load(self, stamp: tuple[tuple[str, int, int], ...]) -> _Loaded:
+    def _load(self, stamp: tuple) -> _Loaded:
         revoked: set[tuple[bytes, int]] = set()
         next_updates = []
         try:
@@ -84,7 +84,7 @@ class RevocationList:
             for path in self.policy.crl_files:
                 crl = _read_crl(path)
                 issuer = next((ca for ca in authorities if ca.subject == crl.issuer), None)
-                if issuer is None or not _signed_by(crl, issuer):
+                if issuer is None or not signed_by(crl, issuer):
                     raise ValueError(f"CRL {path} is not signed by the national CA in {self.ca_file}")
                 next_updates.append((path, _next_update(crl)))
                 revoked.update((crl.issuer.public_bytes(), entry.serial_number) for entry in crl)
@@ -95,14 +95,6 @@ class RevocationList:
         return _Loaded(stamp, frozenset(revoked), tuple(next_updates), None)
 
 
-def _stamp(path: Path) -> tuple[str, int, int]:
-    try:
-        status = os.stat(path)
-        return str(path), status.st_mtime_ns, status.st_size
-    except OSError:
-        return str(path), -1, -1
-
-
 def _read_crl(path: Path) -> x509.CertificateRevocationList:
     data = path.read_bytes()
     try:
@@ -111,20 +103,6 @@ def _read_crl(path: Path) -> x509.CertificateRevocationList:
         return x509.load_der_x509_crl(data)
     except ValueError:
         raise ValueError(f"CRL {path} cannot be parsed") from None
-
-
-def _signed_by(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
-    key = issuer.public_key()
-    try:
-        if isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(crl.signature, crl.tbs_certlist_bytes, ec.ECDSA(crl.signature_hash_algorithm))
-        elif isinstance(key, rsa.RSAPublicKey):
-            key.verify(crl.signature, crl.tbs_certlist_bytes, padding.PKCS1v15(), crl.signature_hash_algorithm)
-        else:
-            return False
-    except Exception:  # cryptography's InvalidSignature, or an unusable algorithm
-        return False
-    return True
 
 
 def _next_update(crl: x509.CertificateRevocationList) -> datetime.datetime:

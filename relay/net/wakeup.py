@@ -7,6 +7,8 @@ looking at the store, and wait on it only if the look found nothing.  A
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import trio
 
 
@@ -20,3 +22,19 @@ class Signal:
     def fire(self) -> None:
         self._event.set()
         self._event = trio.Event()
+
+
+class Signals:
+    """A `Signal` per name, made on first use: a local system's "new
+    events" (its long-polls and its webhook wait on it; the uplink,
+    housekeeping and the queue tools fire it)."""
+
+    def __init__(self) -> None:
+        self._signals: dict[str, Signal] = {}
+
+    def signal(self, name: str) -> Signal:
+        return self._signals.setdefault(name, Signal())
+
+    def fire(self, names: Iterable[str]) -> None:
+        for name in names:
+            self.signal(name).fire()

@@ -8,7 +8,6 @@ It supports cryptography 38 (Debian 12), so it uses no API newer than 38.
 
 import ipaddress
 import os
-import re
 from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -18,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from relay.core.addresses import is_host_name
 from relay.pki.identity import load_certificates, load_chain, load_private_key, same_public_key
 
 _ORGANISATION = "EIMIS demo"
@@ -34,9 +34,6 @@ ROLES = tuple(_EXTENDED_KEY_USAGES)
 # Certificates start slightly in the past so that a peer whose clock is a little
 # behind does not reject a certificate issued a moment ago.
 _CLOCK_SKEW = timedelta(minutes=5)
-
-_DNS_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
-_DNS_NAME = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
 
 
 def create_ca(
@@ -190,8 +187,9 @@ def make_key_and_csr(out_dir: Path, *, domain: str, org_id: str | None = None) -
 
 
 def _check_dns_name(name: str) -> None:
-    """Reject names that are not DNS names: they also become file names, so no ``/`` or ``..``."""
-    if not _DNS_NAME.fullmatch(name):
+    """Reject names that are not DNS names (in any case: certificates compare
+    them without it): they also become file names, so no ``/`` or ``..``."""
+    if not is_host_name(name.lower()):
         raise ValueError(f"not a DNS name: {name!r}")
 
 

@@ -18,10 +18,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
+
+from relay.core import timeformat
+from relay.core.errors import describe_error
 
 _EXPIRY_WARNING = timedelta(days=30)
 _PEM_CERTIFICATE = re.compile(
@@ -94,18 +97,18 @@ def check_identity(
         now = datetime.now(timezone.utc)
     not_before, not_after = valid_from(cert), valid_until(cert)
     if now < not_before:
-        message = f"{cert_file}: certificate not valid before {_when(not_before)}"
+        message = f"{cert_file}: certificate not valid before {timeformat.minute(not_before)}"
         findings.append(Finding("error", message))
     if now >= not_after:
-        findings.append(Finding("error", f"{cert_file}: certificate expired on {_when(not_after)}"))
+        findings.append(Finding("error", f"{cert_file}: certificate expired on {timeformat.minute(not_after)}"))
     elif not_after - now < _EXPIRY_WARNING:
-        message = f"{cert_file}: certificate expires soon ({_when(not_after)}); renew it"
+        message = f"{cert_file}: certificate expires soon ({timeformat.minute(not_after)}); renew it"
         findings.append(Finding("warning", message))
     findings.append(
         Finding(
             "info",
             f"{cert_file}: certificate for {domain} expires in {(not_after - now).days} days"
-            f" ({not_after:%Y-%m-%d})",
+            f" ({timeformat.day(not_after)})",
         )
     )
     return findings
@@ -147,13 +150,6 @@ def load_certificates(path: Path) -> list[x509.Certificate]:
     return certs
 
 
-def describe_error(exc: Exception) -> str:
-    """A one-line message for a file or parsing error, without Python's ``[Errno N]`` noise."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
-    return str(exc)
-
-
 def valid_from(cert: x509.Certificate) -> datetime:
     """Start of validity, timezone-aware: the ``_utc`` attributes appeared in cryptography 42."""
     if hasattr(cert, "not_valid_before_utc"):
@@ -166,10 +162,6 @@ def valid_until(cert: x509.Certificate) -> datetime:
     if hasattr(cert, "not_valid_after_utc"):
         return cert.not_valid_after_utc
     return cert.not_valid_after.replace(tzinfo=timezone.utc)
-
-
-def _when(moment: datetime) -> str:
-    return f"{moment:%Y-%m-%d %H:%M} UTC"
 
 
 def load_chain(path: Path) -> list[x509.Certificate]:
@@ -200,29 +192,30 @@ def same_public_key(a, b) -> bool:
     return der(a) == der(b)
 
 
-def signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    """Whether ``issuer`` signed ``cert`` (``verify_directly_issued_by`` needs cryptography 40).
+def signed_by(
+    signed: x509.Certificate | x509.CertificateRevocationList, issuer: x509.Certificate
+) -> bool:
+    """Whether ``issuer`` signed ``signed``, a certificate or a CRL
+    (``verify_directly_issued_by`` needs cryptography 40, and covers no CRL).
 
     Only ECDSA and RSA PKCS#1 v1.5 issuers are recognised: that is what the
-    national PKI and the demo CA use.
+    national PKI and the demo CA use.  A signature made with an algorithm
+    this cryptography cannot use counts as not signed.
     """
-    if cert.issuer != issuer.subject:
+    if signed.issuer != issuer.subject:
         return False
+    if isinstance(signed, x509.CertificateRevocationList):
+        data = signed.tbs_certlist_bytes
+    else:
+        data = signed.tbs_certificate_bytes
     key = issuer.public_key()
     try:
         if isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(
-                cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm)
-            )
+            key.verify(signed.signature, data, ec.ECDSA(signed.signature_hash_algorithm))
         elif isinstance(key, rsa.RSAPublicKey):
-            key.verify(
-                cert.signature,
-                cert.tbs_certificate_bytes,
-                padding.PKCS1v15(),
-                cert.signature_hash_algorithm,
-            )
+            key.verify(signed.signature, data, padding.PKCS1v15(), signed.signature_hash_algorithm)
         else:
             return False
-    except InvalidSignature:
+    except (InvalidSignature, UnsupportedAlgorithm, TypeError, ValueError):
         return False
     return True

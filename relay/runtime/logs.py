@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
+
+from relay.core import timeformat
 
 # Attributes every LogRecord has; anything else came from ``extra``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
@@ -20,7 +21,7 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 
 def _fields(record: logging.LogRecord) -> dict[str, object]:
     fields: dict[str, object] = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+        "time": timeformat.iso(record.created),
         "level": record.levelname.lower(),
         "logger": record.name,
         "msg": record.getMessage(),

@@ -28,7 +28,6 @@ a certificate and its key written one after the other are read as a pair.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import ssl
 import time
@@ -41,6 +40,8 @@ import trio
 from relay.appliance.webhook import WebhookPusher
 from relay.config.model import HubConfig, LocalSystem, RelayConfig
 from relay.config.reader import ConfigError
+from relay.config.stamps import files_stamp
+from relay.core.errors import describe_error
 from relay.net.tls import hub_server_context, local_server_context, relay_client_context
 from relay.net.wakeup import Signal
 from relay.pki import identity
@@ -97,7 +98,7 @@ class Reloader(Generic[C]):
             applied = seen = self._stamp()
 
     def _stamp(self) -> tuple:
-        return tuple(_file_stamp(path) for path in self._files(self.config) if path is not None)
+        return files_stamp(self._files(self.config))
 
     async def reload(self, trigger: str) -> bool:
         """Load, check and apply the configuration file; True when applied."""
@@ -114,23 +115,15 @@ class Reloader(Generic[C]):
         try:
             await self._apply(new)
         except (OSError, ssl.SSLError, ValueError) as exc:  # a file changed again since the checks
-            self.last["errors"] = [identity.describe_error(exc)]
+            self.last["errors"] = [describe_error(exc)]
             log.error("reload failed while applying (%s); it is tried again when the files change",
-                      identity.describe_error(exc))
+                      describe_error(exc))
             return False
         self.config = new
         self.last["ok"] = True
         self.reloaded.fire()
         log.info("reloaded %s", new.path)
         return True
-
-
-def _file_stamp(path: Path) -> tuple:
-    try:
-        info = os.stat(path)
-    except OSError:
-        return (str(path), None)
-    return (str(path), info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 # -- the relay ---------------------------------------------------------------------
@@ -172,7 +165,7 @@ def _loads(build: Callable[[], ssl.SSLContext], where: str) -> list[str]:
     try:
         build()
     except (OSError, ssl.SSLError, ValueError) as exc:
-        return [f"{where}: the TLS certificate, key or CA do not load: {identity.describe_error(exc)}"]
+        return [f"{where}: the TLS certificate, key or CA do not load: {describe_error(exc)}"]
     return []
 
 
@@ -199,20 +192,28 @@ def apply_log_level(config: RelayConfig | HubConfig) -> None:
 
 class WebhookSet:
     """The webhook pushers of the local systems that have a webhook_url:
-    one task each, started, updated in place or stopped as the
-    configuration says."""
+    one task each in `run`'s nursery, started, updated in place or stopped
+    as the configuration says (`apply`, once `run` has started)."""
 
-    def __init__(self, nursery: trio.Nursery, store: Store, signal_of: Callable[[str], Signal]) -> None:
-        self._nursery = nursery
+    def __init__(self, store: Store, signal_of: Callable[[str], Signal]) -> None:
         self._store = store
         self._signal_of = signal_of
+        self._nursery: trio.Nursery | None = None
         self._running: dict[str, tuple[WebhookPusher, trio.CancelScope]] = {}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery(strict_exception_groups=True) as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
 
     @property
     def pushers(self) -> list[WebhookPusher]:
         return [pusher for pusher, _ in self._running.values()]
 
     def apply(self, systems: Iterable[LocalSystem]) -> None:
+        if self._nursery is None:
+            raise RuntimeError("WebhookSet.apply before run has started")
         wanted = {s.name: s for s in systems if s.webhook_url is not None}
         for name in set(self._running) - set(wanted):
             self._running.pop(name)[1].cancel()

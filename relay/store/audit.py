@@ -23,6 +23,8 @@ import time
 from json.encoder import encode_basestring_ascii as _quote  # json's own (C) string encoder
 from pathlib import Path
 
+from relay.core import timeformat
+
 MIGRATION = [
     """CREATE TABLE audit (
         seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
@@ -92,7 +94,7 @@ def verify(conn: sqlite3.Connection) -> tuple[int, str | None]:
         if expected_seq is not None and seq != expected_seq + 1:
             return checked, f"entries {expected_seq + 1} to {seq - 1} are missing"
         if _chain(previous, seq, at, actor, action, message_id, peer, outcome) != digest:
-            return checked, f"entry {seq} ({action} at {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(at))} UTC) " \
+            return checked, f"entry {seq} ({action} at {timeformat.second(at)}) " \
                             "was altered, or an entry before it was"
         expected_seq, previous, checked = seq, digest, checked + 1
     return checked, None

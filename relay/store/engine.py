@@ -136,10 +136,13 @@ class Store:
     """A SQLite database served by one writer thread; see the module docstring.
 
     Use as ``async with Store.open(path, migrations) as store:``.  Leaving the
-    block finishes every queued unit, then closes the database.
+    block finishes every queued unit, then closes the database.  ``on_commit``
+    is called on the writer thread with each group's commit time in seconds
+    (metrics): it must be quick and thread-safe.
     """
 
-    def __init__(self, conn: sqlite3.Connection, readers: list[sqlite3.Connection], path: Path) -> None:
+    def __init__(self, conn: sqlite3.Connection, readers: list[sqlite3.Connection], path: Path,
+                 on_commit: Callable[[float], None] | None = None) -> None:
         self.path = path
         self._conn = conn
         self._readers = readers  # the idle ones; each serves one read at a time
@@ -149,16 +152,15 @@ class Store:
         self._thread = threading.Thread(target=self._serve, name=f"store:{path.name}", daemon=True)
         self.commits = 0
         self.commit_seconds = 0.0
-        # Called on the writer thread with each group's commit time in
-        # seconds (metrics): it must be quick and thread-safe.
-        self.on_commit: Callable[[float], None] | None = None
+        self._on_commit = on_commit
         # Bytes in use (pages not on the free list), refreshed after each
         # commit: what the size ceiling is compared with.
         self.used_bytes = _used_bytes(conn)
 
     @classmethod
-    def open(cls, path: Path, migrations: Sequence[Sequence[str]], ring: KeyRing | None = None) -> _StoreContext:
-        return _StoreContext(cls, path, migrations, ring)
+    def open(cls, path: Path, migrations: Sequence[Sequence[str]], ring: KeyRing | None = None, *,
+             on_commit: Callable[[float], None] | None = None) -> _StoreContext:
+        return _StoreContext(cls, path, migrations, ring, on_commit)
 
     @property
     def is_open(self) -> bool:
@@ -282,8 +284,8 @@ class Store:
         elapsed = time.perf_counter() - started
         self.commits += 1
         self.commit_seconds += elapsed
-        if self.on_commit is not None:
-            self.on_commit(elapsed)
+        if self._on_commit is not None:
+            self._on_commit(elapsed)
         try:
             self._token.run_sync_soon(_wake, group)
         except trio.RunFinishedError:
@@ -355,8 +357,9 @@ def _wake(group: list[_Job]) -> None:
 
 class _StoreContext:
     def __init__(self, cls: type[Store], path: Path, migrations: Sequence[Sequence[str]],
-                 ring: KeyRing | None) -> None:
+                 ring: KeyRing | None, on_commit: Callable[[float], None] | None) -> None:
         self._cls, self._path, self._migrations, self._ring = cls, path, migrations, ring
+        self._on_commit = on_commit
         self._store: Store | None = None
 
     async def __aenter__(self) -> Store:
@@ -385,7 +388,7 @@ class _StoreContext:
             for connection in [conn, *readers]:
                 connection.close()
             raise
-        self._store = self._cls(conn, readers, self._path)
+        self._store = self._cls(conn, readers, self._path, self._on_commit)
         self._store._thread.start()
         return self._store
 

@@ -20,6 +20,7 @@ import sqlite3
 import time
 
 from relay.core import protocol
+from relay.core.priority import NORMAL, URGENT, lane_of
 from relay.core.protocol import Envelope, Failure, Outcome, Receipt
 from relay.store import audit
 
@@ -49,14 +50,8 @@ MIGRATIONS: list[list[str]] = [
     audit.MIGRATION,
 ]
 
-URGENT, NORMAL = 1, 0
-
 # Positions looked up per statement: well under SQLite's limit on bound parameters.
 ACK_CHUNK = 500
-
-
-def lane_of(priority: str) -> int:
-    return URGENT if priority == "urgent" else NORMAL
 
 
 def register_domains(conn: sqlite3.Connection, names: frozenset[str], learnt: bool) -> None:

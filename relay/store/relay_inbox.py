@@ -15,8 +15,9 @@ from typing import Callable, Iterable
 
 from relay.core import protocol
 from relay.core.protocol import Failure, InboxItem
+from relay.core.timeformat import iso
 from relay.store import audit
-from relay.store.relay_queue import advance, fail, iso
+from relay.store.relay_queue import advance, fail
 
 
 def take_inbound(

@@ -34,7 +34,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from relay.core import protocol
+from relay.core.priority import NORMAL, URGENT, lane_of, priority_of
 from relay.core.protocol import Envelope, Outcome, Receipt
+from relay.core.timeformat import iso
 from relay.store import audit
 
 MIGRATIONS: list[list[str]] = [
@@ -105,8 +107,6 @@ MIGRATIONS: list[list[str]] = [
     ],
 ]
 
-URGENT, NORMAL = 1, 0
-
 # The statuses a recipient may move to, from each status.
 _ADVANCES_FROM = {
     "sent": ("queued",),
@@ -165,7 +165,7 @@ def submit(conn: sqlite3.Connection, msg: Submission, has_room: Callable[[str], 
         "INSERT INTO recipient (message_id, address, status, updated_at) VALUES (?, ?, 'queued', ?)",
         [(msg.id, address, now) for address in msg.to],
     )
-    lane = URGENT if msg.priority == "urgent" else NORMAL
+    lane = lane_of(msg.priority)
     dests = dict.fromkeys(protocol.domain_of(a) for a in msg.to)
     conn.executemany(
         "INSERT INTO outbox (domain, message_id, dest, lane) VALUES (?, ?, ?, ?)",
@@ -382,12 +382,8 @@ def outbox_depth(conn: sqlite3.Connection) -> dict[str, int]:
     rows = conn.execute("SELECT lane, count(*) FROM outbox GROUP BY lane").fetchall()
     depth = {"urgent": 0, "normal": 0}
     for lane, count in rows:
-        depth["urgent" if lane == URGENT else "normal"] = count
+        depth[priority_of(lane)] = count
     return depth
-
-
-def iso(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp)) + f".{int(timestamp % 1 * 1000):03d}Z"
 
 
 # -- queries and units of the operations tools (``eimis-relay queue``, ``status``) --------
@@ -490,7 +486,7 @@ def retry_failed(conn: sqlite3.Connection, idents: list[str] | None, ttl: float,
             conn.executemany(
                 "UPDATE recipient SET status = 'queued', reason = NULL, updated_at = ? WHERE message_id = ?"
                 " AND address = ?", [(now, ident, a) for a in failed])
-            lane = URGENT if row[0] == "urgent" else NORMAL
+            lane = lane_of(row[0])
             dests = dict.fromkeys(protocol.domain_of(a) for a in failed)
             conn.executemany("INSERT INTO outbox (domain, message_id, dest, lane) SELECT domain, id, ?, ?"
                              " FROM message WHERE id = ?",
