@@ -70,7 +70,11 @@ class RelayMetrics:
         self.registry.register(_RelayCollector(self, webhooks))
         self._queues: dict[str, Any] | None = None
         store.on_commit = self.commit_seconds.observe
-        uplink.on_delivered = lambda priority, seconds: self.delivery_seconds.labels(priority).observe(seconds)
+
+    def observe_delivery(self, priority: str, seconds: float) -> None:
+        """`Uplink`'s ``on_delivered``: the time from acceptance here to the
+        destination relay's commit, for a ``delivered`` receipt."""
+        self.delivery_seconds.labels(priority).observe(seconds)
 
     def count_accepted(self, priority: str) -> None:
         """`LocalApi.on_accepted`: a 202 to a submission.  (A retry with the

@@ -47,11 +47,6 @@ MAX_SENT_AT = 253402300800.0  # 10000-01-01T00:00:00Z
 
 PRIORITIES = ("normal", "urgent")
 
-PATH_TRANSACTION = "/v1/transactions/"  # + transaction id
-PATH_INBOX = "/v1/inbox"
-PATH_ACK = "/v1/ack"
-PATH_RECEIPTS = "/v1/receipts"
-
 _ADDRESS = re.compile(r"^[a-z0-9._+-]{1,64}@([a-z0-9-]{1,63}(\.[a-z0-9-]{1,63})+)$")
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 

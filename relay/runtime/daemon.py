@@ -71,7 +71,8 @@ async def _serve_relay(config: RelayConfig, store: Store, admin_socket: Path,
     outbox_changed = Signal()
     uplink: Uplink | None = None
     api = LocalApi(config, store, outbox_changed, lambda: uplink.state.value)
-    uplink = Uplink(config, store, outbox_changed, api.events_arrived)
+    uplink = Uplink(config, store, outbox_changed, api.events_arrived,
+                    lambda priority, seconds: metrics.observe_delivery(priority, seconds))
     housekeeping = Housekeeping(store, config.delivery, api.events_arrived)
     local = config.local_api
     tls = None
