@@ -230,7 +230,7 @@ def _tls_stamp(config: RelayConfig) -> tuple:
     """What the connection to the hub is made of: its settings, and the
     identity of each file it loads, so that a file renewed in place counts."""
     up = config.uplink
-    files = []
+    files: list[tuple] = []
     for path in (up.cert_file, up.key_file, up.ca_file, *up.tls.crl_files):
         try:
             info = os.stat(path)
