@@ -1,10 +1,17 @@
 """Test doubles for the relay's peers on loopback: a local system's webhook
-endpoint, and a TCP forwarder that can go silent like a dead link."""
+endpoint, a TCP forwarder that can go silent like a dead link, and a client
+that speaks the national protocol to the hub the way a relay does."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import h11
 import trio
+
+from relay.core import protocol, routes
+from relay.net import h2connection
+from relay.net.tls import relay_client_context
 
 
 class LoopbackServer:
@@ -114,3 +121,47 @@ async def pipe(source: trio.SocketStream, sink: trio.SocketStream, done: trio.Ca
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     done.cancel()
+
+
+class HubClient:
+    """Speaks the national protocol to the hub with a relay's own certificate,
+    to replay what a relay would only send again after a crash."""
+
+    AUTHORITY = "hub.eimis.test"
+
+    def __init__(self, directory: Path, domain: str, hub_url: str) -> None:
+        pki = directory / "pki"
+        self.context = relay_client_context(pki / f"{domain}.pem", pki / f"{domain}.key", pki / "ca.pem")
+        self.port = int(hub_url.rsplit(":", 1)[1])
+
+    async def __aenter__(self) -> HubClient:
+        tcp = await trio.open_tcp_stream("127.0.0.1", self.port)
+        tls = trio.SSLStream(tcp, self.context, server_hostname=self.AUTHORITY)
+        await tls.do_handshake()
+        self.conn = h2connection.Http2Connection(tls, client=True, name="hub")
+        self._nursery_manager = trio.open_nursery(strict_exception_groups=True)
+        nursery = await self._nursery_manager.__aenter__()
+        await nursery.start(self.conn.run)
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.conn.abort()
+        await self._nursery_manager.__aexit__(*exc_info)
+
+    async def post(self, request: routes.Request) -> bytes:
+        """The body of the hub's 200 answer (`routes.HubAnswerError` otherwise)."""
+        status, answer = await self.conn.request(request.method, request.path, request.body,
+                                                 authority=self.AUTHORITY, content_type=request.content_type,
+                                                 limit=routes.ANSWER_LIMIT)
+        return routes.answer_body(request, status, answer)
+
+    async def inbox(self, count: int) -> list[protocol.InboxItem]:
+        stream = self.conn.open_stream(routes.inbox_headers(self.AUTHORITY), end_stream=True)
+        routes.check_inbox_status(h2connection.status_of(await stream.receive_headers()))
+        decoder = routes.InboxDecoder()
+        items: list[protocol.InboxItem] = []
+        with trio.move_on_after(2):
+            while len(items) < count:
+                items += decoder.feed(await stream.receive_some())
+        stream.reset()
+        return items

@@ -5,6 +5,8 @@ codec and the demo PKI refuse the same names."""
 from __future__ import annotations
 
 import pytest
+from test_config import RELAY, edit, write
+from test_protocol import wire
 
 from relay.config.model import load_relay_config
 from relay.config.reader import ConfigError
@@ -12,8 +14,6 @@ from relay.core import protocol
 from relay.core.addresses import is_address, is_domain, is_host, is_host_name
 from relay.core.protocol import Envelope, ProtocolViolation
 from relay.pki import authority
-from test_config import RELAY, edit, write
-from test_protocol import wire
 
 
 @pytest.mark.parametrize(

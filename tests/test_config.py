@@ -5,14 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config.model import (
-    Address,
-    LocalApi,
-    LocalSystem,
-    Proxy,
-    load_hub_config,
-    load_relay_config,
-)
+from relay.config.model import Address, LocalApi, LocalSystem, Proxy, load_hub_config, load_relay_config
 from relay.config.reader import ConfigError
 
 ROOT = Path(__file__).parent.parent

@@ -23,13 +23,11 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from peers import SilentLink, WebhookReceiver
+from peers import HubClient, SilentLink, WebhookReceiver
 from processes import STEP, DemoSpace, Site
 
-from relay.core import protocol
+from relay.core import protocol, routes
 from relay.core.protocol import Envelope
-from relay.net import h2connection
-from relay.net.tls import relay_client_context
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
@@ -275,50 +273,6 @@ async def test_store_cannot_write(space: DemoSpace, capsys) -> None:
     report(capsys, "6 disk full", judge(traffic, events), 1, f", 503s while full {traffic.unavailable}")
 
 
-class HubClient:
-    """Speaks the national protocol to the hub with a relay's own certificate,
-    to replay what a relay would only send again after a crash."""
-
-    def __init__(self, directory: Path, domain: str, hub_url: str) -> None:
-        pki = directory / "pki"
-        self.context = relay_client_context(pki / f"{domain}.pem", pki / f"{domain}.key", pki / "ca.pem")
-        self.port = int(hub_url.rsplit(":", 1)[1])
-
-    async def __aenter__(self) -> HubClient:
-        tcp = await trio.open_tcp_stream("127.0.0.1", self.port)
-        tls = trio.SSLStream(tcp, self.context, server_hostname="hub.eimis.test")
-        await tls.do_handshake()
-        self.conn = h2connection.Http2Connection(tls, client=True, name="hub")
-        self._nursery_manager = trio.open_nursery(strict_exception_groups=True)
-        nursery = await self._nursery_manager.__aenter__()
-        await nursery.start(self.conn.run)
-        return self
-
-    async def __aexit__(self, *exc_info) -> None:
-        self.conn.abort()
-        await self._nursery_manager.__aexit__(*exc_info)
-
-    async def post(self, path: str, body: bytes) -> bytes:
-        status, answer = await self.conn.request("POST", path, body, authority="hub.eimis.test",
-                                                 content_type=protocol.MSGPACK, limit=1 << 20)
-        assert status == 200, answer
-        return answer
-
-    async def inbox(self, count: int) -> list[protocol.InboxItem]:
-        stream = self.conn.open_stream([(b":method", b"GET"), (b":scheme", b"https"),
-                                        (b":authority", b"hub.eimis.test"), (b":path", b"/v1/inbox")],
-                                       end_stream=True)
-        await stream.receive_headers()
-        unpacker = protocol.stream_unpacker()
-        items: list[protocol.InboxItem] = []
-        with trio.move_on_after(2):
-            while len(items) < count:
-                unpacker.feed(await stream.receive_some())
-                items += [protocol.InboxItem.from_wire(obj) for obj in unpacker]
-        stream.reset()
-        return items
-
-
 async def test_replayed_transaction_and_ack_create_nothing_twice(space: DemoSpace, capsys) -> None:
     hub_url = space.manifest["hub"]["url"]
     space.hub.start()
@@ -328,10 +282,9 @@ async def test_replayed_transaction_and_ack_create_nothing_twice(space: DemoSpac
         while True:  # the hub is up once it accepts a connection
             try:
                 async with HubClient(space.directory, "chu-nord.test", hub_url) as a:
-                    transaction = protocol.encode_transaction([envelope])
-                    first = await a.post("/v1/transactions/replay-txn-0001", transaction)
-                    again = await a.post("/v1/transactions/replay-txn-0001", transaction)
-                    other = await a.post("/v1/transactions/replay-txn-0002", transaction)
+                    first = await a.post(routes.transaction("replay-txn-0001", [envelope]))
+                    again = await a.post(routes.transaction("replay-txn-0001", [envelope]))
+                    other = await a.post(routes.transaction("replay-txn-0002", [envelope]))
                 break
             except OSError:
                 await trio.sleep(0.1)
@@ -340,9 +293,9 @@ async def test_replayed_transaction_and_ack_create_nothing_twice(space: DemoSpac
     async with HubClient(space.directory, "clinique-sud.test", hub_url) as b:
         items = await b.inbox(5)
         assert [item.envelope.id for item in items] == ["replayed-message-1"]
-        ack = protocol.encode_ack([items[0].seq], [])
-        await b.post("/v1/ack", ack)
-        await b.post("/v1/ack", ack)
+        ack = routes.ack([items[0].seq], [])
+        await b.post(ack)
+        await b.post(ack)
         assert await b.inbox(5) == []  # acknowledged: gone from B's queue
     async with HubClient(space.directory, "chu-nord.test", hub_url) as a:
         receipts = [item.receipt for item in await a.inbox(5)]

@@ -321,10 +321,6 @@ def test_encode_error() -> None:
         "v": 1, "error": "bad_request", "detail": "why"}
 
 
-def test_error_text_reads_an_error_answer_and_describes_anything_else() -> None:
-    assert protocol.error_text(protocol.encode_error("bad_request", "why")) == "bad_request: why"
-    assert protocol.error_text(b"<html>") == "6 bytes of unreadable answer"
-    assert protocol.error_text(protocol.pack([1, 2])) == "3 bytes of unreadable answer"
 
 
 # -- msgpack itself ------------------------------------------------------------------------

@@ -48,11 +48,6 @@ MAX_ITEM_BYTES = MAX_BODY_BYTES + 128 * 1024
 # from one peer would poison every other relay it reaches.
 MAX_SENT_AT = 253402300800.0  # 10000-01-01T00:00:00Z
 
-PATH_TRANSACTION = "/v1/transactions/"  # + transaction id
-PATH_INBOX = "/v1/inbox"
-PATH_ACK = "/v1/ack"
-PATH_RECEIPTS = "/v1/receipts"
-
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 
 # Machine-readable reasons in per-envelope answers and `failed` receipts.
@@ -373,16 +368,6 @@ def decode_receipts(data: bytes) -> list[object]:
 
 def encode_error(reason: str, detail: str) -> bytes:
     return pack({"v": VERSION, "error": reason, "detail": detail})
-
-
-def error_text(body: bytes) -> str:
-    """An error answer (`encode_error`) in words, for a log line: it is
-    only ever reported, so an unreadable one is described, not refused."""
-    try:
-        answer = unpack(body, "error")
-        return f"{answer.get('error')}: {answer.get('detail')}"
-    except (ProtocolViolation, AttributeError):
-        return f"{len(body)} bytes of unreadable answer"
 
 
 # -- field helpers ------------------------------------------------------------------

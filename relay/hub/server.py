@@ -37,8 +37,11 @@ from email.utils import formatdate
 import trio
 
 from relay.config.model import HubConfig
-from relay.core import protocol
+from relay.core import protocol, routes
+from relay.core.priority import NORMAL, URGENT
 from relay.core.protocol import ProtocolViolation
+from relay.core.routes import Route
+from relay.net.errors import reason
 from relay.net.h2connection import BodyTooLarge, H2Stream, Http2Connection, Http2Settings, header
 from relay.net.revocation import RevocationList, Revoked
 from relay.net.tls import hub_server_context
@@ -145,7 +148,7 @@ class Hub:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 await stream.do_handshake()
         except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as exc:
-            log.warning("TLS handshake with %s failed: %s", peer, _reason(exc))
+            log.warning("TLS handshake with %s failed: %s", peer, reason(exc))
             await trio.aclose_forcefully(stream)
             return
         if stream.selected_alpn_protocol() != protocol.ALPN:
@@ -214,31 +217,30 @@ class HubConnection:
             self.conn.abort()
             return
         try:
-            if method == b"POST" and path.startswith(protocol.PATH_TRANSACTION):
-                await self._transaction(stream, path[len(protocol.PATH_TRANSACTION):])
-            elif method == b"GET" and path == protocol.PATH_INBOX:
-                await self._inbox(stream)
-            elif method == b"POST" and path == protocol.PATH_ACK:
-                await self._ack(stream)
-            elif method == b"POST" and path == protocol.PATH_RECEIPTS:
-                await self._receipts(stream)
-            else:
-                await _answer(stream, 404, protocol.encode_error("not_found", f"no route for {path}"))
+            match routes.match(method, path):
+                case (Route.TRANSACTION, txn_id):
+                    await self._transaction(stream, txn_id)
+                case (Route.INBOX, _):
+                    await self._inbox(stream)
+                case (Route.ACK, _):
+                    await self._ack(stream)
+                case (Route.RECEIPTS, _):
+                    await self._receipts(stream)
+                case _:
+                    await _answer(stream, *routes.NOT_FOUND.answer(f"no route for {path}"))
         except ProtocolViolation as exc:
             log.warning("refused request from %s: %s", self.domain, exc)
-            await _answer(stream, 400, protocol.encode_error("bad_request", str(exc)))
+            await _answer(stream, *routes.BAD_REQUEST.answer(str(exc)))
         except BodyTooLarge as exc:
             log.warning("refused request from %s: %s", self.domain, exc)
-            await _answer(stream, 413, protocol.encode_error("too_large", str(exc)))
+            await _answer(stream, *routes.TOO_LARGE.answer(str(exc)))
         except StoreUnavailable as exc:
-            await _answer(stream, 503, protocol.encode_error("unavailable", str(exc)))
+            await _answer(stream, *routes.UNAVAILABLE.answer(str(exc)))
         except trio.TooSlowError:
             log.warning("request from %s not received within %g s", self.domain, BODY_TIMEOUT)
-            await _answer(stream, 408, protocol.encode_error("timeout", "request body too slow"))
+            await _answer(stream, *routes.TIMEOUT.answer("request body too slow"))
 
     async def _transaction(self, stream: H2Stream, txn_id: str) -> None:
-        if not protocol.is_token(txn_id):
-            raise ProtocolViolation("transaction id: expected 8-64 characters of [A-Za-z0-9_-]")
         body = await _read_body(stream)
         raw = protocol.decode_transaction(body)
         org = self.identity.org_id or ""
@@ -286,7 +288,7 @@ class HubConnection:
             link.inbox_scope = scope
             link.unacked.clear()
             stream.send_headers([(b":status", b"200"), (b"content-type", protocol.MSGPACK), _date()])
-            sent = {hub_queue.URGENT: 0, hub_queue.NORMAL: 0}
+            sent = {URGENT: 0, NORMAL: 0}
             while True:
                 changed = link.changed.watch()
                 room = INBOX_WINDOW - len(link.unacked)
@@ -304,7 +306,7 @@ class HubConnection:
                 for seq, lane, kind, payload in rows:
                     sent[lane] = max(sent[lane], seq)
                     if payload is not None:
-                        chunk += _inbox_item(seq, kind, payload)
+                        chunk += routes.inbox_frame(seq, kind, payload)
                         link.unacked.add(seq)
                 if chunk:
                     await stream.send_data(bytes(chunk))
@@ -319,20 +321,6 @@ class HubConnection:
         if damaged:
             await self.hub.store.run_patiently(
                 "drop_unreadable", lambda c: hub_queue.drop_unreadable(c, self.domain, damaged))
-
-
-def _inbox_item(seq: int, kind: str, payload: bytes) -> bytes:
-    """One inbox frame, built around the stored payload without decoding it."""
-    return b"".join((_ITEM_START, protocol.pack(seq), _ITEM_KIND[kind], payload))
-
-
-# The constant parts of an inbox frame: a msgpack map of three entries, and
-# per kind the "kind" entry and the key of the payload.
-_ITEM_START = b"\x83" + protocol.pack("seq")
-_ITEM_KIND = {
-    kind: protocol.pack("kind") + protocol.pack(kind) + protocol.pack(key)
-    for kind, key in (("message", "envelope"), ("receipt", "receipt"))
-}
 
 
 async def _read_body(stream: H2Stream) -> bytes:
@@ -369,9 +357,3 @@ def _who(identity: PeerIdentity) -> str:
     """A certificate's identity, for the log: names, organisation, serial."""
     return (f"certificate {','.join(identity.dns_names) or '(no DNS name)'} org {identity.org_id or '-'} "
             f"serial {identity.serial:x}")
-
-
-def _reason(exc: BaseException) -> str:
-    cause = exc.__cause__ or exc
-    return getattr(cause, "reason", None) or str(cause) or exc.__class__.__name__
-

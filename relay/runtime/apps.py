@@ -54,8 +54,7 @@ class RelayApp:
         self.local_tls = None
         if local.tls_cert_file is not None:
             self.local_tls = local_server_context(local.tls_cert_file, local.tls_key_file, local.tls_client_ca_file)
-        self.uplink = Uplink(config, store, self.outbox_changed, self.events.fire)
-        self.uplink.on_delivered = counters.observe_delivery  # lead: pass to constructor after merge
+        self.uplink = Uplink(config, store, self.outbox_changed, self.events.fire, counters.observe_delivery)
         self.api = LocalApi(config, store, self.outbox_changed, self.events,
                             uplink_state=lambda: self.uplink.state.value, on_accepted=counters.count_accepted)
         self.housekeeping = Housekeeping(store, config.delivery, self.events.fire)
