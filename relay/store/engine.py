@@ -106,6 +106,7 @@ def connect(path: Path, ring: KeyRing | None = None) -> sqlite3.Connection:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not path.exists():
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        sealing.sync_directory(path.parent)  # SQLite syncs its WAL's name, not the database's
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     unsafe = os.environ.get(UNSAFE_NO_FSYNC_FOR_TESTS) == "1"

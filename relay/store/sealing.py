@@ -136,11 +136,16 @@ def _append_key(path: Path, key_id: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    sync_directory(path.parent)
+
+
+def sync_directory(path: Path) -> None:
+    """fsync a directory, so that the names just created in it survive a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(directory)
+        os.fsync(fd)
     finally:
-        os.close(directory)
+        os.close(fd)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -38,7 +38,7 @@ from processes import STEP, DemoSpace, Process, Site
 from test_faults import FAST_RETRY, SEED, Traffic, Verdict, judge
 
 from relay.store import sealing
-from relay.store.engine import UNSAFE_NO_FSYNC_FOR_TESTS
+from relay.store.engine import UNSAFE_NO_FSYNC_FOR_TESTS, connect
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, requires_fuse]
 
@@ -254,17 +254,30 @@ async def test_key_rotation_survives_a_power_cut(make_space, capsys) -> None:
     assert bodies_intact
 
 
-def test_key_ring_writes_sync_the_file_and_its_directory(tmp_path: Path, monkeypatch) -> None:
-    """What LossyFS cannot see (it never loses a directory entry): a new
-    ring's name is made durable too."""
-    synced: list[str] = []
+@pytest.fixture
+def synced(monkeypatch) -> list[str]:
+    """What os.fsync is called on from Python ("file" or "directory")."""
+    calls: list[str] = []
     real_fsync = os.fsync
 
     def recording_fsync(fd: int) -> None:
-        synced.append("directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        calls.append("directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
         real_fsync(fd)
 
-    monkeypatch.setattr(sealing.os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return calls
+
+
+def test_key_ring_writes_sync_the_file_and_its_directory(tmp_path: Path, synced: list[str]) -> None:
+    """What LossyFS cannot see (it never loses a directory entry): a new
+    ring's name is made durable too."""
     sealing.KeyRing.load_or_create(tmp_path / sealing.KEY_FILE)
     sealing.rotate(tmp_path / sealing.KEY_FILE)
     assert synced == ["file", "directory", "file", "directory"]
+
+
+def test_a_new_store_syncs_its_name(tmp_path: Path, synced: list[str]) -> None:
+    connect(tmp_path / "new.db").close()
+    assert synced == ["directory"]
+    connect(tmp_path / "new.db").close()  # an existing store: nothing to sync
+    assert synced == ["directory"]
