@@ -167,7 +167,11 @@ async def power_cuts(space: PowerCutSpace, name: str) -> tuple[Verdict, Counter,
     async with trio.open_nursery(strict_exception_groups=True) as nursery:
         nursery.start_soon(traffic.run, stop)
         for _ in range(TRIALS):
+            before = traffic.count
             await trio.sleep(rng.uniform(0.3, 1.5))
+            with trio.fail_after(STEP * 2):
+                while traffic.count == before:  # a cut with nothing acknowledged since the last one tests little
+                    await trio.sleep(0.05)
             for victim in space.victims:
                 space.process(victim).kill()  # SIGKILL, reaped: nothing writes any more
             for victim in space.victims:
