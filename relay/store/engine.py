@@ -71,6 +71,12 @@ READERS = 2
 # How long a background duty waits before trying a failed unit again.
 PATIENCE = 1.0
 
+# TEST ONLY.  The power-cut suite (tests/powercut) sets this variable to "1"
+# in a daemon's environment for its negative control: the store then runs
+# with synchronous=OFF, never fsyncs, and a power cut loses acknowledged
+# messages, which the suite must detect.  Never set it anywhere else.
+UNSAFE_NO_FSYNC_FOR_TESTS = "EIMIS_RELAY_TEST_ONLY_UNSAFE_NO_FSYNC"
+
 
 class StoreUnavailable(Exception):
     """The store could not commit; nothing of the failed group was written."""
@@ -100,9 +106,11 @@ def connect(path: Path, ring: KeyRing | None = None) -> sqlite3.Connection:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not path.exists():
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        sealing.sync_directory(path.parent)  # SQLite syncs its WAL's name, not the database's
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
+    unsafe = os.environ.get(UNSAFE_NO_FSYNC_FOR_TESTS) == "1"
+    conn.execute("PRAGMA synchronous=OFF" if unsafe else "PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     sealing.install(conn, ring)

@@ -125,10 +125,24 @@ def rotate(path: Path) -> int:
 
 
 def _append_key(path: Path, key_id: int) -> None:
+    """Append a key and make it durable before anything can be sealed with
+    it: the line (fsync of the file) and, for a new ring, its name (fsync of
+    the directory).  A key lost in a power cut would leave every body sealed
+    with it unreadable."""
     line = f"{key_id} {base64.b64encode(secrets.token_bytes(32)).decode()}\n"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    sync_directory(path.parent)
+
+
+def sync_directory(path: Path) -> None:
+    """fsync a directory, so that the names just created in it survive a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
         os.fsync(fd)
     finally:
         os.close(fd)
