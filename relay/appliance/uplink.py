@@ -45,8 +45,9 @@ import trio
 from relay.config.model import RelayConfig
 from relay.core import protocol
 from relay.core.backoff import RetryPolicy
+from relay.core.h2session import ConnectionClosed, Http2Settings, StreamReset, status_of
 from relay.core.protocol import InboxItem, ProtocolViolation
-from relay.net.h2connection import ConnectionClosed, H2Stream, Http2Connection, Http2Settings, StreamReset, status_of
+from relay.net.h2connection import H2Stream, Http2Connection
 from relay.net.proxy import open_tunnel
 from relay.net.revocation import RevocationList, Revoked
 from relay.net.tls import relay_client_context

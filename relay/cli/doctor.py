@@ -44,8 +44,9 @@ from relay.cli.ops import DB_NAME, store_dir
 from relay.config.model import RelayConfig, load_relay_config
 from relay.config.reader import ConfigError
 from relay.core import protocol
+from relay.core.h2session import Http2Settings, header
 from relay.net import admin_socket
-from relay.net.h2connection import Http2Connection, Http2Settings, header
+from relay.net.h2connection import Http2Connection
 from relay.net.proxy import open_tunnel
 from relay.net.tls import relay_client_context
 from relay.pki import identity
