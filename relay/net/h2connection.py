@@ -19,12 +19,6 @@ body comes.  Each `H2Stream` has one event for all of that, set by the
 session whenever something about the stream changed; every waiter checks
 again what it waits for.
 
-The lean path: a request whose HEADERS and whole body came in one read
-needs no waiting to be read.  When the server's ``inline`` predicate
-accepts it, it is served by one task for all such requests of that read,
-one after another, in the order they came, instead of a task of its own;
-the others (a body still arriving, a long-poll) get their own task.
-
 Liveness: the connection sends a PING every ``keepalive_interval`` seconds
 and declares the peer dead if no acknowledgement comes within
 ``keepalive_timeout``; a half-open TCP connection (no FIN, no RST) is found
@@ -145,7 +139,6 @@ class H2Stream(StreamState):
 
 
 Handler = Callable[[H2Stream], Awaitable[None]]
-Inline = Callable[[H2Stream], bool]
 
 
 class Http2Connection:
@@ -180,7 +173,6 @@ class Http2Connection:
         self._no_streams.set()
         self._cancel_scope: trio.CancelScope | None = None
         self._handler: Handler | None = None
-        self._inline: Inline | None = None
 
     @property
     def is_open(self) -> bool:
@@ -199,18 +191,14 @@ class Http2Connection:
         self,
         handler: Handler | None = None,
         *,
-        inline: Inline | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Drive the connection until it closes; serve requests with ``handler``.
 
         ``handler`` is required on the server side: it is started once per
-        incoming stream, in a nursery that dies with the connection.  A whole
-        request (body complete in the read that brought its headers) that
-        ``inline`` accepts is served with the others of its read, in one task
-        (see the module docstring): only for handlers that never wait long.
+        incoming stream, in a nursery that dies with the connection.
         """
-        self._handler, self._inline = handler, inline
+        self._handler = handler
         self._session.start(serving=handler is not None)
         try:
             async with trio.open_nursery(strict_exception_groups=True) as nursery:
@@ -317,7 +305,8 @@ class Http2Connection:
                 if self._session.closed is not None:
                     self._die(self._session.closed)
                     return
-                self._serve(nursery, received.requests)
+                for stream in received.requests:
+                    nursery.start_soon(self._serve_stream, stream)
             try:
                 data = await self._stream.receive_some(READ_CHUNK)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -327,25 +316,8 @@ class Http2Connection:
                 self._die(ConnectionClosed(f"{self.name} closed the connection"))
                 return
 
-    def _serve(self, nursery: trio.Nursery, requests: list[StreamState]) -> None:
-        """Start the handlers of the requests one read opened: the whole ones
-        ``inline`` accepts in one task, each of the others in its own."""
-        inline: list[H2Stream] = []
-        for stream in requests:
-            assert isinstance(stream, H2Stream)
-            if self._inline is not None and stream.ended and stream.error is None and self._inline(stream):
-                inline.append(stream)
-            else:
-                nursery.start_soon(self._serve_stream, stream)
-        if inline:
-            nursery.start_soon(self._serve_in_line, inline)
-
-    async def _serve_in_line(self, streams: list[H2Stream]) -> None:
-        for stream in streams:
-            await self._serve_stream(stream)
-
-    async def _serve_stream(self, stream: H2Stream) -> None:
-        assert self._handler is not None
+    async def _serve_stream(self, stream: StreamState) -> None:
+        assert self._handler is not None and isinstance(stream, H2Stream)
         try:
             await self._handler(stream)
         except (StreamReset, ConnectionClosed):

@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl, urlsplit
 import h11
 import trio
 
-from relay.core.h2session import Http2Settings, header
+from relay.core.h2session import Http2Settings
 from relay.net.h2connection import H2Stream, Http2Connection
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ class HttpServer:
         conn = Http2Connection(stream, client=False, initial_data=initial, name="local client", settings=settings)
         self._h2_connections.add(conn)
         try:
-            await conn.run(self._h2_request, inline=_in_line)
+            await conn.run(self._h2_request)
         finally:
             self._h2_connections.discard(conn)
 
@@ -267,13 +267,6 @@ class HttpServer:
             else:
                 raise h11.RemoteProtocolError("connection closed mid-request")
         return event.method.decode("latin-1"), event.target.decode("latin-1"), headers, bytes(body)
-
-
-def _in_line(stream: H2Stream) -> bool:
-    """Whether a whole request may wait for the others of its read (see
-    `relay.net.h2connection`): a POST is one store unit, while a GET may
-    long-poll (``/v1/events?wait=``)."""
-    return header(stream.headers or [], b":method") == b"POST"
 
 
 async def _read_h2_body(stream: H2Stream, limit: int) -> bytes | None:
