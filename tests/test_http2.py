@@ -1,4 +1,4 @@
-"""The trio shell of HTTP/2 (`relay.http2.Http2Connection`), over in-memory streams.
+"""The trio shell of HTTP/2 (`relay.net.h2connection.Http2Connection`), over in-memory streams.
 
 Both ends are usually `Http2Connection` objects (client and server) joined by
 `trio.testing.memory_stream_pair()`.  Where our own client cannot show what
@@ -29,19 +29,18 @@ import pytest
 import trio
 import trio.testing
 
-from relay.net.h2connection import (
+from relay.core.h2session import (
     CLOSED_STREAMS_KEPT,
     CONNECTION_WINDOW,
     STREAM_WINDOW,
     BodyTooLarge,
     ConnectionClosed,
-    H2Stream,
-    Http2Connection,
     Http2Settings,
     StreamRefused,
     StreamReset,
     status_of,
 )
+from relay.net.h2connection import H2Stream, Http2Connection
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -320,7 +319,7 @@ async def test_a_long_lived_connection_forgets_old_closed_streams() -> None:
                 for first in range(workers):
                     nursery.start_soon(worker, pair.client, first)
             for conn in (pair.client, pair.server):
-                assert len(conn._h2._closed_streams) == CLOSED_STREAMS_KEPT
+                assert conn.session.closed_streams_kept == CLOSED_STREAMS_KEPT
 
 
 async def test_unread_body_parks_the_sender_until_the_handler_reads(autojump_clock: trio.abc.Clock) -> None:

@@ -27,8 +27,8 @@ from relay.appliance.lane_sender import SETTLING_MAX, LaneSender
 from relay.cli import demo
 from relay.config.model import RelayConfig, load_relay_config
 from relay.core import protocol, routes
+from relay.core.h2session import ConnectionClosed
 from relay.core.protocol import Outcome
-from relay.net.h2connection import ConnectionClosed
 from relay.net.wakeup import Signal
 from relay.store import relay_queue
 from relay.store.engine import Store

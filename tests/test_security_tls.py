@@ -15,7 +15,7 @@ import trio
 from conftest import STEP, Space
 
 from relay.config.model import TlsPolicy
-from relay.core import protocol
+from relay.core import h2session, protocol
 from relay.core.protocol import Envelope
 from relay.net import h2connection
 from relay.pki import authority
@@ -51,7 +51,7 @@ async def _inbox_answered(port: int, ctx: ssl.SSLContext) -> bool:
                                           end_stream=True)
                 headers = await stream.receive_headers()
                 conn.abort()
-            return h2connection.status_of(headers) == 200
+            return h2session.status_of(headers) == 200
     except REFUSED:
         return False
     except BaseExceptionGroup as group:
@@ -63,7 +63,7 @@ async def _inbox_answered(port: int, ctx: ssl.SSLContext) -> bool:
 
 
 # How a refusal looks from the client's side, at the handshake or after it.
-REFUSED = (OSError, ssl.SSLError, trio.BrokenResourceError, h2connection.ConnectionClosed, h2connection.StreamReset)
+REFUSED = (OSError, ssl.SSLError, trio.BrokenResourceError, h2session.ConnectionClosed, h2session.StreamReset)
 
 
 def _issue(space: Space, name: str, **kwargs) -> tuple[Path, Path]:

@@ -32,8 +32,9 @@ import trio
 from relay.appliance.uplink_connection import HubSession
 from relay.config.model import RelayConfig
 from relay.core import protocol, routes
+from relay.core.h2session import ConnectionClosed, status_of
 from relay.core.protocol import InboxItem
-from relay.net.h2connection import ConnectionClosed, H2Stream, status_of
+from relay.net.h2connection import H2Stream
 from relay.store import relay_inbox, relay_queue
 from relay.store.engine import Store
 

@@ -32,9 +32,10 @@ from relay.config.model import RelayConfig
 from relay.config.stamps import files_stamp
 from relay.core import protocol, routes
 from relay.core.backoff import RetryPolicy
+from relay.core.h2session import ConnectionClosed, Http2Settings, StreamReset
 from relay.core.protocol import ProtocolViolation
 from relay.net.errors import reason
-from relay.net.h2connection import ConnectionClosed, H2Stream, Http2Connection, Http2Settings, StreamReset
+from relay.net.h2connection import H2Stream, Http2Connection
 from relay.net.proxy import dial
 from relay.net.revocation import RevocationList, Revoked
 from relay.net.tls import relay_client_context

@@ -46,9 +46,10 @@ from relay.config.model import RelayConfig, load_relay_config
 from relay.config.reader import ConfigError
 from relay.core import protocol, timeformat
 from relay.core.errors import describe_error
+from relay.core.h2session import Http2Settings, header
 from relay.net import admin_socket
 from relay.net.errors import reason
-from relay.net.h2connection import Http2Connection, Http2Settings, header
+from relay.net.h2connection import Http2Connection
 from relay.net.proxy import dial
 from relay.net.tls import relay_client_context
 from relay.pki import identity

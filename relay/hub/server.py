@@ -38,11 +38,12 @@ import trio
 
 from relay.config.model import HubConfig
 from relay.core import protocol, routes
+from relay.core.h2session import BodyTooLarge, Http2Settings, header
 from relay.core.priority import NORMAL, URGENT
 from relay.core.protocol import ProtocolViolation
 from relay.core.routes import Route
 from relay.net.errors import reason
-from relay.net.h2connection import BodyTooLarge, H2Stream, Http2Connection, Http2Settings, header
+from relay.net.h2connection import H2Stream, Http2Connection
 from relay.net.revocation import RevocationList, Revoked
 from relay.net.tls import hub_server_context
 from relay.net.wakeup import Signal

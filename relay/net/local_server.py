@@ -12,20 +12,20 @@ large is refused without reaching it.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import os
 import re
 import ssl
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Awaitable, Callable
 from urllib.parse import parse_qsl, urlsplit
 
 import h11
 import trio
 
-from relay.net.h2connection import H2Stream, Http2Connection, Http2Settings
+from relay.core.h2session import Http2Settings
+from relay.net.h2connection import H2Stream, Http2Connection
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,6 @@ MAX_HEADER_BYTES = 16 * 1024
 DRAIN_LIMIT = 16 * 1024 * 1024
 # An HTTP/2 request's :path: origin form, visible ASCII (RFC 9113 §8.3.1).
 _H2_TARGET = re.compile(r"/[\x21-\x7e]*")
-# accept() failures that mean "out of resources for now", not "broken".
-_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 @dataclass
@@ -93,9 +91,13 @@ class HttpServer:
             self._connections = connections
             try:
                 with self._accepting:
+                    # trio's accept loops: they retry after a pause when out
+                    # of file descriptors or memory (EMFILE, ENFILE, ENOMEM,
+                    # ENOBUFS) and raise on anything else.
                     async with trio.open_nursery(strict_exception_groups=True) as accepting:
-                        for listener in listeners:
-                            accepting.start_soon(self._accept_loop, listener)
+                        await accepting.start(
+                            partial(trio.serve_listeners, self._serve_connection, listeners, handler_nursery=connections)
+                        )
                         task_status.started()
             finally:
                 for listener in listeners:
@@ -113,18 +115,6 @@ class HttpServer:
                 self._idle = trio.Event()
                 await self._idle.wait()
         self._connections.cancel_scope.cancel()
-
-    async def _accept_loop(self, listener: trio.SocketListener) -> None:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                log.error("local API: cannot accept connections (%s); retrying", os.strerror(exc.errno))
-                await trio.sleep(0.1)
-                continue
-            self._connections.start_soon(self._serve_connection, stream)
 
     async def _serve_connection(self, stream: trio.abc.Stream) -> None:
         if self._slots.value == 0:
