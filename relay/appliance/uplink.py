@@ -300,8 +300,8 @@ class Uplink:
         """The lane's next batch, past the envelopes ``sent`` and those settling."""
         domain, limit = self.config.domain, self.config.uplink.batch_max
         after = max((*self._settling[lane], *(seq for seq, _ in sent)), default=0)
-        return await self.store.read("next_batch",
-                                     lambda c: relay_queue.next_batch(c, domain, limit, lane=lane, after=after))
+        return await self.store.read("next_batch", lambda c: relay_queue.next_batch(
+            c, domain, limit, now=time.time(), lane=lane, after=after))
 
     async def _read_ahead(self, lane: int, sent: list[tuple[int, protocol.Envelope]],
                           ahead: list[tuple[int, protocol.Envelope]]) -> None:
@@ -313,7 +313,8 @@ class Uplink:
                       slots: trio.Semaphore) -> None:
         """Commit the hub's answer to a transaction: the envelopes leave the outbox."""
         try:
-            notified = await self.store.run("apply_outcomes", lambda c: relay_queue.apply_outcomes(c, results))
+            notified = await self.store.run("apply_outcomes",
+                                            lambda c: relay_queue.apply_outcomes(c, results, now=time.time()))
         finally:
             for seq, _, _ in results:
                 self._settling[lane].pop(seq, None)
@@ -412,7 +413,8 @@ class Uplink:
 
         def take(db: sqlite3.Connection) -> tuple:
             facts = relay_queue.delivery_facts(db, (r.id for r in receipts))
-            return relay_inbox.take_inbound(db, self.config.domain, items, self._systems_serving), facts
+            now = time.time()
+            return relay_inbox.take_inbound(db, self.config.domain, items, self._systems_serving, now=now), facts
 
         urgent = any(item.envelope is not None and item.envelope.priority == "urgent" for item in items)
         (failures, woken), facts = await self.store.run("take_inbound", take, urgent=urgent)

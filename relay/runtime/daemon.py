@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from pathlib import Path
 
 import trio
@@ -86,7 +87,8 @@ async def _serve_relay(config: RelayConfig, store: Store, admin_socket: Path,
         webhooks.apply(new.local_systems)
         reload_local_tls(tls, new)
         apply_log_level(new)
-        await store.run_patiently("audit_reload", lambda c: audit.record(c, "admin", "reload", None, None, "applied"))
+        await store.run_patiently("audit_reload", lambda c: audit.record(c, "admin", "reload", None, None, "applied",
+                                                                   now=time.time()))
 
     reloader = Reloader(config, load=load_relay_config, prepare=prepare_relay, apply=apply, files=relay_files)
 
@@ -146,7 +148,8 @@ async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[list[trio.S
             await hub.swap_config(new)
             apply_log_level(new)
             await store.run_patiently("audit_reload",
-                                      lambda c: audit.record(c, "admin", "reload", None, None, "applied"))
+                                      lambda c: audit.record(c, "admin", "reload", None, None, "applied",
+                                                             now=time.time()))
 
         reloader = Reloader(config, load=load_hub_config, prepare=prepare_hub, apply=apply, files=hub_files)
         with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
