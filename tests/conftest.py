@@ -156,11 +156,15 @@ class Space:
         acknowledged to the hub, or failed, so none can still be on its way."""
         with trio.fail_after(STEP * 2):
             while True:
-                socket = admin_socket.find_daemon(relay.config.state_dir)
-                counts = (await trio.to_thread.run_sync(admin_socket.call, socket, "status"))["queues"]["recipients"]
+                counts = (await self.daemon_status(relay))["queues"]["recipients"]
                 if counts["queued"] == counts["sent"] == 0:
                     return
                 await trio.sleep(0.02)
+
+    async def daemon_status(self, relay: RelayHandle) -> dict:
+        """What ``eimis-relay status`` shows, asked over the admin socket."""
+        socket = admin_socket.find_daemon(relay.config.state_dir)
+        return await trio.to_thread.run_sync(admin_socket.call, socket, "status")
 
 
 @pytest.fixture

@@ -134,12 +134,12 @@ class Site:
         can then arrive at a destination from here; returns the counts."""
         with trio.fail_after(STEP * 6):
             while True:
-                counts = (await self.status())["queues"]["recipients"]
+                counts = (await self.daemon_status())["queues"]["recipients"]
                 if counts["queued"] == counts["sent"] == 0:
                     return counts
                 await trio.sleep(0.05)
 
-    async def status(self) -> dict:
+    async def daemon_status(self) -> dict:
         """What ``eimis-relay status`` shows, asked over the admin socket."""
         socket = admin_socket.find_daemon(self.state)
         return await trio.to_thread.run_sync(admin_socket.call, socket, "status")

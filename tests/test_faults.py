@@ -467,7 +467,7 @@ async def test_webhook_fails_hangs_then_recovers(space: DemoSpace, capsys, nurse
         stop.set()
     dan_events = await collect(space.a, space.b, token=pager_token)
     with trio.fail_after(60):  # B's pusher stores its position after each 2xx: at the end, all were pushed
-        while (await space.b.status())["queues"]["webhook_backlog"].get("demo-messenger") != 0:
+        while (await space.b.daemon_status())["queues"]["webhook_backlog"].get("demo-messenger") != 0:
             await trio.sleep(0.05)
     pushed = [json.loads(body) for _, body in receiver.received]
     verdict = judge(traffic, dan_events + pushed)
