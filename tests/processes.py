@@ -35,10 +35,11 @@ class Process:
         self.popen: subprocess.Popen | None = None
         self._started_at = 0  # where this start's lines begin in the log
 
-    def start(self) -> None:
+    def start(self, env: dict[str, str] | None = None) -> None:
         self._started_at = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as log:
-            self.popen = subprocess.Popen([sys.executable, "-m", "relay", *self.argv], stdout=log, stderr=log)
+            self.popen = subprocess.Popen([sys.executable, "-m", "relay", *self.argv], stdout=log, stderr=log,
+                                          env=env)
 
     async def reported(self, pattern: re.Pattern) -> re.Match:
         """The first line of this start's log that matches ``pattern`` (the
@@ -176,10 +177,10 @@ class DemoSpace:
             self.manifest["hub"]["url"] = f"https://127.0.0.1:{port}"
         return port
 
-    async def start_relay(self, site: Site) -> re.Match:
+    async def start_relay(self, site: Site, env: dict[str, str] | None = None) -> re.Match:
         """Start a relay and learn its local API's port (pinned the first
         time); returns its log line, which names its other listeners too."""
-        site.process.start()
+        site.process.start(env)
         line = await site.process.reported(RELAY_LISTENING)
         if not site.url:
             self.edit(site.config.name, 'listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{line.group(1)}"')

@@ -248,7 +248,8 @@ async def test_silent_link_is_detected_by_ping(space: DemoSpace, capsys, nursery
     hub_port = await space.start_hub()
     link = SilentLink(hub_port)
     await nursery.start(link.serve)
-    space.edit("relay-a.toml", f'hub_url = "https://127.0.0.1:{hub_port}"', f'hub_url = "https://127.0.0.1:{link.port}"')
+    space.edit("relay-a.toml", f'hub_url = "https://127.0.0.1:{hub_port}"',
+               f'hub_url = "https://127.0.0.1:{link.port}"')
     space.edit("relay-a.toml", "[uplink]\n", "[uplink]\nkeepalive_interval = 1.0\nkeepalive_timeout = 1.0\n")
     await space.start_relays()
     traffic = Traffic(space.a, "silent")

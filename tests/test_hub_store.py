@@ -118,7 +118,8 @@ def test_a_replayed_transaction_gets_the_same_answers_and_queues_nothing(conn) -
     assert queue(conn) == before
     # Even when the domain list changed meanwhile, the stored answer stands.
     hub_queue.register_domains(conn, frozenset({"late.test"}), learnt=True, now=NOW)
-    assert hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope(rcpt=("x@late.test",))], now=NOW)[0] == first
+    replayed = hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope(rcpt=("x@late.test",))], now=NOW)
+    assert replayed[0] == first
     assert queue(conn) == before
 
 
@@ -138,7 +139,8 @@ def test_the_same_envelope_in_a_new_transaction_is_accepted_not_queued_twice(con
     assert woken == set()
     assert len(queue(conn)) == 1
     # The same message id for another destination domain is another envelope.
-    outcomes, woken = hub_queue.accept_transaction(conn, NORD, "txn-00000003", [envelope(rcpt=(DAVE,), to=(BOB, CAROL, DAVE))], now=NOW)
+    outcomes, woken = hub_queue.accept_transaction(conn, NORD, "txn-00000003",
+                                                   [envelope(rcpt=(DAVE,), to=(BOB, CAROL, DAVE))], now=NOW)
     assert outcomes == [Outcome(True)] and woken == {EST}
     assert len(queue(conn)) == 2
 
@@ -179,7 +181,8 @@ def test_fetch_inbox_respects_per_lane_positions_and_limit(conn) -> None:
     # An urgent item queued later comes before the remaining normal ones, although
     # its position is above them: the lanes are read independently.
     hub_queue.accept_transaction(conn, NORD, "txn-00000003", [envelope("msg-00000009", priority="urgent")], now=NOW)
-    assert ids(conn, hub_queue.fetch_inbox(conn, SUD, after, 100, now=NOW)) == ["msg-00000009", "msg-00000002", "msg-00000004"]
+    assert ids(conn, hub_queue.fetch_inbox(conn, SUD, after, 100, now=NOW)) == [
+        "msg-00000009", "msg-00000002", "msg-00000004"]
     everything = {URGENT: max(seq.values()) + 100, NORMAL: max(seq.values()) + 100}
     assert hub_queue.fetch_inbox(conn, SUD, everything, 100, now=NOW) == []
     assert ids(conn, hub_queue.fetch_inbox(conn, EST, {URGENT: 0, NORMAL: 0}, 100, now=NOW)) == ["msg-00000001"]
@@ -190,7 +193,8 @@ def test_fetch_inbox_respects_per_lane_positions_and_limit(conn) -> None:
 
 
 def test_an_ack_deletes_and_sends_delivered_receipts_to_the_origin(conn) -> None:
-    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope("msg-00000001"), envelope("msg-00000002")], now=NOW)
+    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope("msg-00000001"), envelope("msg-00000002")],
+                                 now=NOW)
     seqs = [seq for seq, *_ in queue(conn)]
     woken = hub_queue.apply_ack(conn, SUD, seqs, [], now=NOW)
     assert woken == {NORD}
@@ -207,7 +211,8 @@ def test_an_ack_deletes_and_sends_delivered_receipts_to_the_origin(conn) -> None
 
 
 def test_failures_in_an_ack_become_failed_receipts(conn) -> None:
-    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope("msg-00000001"), envelope("msg-00000002")], now=NOW)
+    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope("msg-00000001"), envelope("msg-00000002")],
+                                 now=NOW)
     one, two = [seq for seq, *_ in queue(conn)]
     failures = [
         Failure(one, (CAROL,), protocol.UNKNOWN_RECIPIENT),
@@ -281,7 +286,8 @@ async def test_a_replay_in_the_same_group_queues_once(tmp_path: Path) -> None:
         assert [outcomes for outcomes, _ in answers] == [[Outcome(True)]] * 2
 
         async with Store.open(path, hub_queue.MIGRATIONS) as store:
-            rows = await store.read("fetch", lambda c: hub_queue.fetch_inbox(c, SUD, {URGENT: 0, NORMAL: 0}, 10, now=NOW))
+            rows = await store.read("fetch",
+                                    lambda c: hub_queue.fetch_inbox(c, SUD, {URGENT: 0, NORMAL: 0}, 10, now=NOW))
     assert len(rows) == 1
 
 
@@ -301,7 +307,8 @@ def test_an_item_that_cannot_be_opened_is_fetched_as_none_then_dropped_with_a_tr
     conn = connect(tmp_path / "hub.db", ring)
     migrate(conn, hub_queue.MIGRATIONS, "hub")
     hub_queue.register_domains(conn, frozenset({NORD, SUD}), learnt=False, now=NOW)
-    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope("msg-00000001"), envelope("msg-00000002")], now=NOW)
+    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope("msg-00000001"), envelope("msg-00000002")],
+                                 now=NOW)
     first, second = [seq for seq, *_ in queue(conn)]
     [(sealed,)] = conn.execute("SELECT payload FROM queue WHERE seq = ?", (first,))
     conn.execute("UPDATE queue SET payload = ? WHERE seq = ?", (sealed[:-1] + bytes([sealed[-1] ^ 1]), first))

@@ -159,7 +159,8 @@ async def test_queue_retry_with_no_daemon_works_on_the_store_itself(ops: OpsSpac
 
     def refused(conn) -> None:
         relay_queue.submit(conn, relay_queue.Submission(ident, "chu-nord.test", "demo-messenger", None,
-                                                        ops.a.users[0], (BOB, zoe), None, "normal", "again"), now=time.time())
+                                                        ops.a.users[0], (BOB, zoe), None, "normal", "again"),
+                           now=time.time())
         seq, = conn.execute("SELECT seq FROM outbox WHERE dest = 'late.test'").fetchone()
         env = Envelope(ident, ops.a.users[0], (BOB, zoe), (zoe,), "again", None, "normal", time.time())
         relay_queue.apply_outcomes(conn, [(seq, env, Outcome(False, "unknown_domain", "no relay"))], now=time.time())

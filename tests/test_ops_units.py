@@ -26,7 +26,8 @@ NOW = 1_700_000_000.0
 
 
 def submit(conn, ident: str, to=(BOB, ZOE), priority: str = "normal") -> None:
-    relay_queue.submit(conn, Submission(ident, HOME, "messenger", None, ALICE, tuple(to), None, priority, "Bonjour"), now=NOW)
+    relay_queue.submit(conn, Submission(ident, HOME, "messenger", None, ALICE, tuple(to), None, priority, "Bonjour"),
+                       now=NOW)
 
 
 def refuse(conn, ident: str, dest: str) -> None:

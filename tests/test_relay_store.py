@@ -97,7 +97,8 @@ def test_an_idempotency_key_returns_the_first_id_and_creates_nothing(conn) -> No
 def test_a_full_store_refuses_what_has_no_room(conn) -> None:
     rooms = []
     with pytest.raises(relay_queue.StoreFull):
-        relay_queue.submit(conn, submission("msg-00000001", priority="normal"), lambda p: rooms.append(p) or False, now=NOW)
+        relay_queue.submit(conn, submission("msg-00000001", priority="normal"), lambda p: rooms.append(p) or False,
+                           now=NOW)
     assert rooms == ["normal"] and count(conn, "message") == 0
     urgent = submission("msg-00000002", priority="urgent")
     assert relay_queue.submit(conn, urgent, lambda p: p == "urgent", now=NOW) == ("msg-00000002", "queued")
