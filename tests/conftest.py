@@ -18,6 +18,7 @@ import trio
 
 from relay.cli.main import demo
 from relay.config.model import Address, HubConfig, RelayConfig, load_hub_config, load_relay_config
+from relay.net import admin_socket
 from relay.runtime.daemon import run_hub, run_relay
 from relay.store import relay_queue
 from relay.store.engine import connect, migrate
@@ -132,18 +133,38 @@ class Space:
         return document
 
     async def events(self, relay: RelayHandle, count: int) -> list[dict]:
-        """Read events until ``count`` have arrived (long-polling), and return them."""
+        """Read events until ``count`` have arrived (long-polling), and the
+        rest of what is there; return them.  To know that no more will
+        come, see `settled`."""
         found: list[dict] = []
         cursor = 0
         async with relay.client() as client:
             with trio.fail_after(STEP):
-                while len(found) < count:
-                    response = await client.get("/v1/events", params={"after": cursor, "wait": 5})
+                while True:
+                    wait = 0 if len(found) >= count else 5
+                    response = await client.get("/v1/events", params={"after": cursor, "wait": wait})
                     assert response.status_code == 200, response.text
                     page = response.json()
+                    if not page["events"] and len(found) >= count:
+                        return found
                     found += page["events"]
                     cursor = page["next"]
-        return found
+
+    async def settled(self, relay: RelayHandle) -> None:
+        """Wait until the relay's status (over its admin socket) counts no
+        recipient queued or sent: each message it sent was delivered and
+        acknowledged to the hub, or failed, so none can still be on its way."""
+        with trio.fail_after(STEP * 2):
+            while True:
+                counts = (await self.daemon_status(relay))["queues"]["recipients"]
+                if counts["queued"] == counts["sent"] == 0:
+                    return
+                await trio.sleep(0.02)
+
+    async def daemon_status(self, relay: RelayHandle) -> dict:
+        """What ``eimis-relay status`` shows, asked over the admin socket."""
+        socket = admin_socket.find_daemon(relay.config.state_dir)
+        return await trio.to_thread.run_sync(admin_socket.call, socket, "status")
 
 
 @pytest.fixture

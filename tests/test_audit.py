@@ -15,6 +15,8 @@ from conftest import Space
 from relay.store import audit
 from relay.store.engine import connect, migrate
 
+NOW = 1_700_000_000.0
+
 
 @pytest.fixture
 def conn(tmp_path: Path):
@@ -26,7 +28,7 @@ def conn(tmp_path: Path):
 
 def test_the_chain_verifies_and_finds_tampering(conn: sqlite3.Connection) -> None:
     for n in range(5):
-        audit.record(conn, "system:messenger", "accepted", f"msg-{n}", "local", "queued")
+        audit.record(conn, "system:messenger", "accepted", f"msg-{n}", "local", "queued", now=NOW)
     assert audit.verify(conn) == (5, None)
     conn.execute("UPDATE audit SET outcome = 'refused' WHERE seq = 3")
     checked, problem = audit.verify(conn)
@@ -36,29 +38,28 @@ def test_the_chain_verifies_and_finds_tampering(conn: sqlite3.Connection) -> Non
     assert audit.verify(conn) == (3, "entries 4 to 4 are missing")
 
 
-def test_pruning_keeps_the_rest_verifiable(conn: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pruning_keeps_the_rest_verifiable(conn: sqlite3.Connection) -> None:
     for n, moment in enumerate([1000.0, 1001.0, 5000.0, 5001.0]):
-        monkeypatch.setattr(audit.time, "time", lambda moment=moment: moment)
-        audit.record(conn, "relay", "sent", f"msg-{n}", "hub", "accepted")
+        audit.record(conn, "relay", "sent", f"msg-{n}", "hub", "accepted", now=moment)
     assert audit.prune(conn, now=5000.0, retention=1000.0) == 2
     assert conn.execute("SELECT seq FROM audit_anchor").fetchone() == (2,)
     assert audit.verify(conn) == (2, None)
-    audit.record(conn, "relay", "sent", "msg-9", "hub", "accepted")
+    audit.record(conn, "relay", "sent", "msg-9", "hub", "accepted", now=NOW)
     assert audit.verify(conn) == (3, None)
     conn.execute("DELETE FROM audit WHERE seq = 3")  # deleting the oldest kept entry is seen too
     assert audit.verify(conn)[1] == "entries 3 to 3 are missing"
 
 
 def test_a_batch_chains_like_single_entries_and_a_rolled_back_unit_leaves_no_gap(conn: sqlite3.Connection) -> None:
-    audit.record(conn, "relay", "sent", "msg-0", "hub", "accepted")
-    audit.record_many(conn, [("relay", "sent", f"msg-{n}", "hub", "accepted") for n in range(1, 4)])
+    audit.record(conn, "relay", "sent", "msg-0", "hub", "accepted", now=NOW)
+    audit.record_many(conn, [("relay", "sent", f"msg-{n}", "hub", "accepted") for n in range(1, 4)], now=NOW)
     conn.execute("BEGIN")
     conn.execute("SAVEPOINT unit")
-    audit.record_many(conn, [("hub", "received", "msg-x", "b", None), ("hub", "received", "msg-y", "b", None)])
+    audit.record_many(conn, [("hub", "received", "msg-x", "b", None), ("hub", "received", "msg-y", "b", None)], now=NOW)
     conn.execute("ROLLBACK TO unit")
     conn.execute("RELEASE unit")
-    audit.record_many(conn, [])
-    audit.record(conn, "admin", "reload", None, None, "applied")
+    audit.record_many(conn, [], now=NOW)
+    audit.record(conn, "admin", "reload", None, None, "applied", now=NOW)
     conn.execute("COMMIT")
     assert [row[0] for row in conn.execute("SELECT seq FROM audit ORDER BY seq")] == [1, 2, 3, 4, 5]
     assert audit.verify(conn) == (5, None)

@@ -189,6 +189,7 @@ def test_hub_defaults(tmp_path):
     assert config.learn_domains is False
     limits = (config.keepalive_interval, config.keepalive_timeout, config.max_concurrent_streams)
     assert limits == (20.0, 10.0, 100)
+    assert config.expiry_interval == 30.0
 
 
 def test_hub_every_key(tmp_path):
@@ -199,6 +200,7 @@ learn_domains = true
 keepalive_interval = 5
 keepalive_timeout = 0.5
 max_concurrent_streams = 1000
+expiry_interval = 0.5
 """
     config = load_hub_config(write(tmp_path, text, "hub.toml"))
 
@@ -208,6 +210,7 @@ max_concurrent_streams = 1000
     assert config.learn_domains is True
     limits = (config.keepalive_interval, config.keepalive_timeout, config.max_concurrent_streams)
     assert limits == (5.0, 0.5, 1000)
+    assert config.expiry_interval == 0.5
 
 
 @pytest.mark.parametrize(
@@ -405,6 +408,8 @@ def test_relay_problem(tmp_path, old, new, problem):
         ('learn_domains = "yes"', "hub.toml: [hub].learn_domains: expected true or false, got 'yes'"),
         ("max_concurrent_streams = 0", "hub.toml: [hub].max_concurrent_streams: expected an integer 1..1000, got 0"),
         ("keepalive_timeout = inf", "hub.toml: [hub].keepalive_timeout: expected seconds > 0, got inf"),
+        ("expiry_interval = 0.01", "hub.toml: [hub].expiry_interval: expected seconds between 0.1 and 3600, got 0.01"),
+        ("expiry_interval = 7200", "hub.toml: [hub].expiry_interval: expected seconds between 0.1 and 3600, got 7200"),
     ],
 )
 def test_hub_problem(tmp_path, line, problem):

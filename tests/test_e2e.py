@@ -31,6 +31,8 @@ async def test_messages_cross_both_ways_with_receipts(space) -> None:
     hub, a, b = space
     to_b = [await a.send("bob@clinique-sud.test", f"a->b {n}") for n in range(5)]
     to_a = [await b.send("alice@chu-nord.test", f"b->a {n}") for n in range(5)]
+    await a.settled()  # all acknowledged: the events below are all there will be
+    await b.settled()
     assert [e["message"]["id"] for e in await b.events(5)] == to_b
     assert [e["message"]["id"] for e in await a.events(5)] == to_a
     await a.wait_delivered(to_b)
@@ -46,6 +48,7 @@ async def test_sigkill_right_after_202_loses_nothing(space) -> None:
     a.process.start()
     hub.start()
     await a.uplink("connected")
+    await a.settled()
     [event] = await b.events(1)
     assert event["message"]["id"] == ident
     assert event["message"]["body"] == "survives kill -9"
@@ -77,6 +80,7 @@ async def test_sigkill_during_a_stream_of_messages(space) -> None:
         a.process.kill()
     a.process.start()
     await a.uplink("connected")
+    await a.settled()
     events = await b.events(len(accepted))
     received = [e["message"]["id"] for e in events]
     # The request in flight at the kill may have been committed without its

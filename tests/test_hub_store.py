@@ -20,13 +20,15 @@ NORD, SUD, EST = "chu-nord.test", "clinique-sud.test", "ehpad-est.test"
 ALICE = f"alice@{NORD}"
 BOB, CAROL = f"bob@{SUD}", f"carol@{SUD}"
 DAVE = f"dave@{EST}"
+# The hub's clock in these tests: a little after the envelopes were sent.
+NOW = 1_700_000_100.0
 
 
 @pytest.fixture
 def conn(tmp_path: Path):
     conn = connect(tmp_path / "hub.db")
     migrate(conn, hub_queue.MIGRATIONS, "hub")
-    hub_queue.register_domains(conn, frozenset({NORD, SUD, EST}), learnt=False)
+    hub_queue.register_domains(conn, frozenset({NORD, SUD, EST}), learnt=False, now=NOW)
     yield conn
     conn.close()
 
@@ -50,7 +52,7 @@ def payload(conn: sqlite3.Connection, seq: int) -> dict:
 
 
 def test_an_envelope_is_accepted_stamped_and_queued_for_its_destination(conn) -> None:
-    outcomes, woken = hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope(priority="urgent")])
+    outcomes, woken = hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope(priority="urgent")], now=NOW)
     assert outcomes == [Outcome(True)]
     assert woken == {SUD}
     [(seq, domain, lane, kind, origin)] = queue(conn)
@@ -61,7 +63,7 @@ def test_an_envelope_is_accepted_stamped_and_queued_for_its_destination(conn) ->
 
 
 def test_the_origin_is_the_connections_domain_whatever_the_relay_wrote(conn) -> None:
-    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope(origin=EST)])
+    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope(origin=EST)], now=NOW)
     [(seq, *_)] = queue(conn)
     assert payload(conn, seq)["origin"] == NORD
 
@@ -75,7 +77,7 @@ def test_bad_envelopes_are_refused_without_refusing_their_neighbours(conn) -> No
         "not even a map",
         envelope("msg-00000006", rcpt=(DAVE,), priority="urgent"),
     ]
-    outcomes, woken = hub_queue.accept_transaction(conn, NORD, "txn-00000001", raw)
+    outcomes, woken = hub_queue.accept_transaction(conn, NORD, "txn-00000001", raw, now=NOW)
     assert [(o.accepted, o.reason) for o in outcomes] == [
         (True, None),
         (False, protocol.SENDER_NOT_AUTHENTICATED),
@@ -96,47 +98,49 @@ def test_bad_envelopes_are_refused_without_refusing_their_neighbours(conn) -> No
 
 def test_a_learnt_domain_is_a_known_destination(conn) -> None:
     new = "maternite-ouest.test"
-    refused, _ = hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope(rcpt=(f"x@{new}",))])
+    refused, _ = hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope(rcpt=(f"x@{new}",))], now=NOW)
     assert refused[0].reason == protocol.UNKNOWN_DOMAIN
-    hub_queue.register_domains(conn, frozenset({new}), learnt=True)
+    hub_queue.register_domains(conn, frozenset({new}), learnt=True, now=NOW)
     assert new in hub_queue.known_domains(conn)
-    accepted, woken = hub_queue.accept_transaction(conn, NORD, "txn-00000002", [envelope(rcpt=(f"x@{new}",))])
+    accepted, woken = hub_queue.accept_transaction(conn, NORD, "txn-00000002", [envelope(rcpt=(f"x@{new}",))], now=NOW)
     assert accepted == [Outcome(True)] and woken == {new}
 
 
 def test_a_replayed_transaction_gets_the_same_answers_and_queues_nothing(conn) -> None:
     raw = [envelope("msg-00000001"), envelope("msg-00000002", sender=f"eve@{SUD}"), envelope("msg-00000003")]
-    first, woken = hub_queue.accept_transaction(conn, NORD, "txn-00000001", raw)
+    first, woken = hub_queue.accept_transaction(conn, NORD, "txn-00000001", raw, now=NOW)
     assert woken == {SUD}
     before = queue(conn)
     assert len(before) == 2
-    again, woken_again = hub_queue.accept_transaction(conn, NORD, "txn-00000001", raw)
+    again, woken_again = hub_queue.accept_transaction(conn, NORD, "txn-00000001", raw, now=NOW)
     assert again == first
     assert woken_again == set()
     assert queue(conn) == before
     # Even when the domain list changed meanwhile, the stored answer stands.
-    hub_queue.register_domains(conn, frozenset({"late.test"}), learnt=True)
-    assert hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope(rcpt=("x@late.test",))])[0] == first
+    hub_queue.register_domains(conn, frozenset({"late.test"}), learnt=True, now=NOW)
+    replayed = hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope(rcpt=("x@late.test",))], now=NOW)
+    assert replayed[0] == first
     assert queue(conn) == before
 
 
 def test_transaction_ids_are_per_origin(conn) -> None:
-    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope()])
+    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope()], now=NOW)
     outcomes, woken = hub_queue.accept_transaction(
-        conn, SUD, "txn-00000001", [envelope(sender=BOB, rcpt=(ALICE,))]
+        conn, SUD, "txn-00000001", [envelope(sender=BOB, rcpt=(ALICE,))], now=NOW
     )
     assert outcomes == [Outcome(True)] and woken == {NORD}
     assert len(queue(conn)) == 2
 
 
 def test_the_same_envelope_in_a_new_transaction_is_accepted_not_queued_twice(conn) -> None:
-    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope()])
-    outcomes, woken = hub_queue.accept_transaction(conn, NORD, "txn-00000002", [envelope(), envelope()])
+    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope()], now=NOW)
+    outcomes, woken = hub_queue.accept_transaction(conn, NORD, "txn-00000002", [envelope(), envelope()], now=NOW)
     assert outcomes == [Outcome(True), Outcome(True)]
     assert woken == set()
     assert len(queue(conn)) == 1
     # The same message id for another destination domain is another envelope.
-    outcomes, woken = hub_queue.accept_transaction(conn, NORD, "txn-00000003", [envelope(rcpt=(DAVE,), to=(BOB, CAROL, DAVE))])
+    outcomes, woken = hub_queue.accept_transaction(conn, NORD, "txn-00000003",
+                                                   [envelope(rcpt=(DAVE,), to=(BOB, CAROL, DAVE))], now=NOW)
     assert outcomes == [Outcome(True)] and woken == {EST}
     assert len(queue(conn)) == 2
 
@@ -148,8 +152,8 @@ def fill(conn: sqlite3.Connection) -> dict[str, int]:
     """Queue for SUD, alternating lanes; return each message id's position."""
     lanes = ["normal", "urgent", "normal", "urgent", "normal"]
     raw = [envelope(f"msg-0000000{i}", priority=p) for i, p in enumerate(lanes)]
-    hub_queue.accept_transaction(conn, NORD, "txn-00000001", raw)
-    hub_queue.accept_transaction(conn, NORD, "txn-00000002", [envelope(rcpt=(DAVE,))])  # EST's
+    hub_queue.accept_transaction(conn, NORD, "txn-00000001", raw, now=NOW)
+    hub_queue.accept_transaction(conn, NORD, "txn-00000002", [envelope(rcpt=(DAVE,))], now=NOW)  # EST's
     return {payload(conn, seq)["id"]: seq for seq, domain, *_ in queue(conn) if domain == SUD}
 
 
@@ -159,7 +163,7 @@ def ids(conn: sqlite3.Connection, rows) -> list[str]:
 
 def test_fetch_inbox_is_urgent_first_then_in_order(conn) -> None:
     fill(conn)
-    rows = hub_queue.fetch_inbox(conn, SUD, {URGENT: 0, NORMAL: 0}, 100)
+    rows = hub_queue.fetch_inbox(conn, SUD, {URGENT: 0, NORMAL: 0}, 100, now=NOW)
     assert ids(conn, rows) == ["msg-00000001", "msg-00000003", "msg-00000000", "msg-00000002", "msg-00000004"]
     assert [lane for _, lane, _, _ in rows] == [URGENT, URGENT, NORMAL, NORMAL, NORMAL]
     assert {kind for _, _, kind, _ in rows} == {"message"}
@@ -169,28 +173,30 @@ def test_fetch_inbox_is_urgent_first_then_in_order(conn) -> None:
 
 def test_fetch_inbox_respects_per_lane_positions_and_limit(conn) -> None:
     seq = fill(conn)
-    assert ids(conn, hub_queue.fetch_inbox(conn, SUD, {URGENT: 0, NORMAL: 0}, 3)) == [
+    assert ids(conn, hub_queue.fetch_inbox(conn, SUD, {URGENT: 0, NORMAL: 0}, 3, now=NOW)) == [
         "msg-00000001", "msg-00000003", "msg-00000000"]
     # Urgent sent up to msg 3, normal up to msg 0: the rest of each lane.
     after = {URGENT: seq["msg-00000003"], NORMAL: seq["msg-00000000"]}
-    assert ids(conn, hub_queue.fetch_inbox(conn, SUD, after, 100)) == ["msg-00000002", "msg-00000004"]
+    assert ids(conn, hub_queue.fetch_inbox(conn, SUD, after, 100, now=NOW)) == ["msg-00000002", "msg-00000004"]
     # An urgent item queued later comes before the remaining normal ones, although
     # its position is above them: the lanes are read independently.
-    hub_queue.accept_transaction(conn, NORD, "txn-00000003", [envelope("msg-00000009", priority="urgent")])
-    assert ids(conn, hub_queue.fetch_inbox(conn, SUD, after, 100)) == ["msg-00000009", "msg-00000002", "msg-00000004"]
+    hub_queue.accept_transaction(conn, NORD, "txn-00000003", [envelope("msg-00000009", priority="urgent")], now=NOW)
+    assert ids(conn, hub_queue.fetch_inbox(conn, SUD, after, 100, now=NOW)) == [
+        "msg-00000009", "msg-00000002", "msg-00000004"]
     everything = {URGENT: max(seq.values()) + 100, NORMAL: max(seq.values()) + 100}
-    assert hub_queue.fetch_inbox(conn, SUD, everything, 100) == []
-    assert ids(conn, hub_queue.fetch_inbox(conn, EST, {URGENT: 0, NORMAL: 0}, 100)) == ["msg-00000001"]
-    assert hub_queue.fetch_inbox(conn, "quiet.test", {URGENT: 0, NORMAL: 0}, 100) == []
+    assert hub_queue.fetch_inbox(conn, SUD, everything, 100, now=NOW) == []
+    assert ids(conn, hub_queue.fetch_inbox(conn, EST, {URGENT: 0, NORMAL: 0}, 100, now=NOW)) == ["msg-00000001"]
+    assert hub_queue.fetch_inbox(conn, "quiet.test", {URGENT: 0, NORMAL: 0}, 100, now=NOW) == []
 
 
 # -- apply_ack --------------------------------------------------------------------------------
 
 
 def test_an_ack_deletes_and_sends_delivered_receipts_to_the_origin(conn) -> None:
-    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope("msg-00000001"), envelope("msg-00000002")])
+    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope("msg-00000001"), envelope("msg-00000002")],
+                                 now=NOW)
     seqs = [seq for seq, *_ in queue(conn)]
-    woken = hub_queue.apply_ack(conn, SUD, seqs, [])
+    woken = hub_queue.apply_ack(conn, SUD, seqs, [], now=NOW)
     assert woken == {NORD}
     rows = queue(conn)
     assert [(d, lane, kind, origin) for _, d, lane, kind, origin in rows] == [(NORD, URGENT, "receipt", "")] * 2
@@ -200,19 +206,20 @@ def test_an_ack_deletes_and_sends_delivered_receipts_to_the_origin(conn) -> None
         Receipt("msg-00000002", (BOB, CAROL), "delivered"),
     ]
     # The origin fetches them from its own inbox, urgent lane.
-    fetched = hub_queue.fetch_inbox(conn, NORD, {URGENT: 0, NORMAL: 0}, 10)
+    fetched = hub_queue.fetch_inbox(conn, NORD, {URGENT: 0, NORMAL: 0}, 10, now=NOW)
     assert [kind for _, _, kind, _ in fetched] == ["receipt", "receipt"]
 
 
 def test_failures_in_an_ack_become_failed_receipts(conn) -> None:
-    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope("msg-00000001"), envelope("msg-00000002")])
+    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope("msg-00000001"), envelope("msg-00000002")],
+                                 now=NOW)
     one, two = [seq for seq, *_ in queue(conn)]
     failures = [
         Failure(one, (CAROL,), protocol.UNKNOWN_RECIPIENT),
         Failure(two, (BOB, CAROL), "misrouted"),
         Failure(99999, (BOB,), "about a position not acked: ignored"),
     ]
-    assert hub_queue.apply_ack(conn, SUD, [one, two], failures) == {NORD}
+    assert hub_queue.apply_ack(conn, SUD, [one, two], failures, now=NOW) == {NORD}
     receipts = [Receipt.from_wire(payload(conn, seq)) for seq, *_ in queue(conn)]
     assert receipts == [
         Receipt("msg-00000001", (BOB,), "delivered"),
@@ -222,31 +229,31 @@ def test_failures_in_an_ack_become_failed_receipts(conn) -> None:
 
 
 def test_a_relay_cannot_ack_another_domains_queue(conn) -> None:
-    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope()])
+    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope()], now=NOW)
     before = queue(conn)
     [(seq, *_)] = before
-    assert hub_queue.apply_ack(conn, EST, [seq], [Failure(seq, (BOB,), "unknown_recipient")]) == set()
-    assert hub_queue.apply_ack(conn, NORD, [seq], []) == set()  # not even the sender
+    assert hub_queue.apply_ack(conn, EST, [seq], [Failure(seq, (BOB,), "unknown_recipient")], now=NOW) == set()
+    assert hub_queue.apply_ack(conn, NORD, [seq], [], now=NOW) == set()  # not even the sender
     assert queue(conn) == before
 
 
 def test_positions_acked_twice_are_ignored(conn) -> None:
-    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope()])
+    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope()], now=NOW)
     [(seq, *_)] = queue(conn)
-    assert hub_queue.apply_ack(conn, SUD, [seq, seq], []) == {NORD}
+    assert hub_queue.apply_ack(conn, SUD, [seq, seq], [], now=NOW) == {NORD}
     after_first = queue(conn)
     assert len(after_first) == 1  # one receipt, not two
-    assert hub_queue.apply_ack(conn, SUD, [seq], []) == set()
+    assert hub_queue.apply_ack(conn, SUD, [seq], [], now=NOW) == set()
     assert queue(conn) == after_first
 
 
 def test_acking_a_receipt_deletes_it_and_sends_nothing(conn) -> None:
-    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope()])
+    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope()], now=NOW)
     [(seq, *_)] = queue(conn)
-    hub_queue.apply_ack(conn, SUD, [seq], [])
+    hub_queue.apply_ack(conn, SUD, [seq], [], now=NOW)
     [(receipt_seq, domain, *_)] = queue(conn)
     assert domain == NORD
-    assert hub_queue.apply_ack(conn, NORD, [receipt_seq], []) == set()
+    assert hub_queue.apply_ack(conn, NORD, [receipt_seq], [], now=NOW) == set()
     assert queue(conn) == []
     assert hub_queue.queue_depths(conn) == {}
 
@@ -265,12 +272,12 @@ async def test_a_replay_in_the_same_group_queues_once(tmp_path: Path) -> None:
     path = tmp_path / "hub.db"
     with trio.fail_after(STEP):
         async with Store.open(path, hub_queue.MIGRATIONS) as store:
-            await store.run("domains", lambda c: hub_queue.register_domains(c, frozenset({NORD, SUD}), False))
+            await store.run("domains", lambda c: hub_queue.register_domains(c, frozenset({NORD, SUD}), False, now=NOW))
             answers = []
 
             async def send() -> None:
                 answers.append(await store.run(
-                    "accept", lambda c: hub_queue.accept_transaction(c, NORD, "txn-00000001", [envelope()])))
+                    "accept", lambda c: hub_queue.accept_transaction(c, NORD, "txn-00000001", [envelope()], now=NOW)))
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(send)
@@ -279,18 +286,19 @@ async def test_a_replay_in_the_same_group_queues_once(tmp_path: Path) -> None:
         assert [outcomes for outcomes, _ in answers] == [[Outcome(True)]] * 2
 
         async with Store.open(path, hub_queue.MIGRATIONS) as store:
-            rows = await store.read("fetch", lambda c: hub_queue.fetch_inbox(c, SUD, {URGENT: 0, NORMAL: 0}, 10))
+            rows = await store.read("fetch",
+                                    lambda c: hub_queue.fetch_inbox(c, SUD, {URGENT: 0, NORMAL: 0}, 10, now=NOW))
     assert len(rows) == 1
 
 
 def test_read_receipts_only_about_messages_the_relay_acknowledged(conn) -> None:
-    hub_queue.accept_transaction(conn, NORD, "txn-read-0001", [envelope("msg-read-0001", rcpt=(BOB,))])
+    hub_queue.accept_transaction(conn, NORD, "txn-read-0001", [envelope("msg-read-0001", rcpt=(BOB,))], now=NOW)
     read = Receipt("msg-read-0001", (BOB,), "read", origin=NORD).to_wire()
-    [refused], _ = hub_queue.accept_receipts(conn, SUD, [read])
+    [refused], _ = hub_queue.accept_receipts(conn, SUD, [read], now=NOW)
     assert (refused.accepted, refused.reason) == (False, protocol.UNKNOWN_MESSAGE)  # queued, not yet taken
-    [(seq, *_)] = hub_queue.fetch_inbox(conn, SUD, {hub_queue.URGENT: 0, hub_queue.NORMAL: 0}, 10)
-    hub_queue.apply_ack(conn, SUD, [seq], [])
-    [accepted], woken = hub_queue.accept_receipts(conn, SUD, [read])
+    [(seq, *_)] = hub_queue.fetch_inbox(conn, SUD, {hub_queue.URGENT: 0, hub_queue.NORMAL: 0}, 10, now=NOW)
+    hub_queue.apply_ack(conn, SUD, [seq], [], now=NOW)
+    [accepted], woken = hub_queue.accept_receipts(conn, SUD, [read], now=NOW)
     assert accepted.accepted and woken == {NORD}
 
 
@@ -298,14 +306,15 @@ def test_an_item_that_cannot_be_opened_is_fetched_as_none_then_dropped_with_a_tr
     ring = sealing.KeyRing({1: bytes(32)}, 1)
     conn = connect(tmp_path / "hub.db", ring)
     migrate(conn, hub_queue.MIGRATIONS, "hub")
-    hub_queue.register_domains(conn, frozenset({NORD, SUD}), learnt=False)
-    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope("msg-00000001"), envelope("msg-00000002")])
+    hub_queue.register_domains(conn, frozenset({NORD, SUD}), learnt=False, now=NOW)
+    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope("msg-00000001"), envelope("msg-00000002")],
+                                 now=NOW)
     first, second = [seq for seq, *_ in queue(conn)]
     [(sealed,)] = conn.execute("SELECT payload FROM queue WHERE seq = ?", (first,))
     conn.execute("UPDATE queue SET payload = ? WHERE seq = ?", (sealed[:-1] + bytes([sealed[-1] ^ 1]), first))
-    rows = hub_queue.fetch_inbox(conn, SUD, {URGENT: 0, NORMAL: 0}, 10)
+    rows = hub_queue.fetch_inbox(conn, SUD, {URGENT: 0, NORMAL: 0}, 10, now=NOW)
     assert [(seq, payload is None) for seq, _, _, payload in rows] == [(first, True), (second, False)]
-    hub_queue.drop_unreadable(conn, SUD, [first])
+    hub_queue.drop_unreadable(conn, SUD, [first], now=NOW)
     assert [seq for seq, *_ in queue(conn)] == [second]
     assert conn.execute("SELECT action, peer, outcome FROM audit WHERE action = 'dropped'").fetchall() == [
         ("dropped", SUD, f"queue item {first} cannot be opened")]

@@ -5,8 +5,8 @@ hospital's administrator uses them: ``status``, ``queue``, ``/metrics``,
 from __future__ import annotations
 
 import json
+import re
 import signal
-import socket
 import ssl
 import stat
 import subprocess
@@ -21,7 +21,7 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from peers import LoopbackServer, read_head
-from processes import STEP, DemoSpace
+from processes import STEP, DemoSpace, Site
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.cli.demo import HUB_NAME
@@ -36,10 +36,7 @@ pytestmark = pytest.mark.e2e
 BOB = "bob@clinique-sud.test"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+METRICS_LISTENING = re.compile(r"metrics on 127\.0\.0\.1:(\d+)")
 
 
 async def cli(*args: str) -> subprocess.CompletedProcess:
@@ -60,11 +57,19 @@ class OpsSpace(DemoSpace):
 
     def __init__(self, directory: Path) -> None:
         super().__init__(directory)
-        self.metrics = f"http://127.0.0.1:{free_port()}"
+        self.metrics = ""  # known once relay A has said which port it got
         self.config_a = self.manifest["relays"][0]["config"]
         with (directory / "relay-a.toml").open("a") as config:
-            config.write(f'\n[metrics]\nlisten = "{self.metrics[7:]}"\n')
+            config.write('\n[metrics]\nlisten = "127.0.0.1:0"\n')
         self.edit("relay-a.toml", "[relay]\n", '[relay]\nshutdown_grace = "2s"\n')
+
+    async def start_relay(self, site: Site) -> re.Match:
+        line = await super().start_relay(site)
+        if site is self.a and not self.metrics:
+            port = METRICS_LISTENING.search(line.string, line.end()).group(1)
+            self.edit("relay-a.toml", '[metrics]\nlisten = "127.0.0.1:0"', f'[metrics]\nlisten = "127.0.0.1:{port}"')
+            self.metrics = f"http://127.0.0.1:{port}"
+        return line
 
     async def status(self) -> tuple[int, dict | str]:
         result = await cli("status", "--json", "--config", self.config_a)
@@ -154,12 +159,15 @@ async def test_queue_retry_with_no_daemon_works_on_the_store_itself(ops: OpsSpac
 
     def refused(conn) -> None:
         relay_queue.submit(conn, relay_queue.Submission(ident, "chu-nord.test", "demo-messenger", None,
-                                                        ops.a.users[0], (BOB, zoe), None, "normal", "again"))
+                                                        ops.a.users[0], (BOB, zoe), None, "normal", "again"),
+                           now=time.time())
         seq, = conn.execute("SELECT seq FROM outbox WHERE dest = 'late.test'").fetchone()
         env = Envelope(ident, ops.a.users[0], (BOB, zoe), (zoe,), "again", None, "normal", time.time())
-        relay_queue.apply_outcomes(conn, [(seq, env, Outcome(False, "unknown_domain", "no relay"))])
+        relay_queue.apply_outcomes(conn, [(seq, env, Outcome(False, "unknown_domain", "no relay"))], now=time.time())
 
-    ops.a.process.start()  # creates the store and its key ring, then stops
+    await ops.start_hub()
+    ops.hub.kill()
+    await ops.start_relay(ops.a)  # creates the store and its key ring, then stops
     await ops.a.uplink("down")
     assert ops.a.process.terminate() == 0
     ring = KeyRing.load(ops.state() / KEY_FILE)
@@ -171,7 +179,7 @@ async def test_queue_retry_with_no_daemon_works_on_the_store_itself(ops: OpsSpac
 
     ops.hub.start()
     ops.a.process.start()
-    ops.b.process.start()
+    await ops.start_relay(ops.b)
     await ops.a.uplink("connected")
     with trio.fail_after(STEP):
         while True:
@@ -330,6 +338,7 @@ async def test_sigterm_drains_and_no_request_is_lost(ops: OpsSpace) -> None:
             response = await client.post("/v1/messages", json=keys[key], headers={"Idempotency-Key": key})
             assert response.status_code == 202
             answered[key] = response.json()["id"]
+    await ops.a.settled()
     received = [e["message"]["id"] for e in await ops.b.events(len(answered))]
     assert sorted(received) == sorted(answered.values())
 
@@ -436,6 +445,7 @@ async def test_doctor_names_an_intercepting_proxy(ops: OpsSpace, tmp_path: Path,
     proxy = InterceptingProxy(tmp_path / "inspection")
     await nursery.start(proxy.serve)
     ops.edit("relay-a.toml", "[uplink]\n", f'[uplink]\nproxy = "http://127.0.0.1:{proxy.port}"\n')
+    await ops.start_hub()  # which names the hub's port in relay A's config
     result = await cli("doctor", "--config", ops.config_a)
     report = result.stdout.decode()
     assert result.returncode == 1, report
@@ -456,25 +466,20 @@ async def test_sighup_puts_a_renewed_local_api_certificate_in_use(ops: OpsSpace)
     issue()
     ops.edit("relay-a.toml", "[local_api]\n", '[local_api]\ntls_cert_file = "pki/relay-a.local.pem"\n'
                                               'tls_key_file = "pki/relay-a.local.key"\n')
-    port = urlsplit(ops.a.url).port
     context = ssl.create_default_context(cafile=pki_dir / "ca.pem")
+    await ops.start_hub()
+    await ops.start_relay(ops.a)  # once it has logged its port, it is listening
+    port = urlsplit(ops.a.url).port
 
     async def served() -> int:
         with trio.fail_after(STEP):
-            while True:
-                try:
-                    stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), context,
-                                            server_hostname="relay-a.local")
-                    await stream.do_handshake()
-                    break
-                except (OSError, trio.BrokenResourceError):
-                    await trio.sleep(0.05)  # not listening yet
+            stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), context,
+                                    server_hostname="relay-a.local")
+            await stream.do_handshake()
         serial = x509.load_der_x509_certificate(stream.getpeercert(binary_form=True)).serial_number
         await trio.aclose_forcefully(stream)
         return serial
 
-    ops.hub.start()
-    ops.a.process.start()
     before = await served()
     issue()
     ops.a.process.popen.send_signal(signal.SIGHUP)

@@ -22,18 +22,20 @@ from relay.store.relay_queue import Submission
 
 HOME = "chu-nord.test"
 ALICE, BOB, ZOE = f"alice@{HOME}", "bob@clinique-sud.test", "zoe@late.test"
+NOW = 1_700_000_000.0
 
 
 def submit(conn, ident: str, to=(BOB, ZOE), priority: str = "normal") -> None:
-    relay_queue.submit(conn, Submission(ident, HOME, "messenger", None, ALICE, tuple(to), None, priority, "Bonjour"))
+    relay_queue.submit(conn, Submission(ident, HOME, "messenger", None, ALICE, tuple(to), None, priority, "Bonjour"),
+                       now=NOW)
 
 
 def refuse(conn, ident: str, dest: str) -> None:
     """What the uplink commits when the hub refuses the envelope for ``dest``."""
     seq, = conn.execute("SELECT seq FROM outbox WHERE message_id = ? AND dest = ?", (ident, dest)).fetchone()
     env = Envelope(ident, ALICE, (BOB, ZOE), tuple(a for a in (BOB, ZOE) if a.endswith(dest)), "Bonjour", None,
-                   "normal", time.time())
-    relay_queue.apply_outcomes(conn, [(seq, env, Outcome(False, "unknown_domain", "no relay"))])
+                   "normal", NOW)
+    relay_queue.apply_outcomes(conn, [(seq, env, Outcome(False, "unknown_domain", "no relay"))], now=NOW)
 
 
 # -- the queue's units ------------------------------------------------------------------
@@ -60,13 +62,13 @@ def test_list_and_show_filter_by_state_and_domain(conn) -> None:
 def test_retry_queues_failed_recipients_again_while_the_body_is_kept(conn) -> None:
     submit(conn, "msg-00000001")
     refuse(conn, "msg-00000001", "late.test")
-    now = time.time()
+    now = NOW + 60
 
     assert relay_queue.retry_failed(conn, None, 3600, now) == {"msg-00000001": relay_queue.RETRIED}
     assert relay_queue.queue_message(conn, "msg-00000001", False)["recipients"][ZOE]["status"] == "queued"
     assert sorted(d for (d,) in conn.execute("SELECT dest FROM outbox")) == ["clinique-sud.test", "late.test"]
     expires, = conn.execute("SELECT expires_at FROM message").fetchone()
-    assert expires == pytest.approx(now + 3600)
+    assert expires == now + 3600
     assert relay_queue.retry_failed(conn, ["msg-00000001"], 3600, now) == {"msg-00000001": "no failed recipient"}
 
 
@@ -74,18 +76,18 @@ def test_retry_explains_a_body_that_is_gone(conn) -> None:
     submit(conn, "msg-00000001", to=(ZOE,))
     refuse(conn, "msg-00000001", "late.test")  # its last envelope: the body is dropped
 
-    assert "body no longer kept" in relay_queue.retry_failed(conn, None, 3600, time.time())["msg-00000001"]
+    assert "body no longer kept" in relay_queue.retry_failed(conn, None, 3600, NOW)["msg-00000001"]
 
 
 def test_purge_fails_queued_recipients_and_notifies_the_sender(conn) -> None:
     submit(conn, "msg-00000001")
 
-    assert relay_queue.purge(conn, "msg-00000001") == (2, {"messenger"})
+    assert relay_queue.purge(conn, "msg-00000001", now=NOW) == (2, {"messenger"})
     assert {r["reason"] for r in relay_queue.queue_message(conn, "msg-00000001", False)["recipients"].values()} \
         == {relay_queue.PURGED}
     assert conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == 0
     assert conn.execute("SELECT type FROM event").fetchall() == [("failed",)]
-    assert relay_queue.purge(conn, "nope") is None
+    assert relay_queue.purge(conn, "nope", now=NOW) is None
 
 
 def test_summary_counts_what_status_shows(conn) -> None:
@@ -94,7 +96,7 @@ def test_summary_counts_what_status_shows(conn) -> None:
     summary = relay_queue.queue_summary(conn)
     assert summary["outbound"] == {"urgent": 1, "normal": 2}
     assert summary["recipients"] == {"queued": 3, "sent": 0, "failed": 0}
-    assert summary["oldest_queued_at"] == pytest.approx(time.time(), abs=5)
+    assert summary["oldest_queued_at"] == NOW
 
 
 # -- certificates and health ------------------------------------------------------------

@@ -27,6 +27,8 @@ ANNE = f"anne@{HOME}"
 BOB = "bob@clinique-sud.test"
 CAROL = "carol@clinique-sud.test"
 DAVE = "dave@ehpad-est.test"
+# The relay's clock in these tests (the units take it as an argument).
+NOW = 1_700_000_000.0
 
 
 def submission(ident: str, *, to=(BOB, CAROL, DAVE), priority="normal", system="messenger",
@@ -51,7 +53,7 @@ def statuses(conn: sqlite3.Connection, ident: str) -> dict[str, tuple[str, str |
 
 
 def test_submit_stores_the_message_its_recipients_and_one_outbox_row_per_domain(conn) -> None:
-    assert relay_queue.submit(conn, submission("msg-00000001", thread="t-1")) == ("msg-00000001", "queued")
+    assert relay_queue.submit(conn, submission("msg-00000001", thread="t-1"), now=NOW) == ("msg-00000001", "queued")
 
     row = conn.execute(
         "SELECT domain, system, sender, recipients, thread, priority, body FROM message WHERE id = ?",
@@ -69,36 +71,37 @@ def test_submit_stores_the_message_its_recipients_and_one_outbox_row_per_domain(
 
 
 def test_an_urgent_message_goes_to_the_urgent_lane(conn) -> None:
-    relay_queue.submit(conn, submission("msg-00000001", to=(BOB,), priority="urgent"))
+    relay_queue.submit(conn, submission("msg-00000001", to=(BOB,), priority="urgent"), now=NOW)
     assert conn.execute("SELECT lane FROM outbox").fetchall() == [(relay_queue.URGENT,)]
     assert relay_queue.outbox_depth(conn) == {"urgent": 1, "normal": 0}
 
 
 def test_an_idempotency_key_returns_the_first_id_and_creates_nothing(conn) -> None:
-    assert relay_queue.submit(conn, submission("msg-00000001", idem_key="k-1")) == ("msg-00000001", "queued")
+    assert relay_queue.submit(conn, submission("msg-00000001", idem_key="k-1"), now=NOW) == ("msg-00000001", "queued")
     before = [count(conn, t) for t in ("message", "recipient", "outbox")]
     again = submission("msg-00000002", idem_key="k-1", body="different, on purpose")
-    assert relay_queue.submit(conn, again) == ("msg-00000001", "queued")
+    assert relay_queue.submit(conn, again, now=NOW) == ("msg-00000001", "queued")
     assert [count(conn, t) for t in ("message", "recipient", "outbox")] == before
     # A replay tells where the first message is now, and needs no room.
-    relay_queue.advance(conn, [("msg-00000001", address) for address in (BOB, CAROL, DAVE)], "sent")
-    assert relay_queue.submit(conn, again, lambda priority: False) == ("msg-00000001", "sent")
+    relay_queue.advance(conn, [("msg-00000001", address) for address in (BOB, CAROL, DAVE)], "sent", now=NOW)
+    assert relay_queue.submit(conn, again, lambda priority: False, now=NOW) == ("msg-00000001", "sent")
     # The key belongs to the system: another system's equal key is another message.
     other = submission("msg-00000003", idem_key="k-1", system="lab")
-    assert relay_queue.submit(conn, other) == ("msg-00000003", "queued")
+    assert relay_queue.submit(conn, other, now=NOW) == ("msg-00000003", "queued")
     # Without a key, nothing is deduplicated.
-    assert relay_queue.submit(conn, submission("msg-00000004"))[0] == "msg-00000004"
-    assert relay_queue.submit(conn, submission("msg-00000005"))[0] == "msg-00000005"
+    assert relay_queue.submit(conn, submission("msg-00000004"), now=NOW)[0] == "msg-00000004"
+    assert relay_queue.submit(conn, submission("msg-00000005"), now=NOW)[0] == "msg-00000005"
     assert count(conn, "message") == 4
 
 
 def test_a_full_store_refuses_what_has_no_room(conn) -> None:
     rooms = []
     with pytest.raises(relay_queue.StoreFull):
-        relay_queue.submit(conn, submission("msg-00000001", priority="normal"), lambda p: rooms.append(p) or False)
+        relay_queue.submit(conn, submission("msg-00000001", priority="normal"), lambda p: rooms.append(p) or False,
+                           now=NOW)
     assert rooms == ["normal"] and count(conn, "message") == 0
     urgent = submission("msg-00000002", priority="urgent")
-    assert relay_queue.submit(conn, urgent, lambda p: p == "urgent") == ("msg-00000002", "queued")
+    assert relay_queue.submit(conn, urgent, lambda p: p == "urgent", now=NOW) == ("msg-00000002", "queued")
 
 
 # -- next_batch and apply_outcomes -----------------------------------------------------------
@@ -107,29 +110,29 @@ def test_a_full_store_refuses_what_has_no_room(conn) -> None:
 def test_next_batch_is_urgent_first_then_submission_order(conn) -> None:
     for ident, priority in [("n1-aaaaaaaa", "normal"), ("u1-aaaaaaaa", "urgent"), ("n2-aaaaaaaa", "normal"),
                             ("u2-aaaaaaaa", "urgent")]:
-        relay_queue.submit(conn, submission(ident, to=(BOB,), priority=priority))
-    batch = relay_queue.next_batch(conn, HOME, 10)
+        relay_queue.submit(conn, submission(ident, to=(BOB,), priority=priority), now=NOW)
+    batch = relay_queue.next_batch(conn, HOME, 10, now=NOW)
     assert [env.id for _, env in batch] == ["u1-aaaaaaaa", "u2-aaaaaaaa", "n1-aaaaaaaa", "n2-aaaaaaaa"]
     assert [env.priority for _, env in batch] == ["urgent", "urgent", "normal", "normal"]
     # Within a lane, the queue positions grow.
     assert batch[0][0] < batch[1][0] and batch[2][0] < batch[3][0]
-    assert [env.id for _, env in relay_queue.next_batch(conn, HOME, 3)] == [e.id for _, e in batch[:3]]
+    assert [env.id for _, env in relay_queue.next_batch(conn, HOME, 3, now=NOW)] == [e.id for _, e in batch[:3]]
     # Another domain's outbox is not this one's.
-    assert relay_queue.next_batch(conn, "other.test", 10) == []
+    assert relay_queue.next_batch(conn, "other.test", 10, now=NOW) == []
     # One lane at a time, past what is already with the hub.
-    normal = relay_queue.next_batch(conn, HOME, 10, lane=relay_queue.NORMAL)
+    normal = relay_queue.next_batch(conn, HOME, 10, lane=relay_queue.NORMAL, now=NOW)
     assert [env.id for _, env in normal] == ["n1-aaaaaaaa", "n2-aaaaaaaa"]
     assert [env.id for _, env in relay_queue.next_batch(conn, HOME, 10, lane=relay_queue.NORMAL,
-                                                        after=normal[0][0])] == ["n2-aaaaaaaa"]
+                                                        after=normal[0][0], now=NOW)] == ["n2-aaaaaaaa"]
     assert [env.id for _, env in relay_queue.next_batch(conn, HOME, 10, lane=relay_queue.URGENT,
-                                                        after=batch[0][0])] == ["u2-aaaaaaaa"]
+                                                        after=batch[0][0], now=NOW)] == ["u2-aaaaaaaa"]
 
 
 def test_next_batch_builds_one_envelope_per_destination_domain(conn) -> None:
-    relay_queue.submit(conn, submission("msg-00000001", to=(BOB, DAVE, CAROL), thread="t", body="x"))
+    relay_queue.submit(conn, submission("msg-00000001", to=(BOB, DAVE, CAROL), thread="t", body="x"), now=NOW)
     accepted_at, expires_at = conn.execute("SELECT accepted_at, expires_at FROM message").fetchone()
     assert expires_at == accepted_at + 7 * 86400  # the default time-to-live
-    batch = relay_queue.next_batch(conn, HOME, 10)
+    batch = relay_queue.next_batch(conn, HOME, 10, now=NOW)
     envelopes = {env.dest: env for _, env in batch}
     assert set(envelopes) == {"clinique-sud.test", "ehpad-est.test"}
     assert envelopes["clinique-sud.test"] == Envelope(
@@ -143,15 +146,15 @@ def test_next_batch_builds_one_envelope_per_destination_domain(conn) -> None:
 
 
 def test_apply_outcomes_moves_recipients_and_empties_the_outbox(conn) -> None:
-    relay_queue.submit(conn, submission("msg-00000001", to=(BOB, CAROL, DAVE)))
-    batch = relay_queue.next_batch(conn, HOME, 10)
+    relay_queue.submit(conn, submission("msg-00000001", to=(BOB, CAROL, DAVE)), now=NOW)
+    batch = relay_queue.next_batch(conn, HOME, 10, now=NOW)
     outcomes = {
         "clinique-sud.test": Outcome(True),
         "ehpad-est.test": Outcome(False, protocol.UNKNOWN_DOMAIN, "no relay"),
     }
-    relay_queue.apply_outcomes(conn, [(seq, env, outcomes[env.dest]) for seq, env in batch])
+    relay_queue.apply_outcomes(conn, [(seq, env, outcomes[env.dest]) for seq, env in batch], now=NOW)
     assert count(conn, "outbox") == 0
-    assert relay_queue.next_batch(conn, HOME, 10) == []
+    assert relay_queue.next_batch(conn, HOME, 10, now=NOW) == []
     assert statuses(conn, "msg-00000001") == {
         BOB: ("sent", None),
         CAROL: ("sent", None),
@@ -169,31 +172,31 @@ def no_systems(address: str) -> list[str]:
 
 
 def test_statuses_only_move_forward(conn) -> None:
-    relay_queue.submit(conn, submission("msg-00000001", to=(BOB, CAROL)))
-    [(seq, env)] = relay_queue.next_batch(conn, HOME, 10)
+    relay_queue.submit(conn, submission("msg-00000001", to=(BOB, CAROL)), now=NOW)
+    [(seq, env)] = relay_queue.next_batch(conn, HOME, 10, now=NOW)
     # The receipt overtakes the hub's answer (the answer was lost and resent).
-    relay_inbox.take_inbound(conn, HOME, [receipt(1, env.id, (BOB,), "delivered")], no_systems)
+    relay_inbox.take_inbound(conn, HOME, [receipt(1, env.id, (BOB,), "delivered")], no_systems, now=NOW)
     relay_inbox.take_inbound(
-        conn, HOME, [receipt(2, env.id, (CAROL,), "failed", protocol.UNKNOWN_RECIPIENT)], no_systems
+        conn, HOME, [receipt(2, env.id, (CAROL,), "failed", protocol.UNKNOWN_RECIPIENT)], no_systems, now=NOW
     )
-    relay_queue.apply_outcomes(conn, [(seq, env, Outcome(True))])
+    relay_queue.apply_outcomes(conn, [(seq, env, Outcome(True))], now=NOW)
     assert statuses(conn, env.id) == {BOB: ("delivered", None), CAROL: ("failed", protocol.UNKNOWN_RECIPIENT)}
     # Repeated or contradicting news after a final status changes nothing.
     relay_inbox.take_inbound(
         conn, HOME,
         [receipt(3, env.id, (BOB,), "failed", "late"), receipt(4, env.id, (CAROL,), "delivered"),
          receipt(5, env.id, (BOB,), "delivered")],
-        no_systems,
+        no_systems, now=NOW
     )
     assert statuses(conn, env.id) == {BOB: ("delivered", None), CAROL: ("failed", protocol.UNKNOWN_RECIPIENT)}
 
 
 def test_a_receipt_moves_queued_and_sent_recipients(conn) -> None:
-    relay_queue.submit(conn, submission("msg-00000001", to=(BOB, CAROL)))
-    [(seq, env)] = relay_queue.next_batch(conn, HOME, 10)
-    relay_queue.apply_outcomes(conn, [(seq, env, Outcome(True))])
+    relay_queue.submit(conn, submission("msg-00000001", to=(BOB, CAROL)), now=NOW)
+    [(seq, env)] = relay_queue.next_batch(conn, HOME, 10, now=NOW)
+    relay_queue.apply_outcomes(conn, [(seq, env, Outcome(True))], now=NOW)
     assert statuses(conn, env.id)[BOB] == ("sent", None)
-    relay_inbox.take_inbound(conn, HOME, [receipt(1, env.id, (BOB, CAROL), "delivered")], no_systems)
+    relay_inbox.take_inbound(conn, HOME, [receipt(1, env.id, (BOB, CAROL), "delivered")], no_systems, now=NOW)
     assert statuses(conn, env.id) == {BOB: ("delivered", None), CAROL: ("delivered", None)}
 
 
@@ -216,12 +219,12 @@ def test_overall_status(statuses_: list[str], overall: str) -> None:
 
 
 def test_message_status_only_for_the_sending_system(conn) -> None:
-    relay_queue.submit(conn, submission("msg-00000001", to=(BOB, DAVE)))
-    batch = relay_queue.next_batch(conn, HOME, 10)
+    relay_queue.submit(conn, submission("msg-00000001", to=(BOB, DAVE)), now=NOW)
+    batch = relay_queue.next_batch(conn, HOME, 10, now=NOW)
     relay_queue.apply_outcomes(conn, [
         (seq, env, Outcome(True) if env.dest == "clinique-sud.test" else Outcome(False, "unknown_domain"))
         for seq, env in batch
-    ])
+    ], now=NOW)
     assert relay_queue.message_status(conn, "msg-00000001", "messenger") == {
         "id": "msg-00000001",
         "status": "sent",
@@ -250,7 +253,7 @@ def inbound(seq: int, ident: str = "in-00000001", *, rcpt=(ALICE, ANNE), origin=
 
 
 def test_take_inbound_fans_out_one_event_per_system(conn) -> None:
-    failures, woken = relay_inbox.take_inbound(conn, HOME, [inbound(1)], serving)
+    failures, woken = relay_inbox.take_inbound(conn, HOME, [inbound(1)], serving, now=NOW)
     assert failures == []
     assert woken == {"messenger", "lab"}
     # messenger serves both recipients but gets the message once.
@@ -262,17 +265,17 @@ def test_take_inbound_fans_out_one_event_per_system(conn) -> None:
 
 
 def test_the_same_message_twice_makes_one_event(conn) -> None:
-    relay_inbox.take_inbound(conn, HOME, [inbound(1)], serving)
+    relay_inbox.take_inbound(conn, HOME, [inbound(1)], serving, now=NOW)
     # Resent after a lost ack, even at another queue position, and twice in one batch.
-    failures, woken = relay_inbox.take_inbound(conn, HOME, [inbound(7), inbound(8)], serving)
+    failures, woken = relay_inbox.take_inbound(conn, HOME, [inbound(7), inbound(8)], serving, now=NOW)
     assert (failures, woken) == ([], set())
     assert len(relay_inbox.events(conn, "messenger", 0, 10)) == 1
     assert count(conn, "inbound") == 1 and count(conn, "event") == 2
 
 
 def test_the_duplicate_filter_is_per_origin(conn) -> None:
-    relay_inbox.take_inbound(conn, HOME, [inbound(1, origin="clinique-sud.test")], serving)
-    _, woken = relay_inbox.take_inbound(conn, HOME, [inbound(2, origin="ehpad-est.test")], serving)
+    relay_inbox.take_inbound(conn, HOME, [inbound(1, origin="clinique-sud.test")], serving, now=NOW)
+    _, woken = relay_inbox.take_inbound(conn, HOME, [inbound(2, origin="ehpad-est.test")], serving, now=NOW)
     assert woken == {"messenger", "lab"}
     page = relay_inbox.events(conn, "messenger", 0, 10)
     assert [e["message"]["origin"] for e in page] == [
@@ -283,9 +286,9 @@ def test_unknown_recipients_are_reported_every_time(conn) -> None:
     ghost = f"ghost@{HOME}"
     item = inbound(4, rcpt=(ALICE, ghost))
     expected = [Failure(4, (ghost,), protocol.UNKNOWN_RECIPIENT)]
-    assert relay_inbox.take_inbound(conn, HOME, [item], serving) == (expected, {"messenger", "lab"})
+    assert relay_inbox.take_inbound(conn, HOME, [item], serving, now=NOW) == (expected, {"messenger", "lab"})
     # The duplicate creates nothing but rebuilds the same ack.
-    assert relay_inbox.take_inbound(conn, HOME, [item], serving) == (expected, set())
+    assert relay_inbox.take_inbound(conn, HOME, [item], serving, now=NOW) == (expected, set())
     assert len(relay_inbox.events(conn, "lab", 0, 10)) == 1
 
 
@@ -293,7 +296,7 @@ def test_a_message_for_nobody_here_is_reported_and_not_stored(conn) -> None:
     ghosts = (f"ghost@{HOME}", f"phantom@{HOME}")
     item = inbound(5, rcpt=ghosts)
     for _ in range(2):
-        assert relay_inbox.take_inbound(conn, HOME, [item], serving) == (
+        assert relay_inbox.take_inbound(conn, HOME, [item], serving, now=NOW) == (
             [Failure(5, ghosts, protocol.UNKNOWN_RECIPIENT)], set())
     assert count(conn, "inbound") == 0 and count(conn, "event") == 0
 
@@ -301,13 +304,13 @@ def test_a_message_for_nobody_here_is_reported_and_not_stored(conn) -> None:
 def test_a_misrouted_envelope_is_reported_and_not_stored(conn) -> None:
     item = inbound(6, rcpt=(BOB,), origin="ehpad-est.test")
     assert item.envelope.dest != HOME
-    assert relay_inbox.take_inbound(conn, HOME, [item], lambda a: ["messenger"]) == (
+    assert relay_inbox.take_inbound(conn, HOME, [item], lambda a: ["messenger"], now=NOW) == (
         [Failure(6, (BOB,), "misrouted")], set())
     assert count(conn, "inbound") == 0 and count(conn, "event") == 0
 
 
 def test_a_batch_mixes_messages_receipts_and_failures(conn) -> None:
-    relay_queue.submit(conn, submission("msg-00000001", to=(BOB,)))
+    relay_queue.submit(conn, submission("msg-00000001", to=(BOB,)), now=NOW)
     ghost = f"ghost@{HOME}"
     items = [
         inbound(10, "in-00000001"),
@@ -315,7 +318,7 @@ def test_a_batch_mixes_messages_receipts_and_failures(conn) -> None:
         inbound(12, "in-00000002", rcpt=(ghost,)),
         inbound(13, "in-00000003", rcpt=(ANNE,)),
     ]
-    failures, woken = relay_inbox.take_inbound(conn, HOME, items, serving)
+    failures, woken = relay_inbox.take_inbound(conn, HOME, items, serving, now=NOW)
     assert failures == [Failure(12, (ghost,), protocol.UNKNOWN_RECIPIENT)]
     assert woken == {"messenger", "lab"}
     assert statuses(conn, "msg-00000001") == {BOB: ("delivered", None)}
@@ -325,7 +328,7 @@ def test_a_batch_mixes_messages_receipts_and_failures(conn) -> None:
 
 def test_events_page_in_cursor_order(conn) -> None:
     for i in range(1, 8):
-        relay_inbox.take_inbound(conn, HOME, [inbound(i, f"in-0000000{i}", rcpt=(ANNE,))], serving)
+        relay_inbox.take_inbound(conn, HOME, [inbound(i, f"in-0000000{i}", rcpt=(ANNE,))], serving, now=NOW)
     every = relay_inbox.events(conn, "messenger", 0, 100)
     cursors = [e["cursor"] for e in every]
     assert cursors == sorted(cursors) and len(set(cursors)) == 7 and cursors[0] > 0
@@ -345,7 +348,7 @@ def test_events_page_in_cursor_order(conn) -> None:
 def test_an_event_carries_the_message(conn) -> None:
     item = inbound(1, rcpt=(ALICE,), to=(ALICE, BOB), thread="dossier-7", priority="urgent",
                    sent_at=1_700_000_000.25, body="Résultats: normaux")
-    relay_inbox.take_inbound(conn, HOME, [item], serving)
+    relay_inbox.take_inbound(conn, HOME, [item], serving, now=NOW)
     [event] = relay_inbox.events(conn, "lab", 0, 10)
     assert event == {
         "cursor": event["cursor"],
@@ -376,17 +379,17 @@ async def test_units_through_a_store_survive_a_reopen(tmp_path: Path) -> None:
 
             async def submit(ident: str) -> None:
                 results.append(await store.run(
-                    "submit", lambda c: relay_queue.submit(c, submission(ident, idem_key="same"))))
+                    "submit", lambda c: relay_queue.submit(c, submission(ident, idem_key="same"), now=NOW)))
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(submit, "msg-00000001")
                 nursery.start_soon(submit, "msg-00000002")
             first = results[0][0]
             assert results == [(first, "queued"), (first, "queued")]
-            await store.run("take", lambda c: relay_inbox.take_inbound(c, HOME, [inbound(1)], serving))
+            await store.run("take", lambda c: relay_inbox.take_inbound(c, HOME, [inbound(1)], serving, now=NOW))
 
         async with Store.open(path, relay_queue.MIGRATIONS) as store:
-            batch = await store.run("next_batch", lambda c: relay_queue.next_batch(c, HOME, 10))
+            batch = await store.run("next_batch", lambda c: relay_queue.next_batch(c, HOME, 10, now=NOW))
             page = await store.run("events", lambda c: relay_inbox.events(c, "lab", 0, 10))
     assert sorted(env.dest for _, env in batch) == ["clinique-sud.test", "ehpad-est.test"]
     assert {env.id for _, env in batch} == {first}

@@ -3,11 +3,8 @@ side with a datagram socket, as in `Type=notify` with `WatchdogSec=`."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,15 +15,14 @@ pytestmark = pytest.mark.e2e
 
 
 async def test_ready_watchdog_and_stopping(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, "-m", "relay", "demo", "--dir", str(tmp_path), "--init-only"],
-                   check=True, capture_output=True)
-    relay_config = json.loads((tmp_path / "demo.json").read_text())["relays"][0]["config"]
+    space = DemoSpace(tmp_path)
+    await space.start_hub()  # which writes its port into relay A's config
+    space.hub.kill()
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
     address = str(tmp_path / "notify.sock")
     await sock.bind(address)
-    env = {**os.environ, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"}
-    process = subprocess.Popen([sys.executable, "-m", "relay", "run", "--config", relay_config], env=env,
-                               stderr=subprocess.DEVNULL)
+    space.a.process.start({**os.environ, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"})
+    process = space.a.process.popen
     messages: list[str] = []
     try:
         with trio.fail_after(20):
@@ -53,9 +49,6 @@ async def test_status_lines_follow_the_uplink_and_the_queue(tmp_path: Path) -> N
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
     address = str(tmp_path / "notify.sock")
     await sock.bind(address)
-    relay = space.a.process
-    relay.popen = subprocess.Popen([sys.executable, "-m", "relay", *relay.argv], env={**os.environ,
-                                   "NOTIFY_SOCKET": address}, stderr=subprocess.DEVNULL)
     statuses: list[str] = []
 
     async def until(predicate) -> None:
@@ -65,6 +58,9 @@ async def test_status_lines_follow_the_uplink_and_the_queue(tmp_path: Path) -> N
                 statuses.extend(line[7:] for line in message.split("\n") if line.startswith("STATUS="))
 
     try:
+        await space.start_hub()  # which writes its port into relay A's config
+        space.hub.kill()
+        await space.start_relay(space.a, env={**os.environ, "NOTIFY_SOCKET": address})
         await until(lambda s: s.startswith("hub ") and "outbound queue 0 " in s)  # no hub yet
         await space.a.send("bob@clinique-sud.test", "waits for the hub")
         await until(lambda s: s.startswith("hub ") and "outbound queue 1 (0 urgent)" in s)

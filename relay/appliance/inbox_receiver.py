@@ -111,9 +111,11 @@ class InboxReceiver:
         def systems_serving(address: str) -> list[str]:
             return [system.name for system in config.systems_serving(address)]
 
+        now = time.time()
+
         def take(db: sqlite3.Connection) -> tuple:
             facts = relay_queue.delivery_facts(db, (r.id for r in receipts))
-            return relay_inbox.take_inbound(db, config.domain, items, systems_serving), facts
+            return relay_inbox.take_inbound(db, config.domain, items, systems_serving, now=now), facts
 
         urgent = any(item.envelope is not None and item.envelope.priority == "urgent" for item in items)
         (failures, woken), facts = await self._store.run("take_inbound", take, urgent=urgent)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import logging
 import secrets
+import time
 from typing import Awaitable, Callable, Iterable
 
 import trio
@@ -129,8 +130,9 @@ class LaneSender:
         config = self._config()
         domain, limit, lane = config.domain, config.uplink.batch_max, self.lane
         after = max((*self._settling, *(seq for seq, _ in sent)), default=0)
+        now = time.time()
         return await self._store.read("next_batch",
-                                      lambda c: relay_queue.next_batch(c, domain, limit, lane=lane, after=after))
+                                      lambda c: relay_queue.next_batch(c, domain, limit, now=now, lane=lane, after=after))
 
     async def _read_ahead(self, sent: Batch) -> None:
         """Read the batch after ``sent``.  Only a full one is used as is: a
@@ -141,7 +143,9 @@ class LaneSender:
                       slots: trio.Semaphore) -> None:
         """Commit the hub's answer to a transaction: the envelopes leave the outbox."""
         try:
-            notified = await self._store.run("apply_outcomes", lambda c: relay_queue.apply_outcomes(c, results))
+            now = time.time()
+            notified = await self._store.run("apply_outcomes",
+                                             lambda c: relay_queue.apply_outcomes(c, results, now=now))
         finally:
             for seq, _, _ in results:
                 self._settling.pop(seq, None)

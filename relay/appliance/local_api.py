@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from typing import Any, Callable
 
 import trio
@@ -60,11 +61,15 @@ class LocalApi:
     """The routes above; ``events`` has a local system's signal fired when
     it has new events (long-polls wait on it), ``uplink_state`` says how
     the link to the hub is (``/healthz``), and ``on_accepted`` is told the
-    priority of each submission answered 202 (the metrics)."""
+    priority of each submission answered 202 (the metrics).  ``clock``
+    stamps what the API stores (a test passes its own); the rate limit and
+    the long-poll deadline run on trio's clock."""
 
     def __init__(self, config: RelayConfig, store: Store, outbox_changed: Signal, events: Signals,
-                 uplink_state: Callable[[], str], on_accepted: Callable[[str], None]) -> None:
+                 uplink_state: Callable[[], str], on_accepted: Callable[[str], None],
+                 *, clock: Callable[[], float] = time.time) -> None:
         self.config = config
+        self.clock = clock
         self.store = store
         self.outbox_changed = outbox_changed
         self._events = events
@@ -95,9 +100,10 @@ class LocalApi:
         system = self.config.system_for_token(token.strip()) if scheme.lower() == "bearer" else None
         actor = f"system:{system.name}" if system else "unauthenticated"
         outcome = f"{exc.status} {exc.code}"
-        path = request.path[:100]
+        path, now = request.path[:100], self.clock()
         try:
-            await self.store.run("audit_refusal", lambda c: audit.record(c, actor, "refused", None, path, outcome))
+            await self.store.run("audit_refusal",
+                                 lambda c: audit.record(c, actor, "refused", None, path, outcome, now=now))
         except StoreUnavailable:
             pass  # the refusal itself is still answered; the log has it
 
@@ -145,9 +151,11 @@ class LocalApi:
     async def _submit(self, system: LocalSystem, request: Request) -> Response:
         document = _json_body(request)
         submission = self._validate(system, document, request.headers.get("idempotency-key"))
+        now = self.clock()
         try:
-            ident, status = await self.store.run("submit", lambda c: relay_queue.submit(c, submission, self._has_room),
-                                                 urgent=submission.priority == "urgent")
+            ident, status = await self.store.run(
+                "submit", lambda c: relay_queue.submit(c, submission, self._has_room, now=now),
+                urgent=submission.priority == "urgent")
         except relay_queue.StoreFull:
             log.warning("store at %d of %d bytes: refusing a %s message",
                         self.store.used_bytes, self.config.store.max_bytes, submission.priority)
@@ -229,8 +237,9 @@ class LocalApi:
     # -- POST /v1/messages/{id}/read -------------------------------------------------
 
     async def _read(self, system: LocalSystem, ident: str) -> Response:
+        domain, now = self.config.domain, self.clock()
         marked = await self.store.run(
-            "mark_read", lambda c: relay_inbox.mark_read(c, self.config.domain, system.name, ident, system.serves)
+            "mark_read", lambda c: relay_inbox.mark_read(c, domain, system.name, ident, system.serves, now=now)
         )
         if marked is None:
             raise ApiError(404, "not_found", f"no message {ident} received by this system")

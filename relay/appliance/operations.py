@@ -77,8 +77,10 @@ class QueueTools:
         on_events: Callable[[Iterable[str]], None] = lambda systems: None,
         retry_now: Callable[[], None] = lambda: None,
         in_flight: Callable[[], set[str]] = set,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self.clock = clock
         self._ttl = message_ttl
         self._on_requeued, self._on_events = on_requeued, on_events
         self._retry_now, self._in_flight = retry_now, in_flight
@@ -99,7 +101,7 @@ class QueueTools:
 
     async def retry(self, args: dict[str, Any]) -> dict[str, str]:
         idents = None if args.get("all_failed") else [str(args.get("id"))]
-        ttl, now = self._ttl(), time.time()
+        ttl, now = self._ttl(), self.clock()
         results = await self.store.run("queue_retry", lambda c: relay_queue.retry_failed(c, idents, ttl, now))
         if relay_queue.RETRIED in results.values():
             self._on_requeued()
@@ -111,8 +113,8 @@ class QueueTools:
         return results
 
     async def purge(self, args: dict[str, Any]) -> dict[str, Any]:
-        ident = str(args.get("id"))
-        outcome = await self.store.run("queue_purge", lambda c: relay_queue.purge(c, ident))
+        ident, now = str(args.get("id")), self.clock()
+        outcome = await self.store.run("queue_purge", lambda c: relay_queue.purge(c, ident, now=now))
         if outcome is None:
             raise AdminError(f"no message {ident} was sent from this relay")
         purged, notified = outcome

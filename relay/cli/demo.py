@@ -67,8 +67,12 @@ def main(args: argparse.Namespace) -> int:
     return run(directory, manifest)
 
 
-def init(directory: Path) -> dict:
-    """Write the PKI, the three config files and demo.json; return the manifest."""
+def init(directory: Path, *, port: int | None = None) -> dict:
+    """Write the PKI, the three config files and demo.json; return the manifest.
+
+    Every listener gets a port free right now, for a person to paste into
+    curl, or ``port`` when given: 0 for tests, whose daemons then each bind
+    a port of the kernel's choosing and log it (no race for a port)."""
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob("state-*"):
         shutil.rmtree(stale)
@@ -76,7 +80,7 @@ def init(directory: Path) -> dict:
     ca_cert, ca_key = authority.create_ca(pki_dir)
     authority.issue_certificate(ca_cert, ca_key, pki_dir, dns_names=[HUB_NAME, "localhost"],
                           ip_addresses=["127.0.0.1"], role="hub")
-    hub_port = _free_port()
+    hub_port = _free_port() if port is None else port
     hub_url = f"https://127.0.0.1:{hub_port}"
     (directory / "hub.toml").write_text(
         f"""# The reference national hub of the demo space.
@@ -95,7 +99,7 @@ domains = [{", ".join(f'"{h.domain}"' for h in HOSPITALS)}]
         authority.issue_certificate(ca_cert, ca_key, pki_dir, dns_names=[hospital.domain], role="relay",
                               org_id=hospital.org_id)
         token = secrets.token_urlsafe(32)
-        port = _free_port()
+        api_port = _free_port() if port is None else port
         users = [f"{user}@{hospital.domain}" for user in hospital.users]
         state = "state-" + hospital.config.removesuffix(".toml")
         (directory / hospital.config).write_text(
@@ -112,7 +116,7 @@ cert_file = "pki/{hospital.domain}.pem"
 key_file = "pki/{hospital.domain}.key"
 
 [local_api]
-listen = "127.0.0.1:{port}"
+listen = "127.0.0.1:{api_port}"
 
 [[local_system]]
 name = "demo-messenger"
@@ -124,7 +128,7 @@ users = [{", ".join(f'"{u}"' for u in users)}]
         relays.append({
             "domain": hospital.domain,
             "config": str(directory / hospital.config),
-            "local_api": f"http://127.0.0.1:{port}",
+            "local_api": f"http://127.0.0.1:{api_port}",
             "token": token,
             "users": users,
         })

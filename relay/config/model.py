@@ -245,6 +245,20 @@ class HubConfig:
     tls: TlsPolicy = TlsPolicy()
     audit_retention: float = 183 * 86400
     log_format: str = "logfmt"
+    # Seconds between sweeps of the queue for expired messages (and of the
+    # audit trail for old entries).  A message is failed at most this long
+    # after its sweep time; a tenth of a second to an hour.
+    expiry_interval: float = 30.0
+
+
+EXPIRY_INTERVALS = (0.1, 3600.0)
+
+
+def _expiry_interval(value: object) -> float:
+    low, high = EXPIRY_INTERVALS
+    if isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high:
+        return float(value)
+    raise expected(f"seconds between {low:g} and {high:g}", value)
 
 
 def load_relay_config(path: str | os.PathLike) -> RelayConfig:
@@ -306,6 +320,7 @@ def load_hub_config(path: str | os.PathLike) -> HubConfig:
         max_concurrent_streams=hub.get(
             "max_concurrent_streams", integer(1, 1000), HubConfig.max_concurrent_streams
         ),
+        expiry_interval=hub.get("expiry_interval", _expiry_interval, HubConfig.expiry_interval),
     )
     file.finish()
     return HubConfig(path=file.path, domains=frozenset(domains), **values)

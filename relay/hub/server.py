@@ -62,8 +62,6 @@ INBOX_FETCH = 250
 HANDSHAKE_TIMEOUT = 10.0
 # A request's body must arrive within this.
 BODY_TIMEOUT = 30.0
-# How often queued messages are checked against their time-to-live.
-EXPIRY_INTERVAL = 30.0
 
 
 @dataclass
@@ -95,7 +93,7 @@ class Hub:
         tls = hub_server_context(config.cert_file, config.key_file, config.ca_file, config.tls)
         self.config, self._ssl, self._revocation = config, tls, RevocationList(config.tls, config.ca_file)
         await self.store.run("register_configured_domains",
-                             lambda c: hub_queue.register_domains(c, config.domains, learnt=False))
+                             lambda c: hub_queue.register_domains(c, config.domains, learnt=False, now=time.time()))
         self._known = await self.store.run("known_domains", hub_queue.known_domains)
 
     def link(self, domain: str) -> DomainLink:
@@ -103,7 +101,8 @@ class Hub:
 
     async def serve(self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
         await self.store.run("register_configured_domains",
-                             lambda c: hub_queue.register_domains(c, self.config.domains, learnt=False))
+                             lambda c: hub_queue.register_domains(c, self.config.domains, learnt=False,
+                                                                  now=time.time()))
         self._known = await self.store.run("known_domains", hub_queue.known_domains)
         listen = self.config.listen
         listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
@@ -126,7 +125,7 @@ class Hub:
                 "prune_audit", lambda c: audit.prune(c, time.time(), self.config.audit_retention))
             for domain in woken:
                 self.link(domain).changed.fire()
-            await trio.sleep(EXPIRY_INTERVAL)
+            await trio.sleep(self.config.expiry_interval)
 
     async def shutdown(self) -> None:
         """Graceful stop: GOAWAY on every connection, in-flight requests finish.
@@ -191,7 +190,8 @@ class Hub:
             return True
         if not domain or not self.config.learn_domains:
             return False
-        await self.store.run("learn_domain", lambda c: hub_queue.register_domains(c, frozenset([domain]), learnt=True))
+        await self.store.run("learn_domain", lambda c: hub_queue.register_domains(c, frozenset([domain]), learnt=True,
+                                                                                  now=time.time()))
         self._known.add(domain)
         log.info("learnt new domain %s", domain)
         return True
@@ -246,7 +246,8 @@ class HubConnection:
         raw = protocol.decode_transaction(body)
         org = self.identity.org_id or ""
         outcomes, woken = await self.hub.store.run(
-            "accept_transaction", lambda c: hub_queue.accept_transaction(c, self.domain, txn_id, raw, org),
+            "accept_transaction",
+            lambda c: hub_queue.accept_transaction(c, self.domain, txn_id, raw, org, now=time.time()),
             urgent=all(isinstance(e, dict) and e.get("priority") == "urgent" for e in raw),
         )
         forged = sum(outcome.reason == protocol.SENDER_NOT_AUTHENTICATED for outcome in outcomes)
@@ -260,7 +261,7 @@ class HubConnection:
     async def _ack(self, stream: H2Stream) -> None:
         seqs, failures = protocol.decode_ack(await _read_body(stream))
         woken = await self.hub.store.run(
-            "apply_ack", lambda c: hub_queue.apply_ack(c, self.domain, seqs, failures)
+            "apply_ack", lambda c: hub_queue.apply_ack(c, self.domain, seqs, failures, now=time.time())
         )
         link = self.hub.link(self.domain)
         link.unacked.difference_update(seqs)
@@ -272,7 +273,7 @@ class HubConnection:
     async def _receipts(self, stream: H2Stream) -> None:
         raw = protocol.decode_receipts(await _read_body(stream))
         outcomes, woken = await self.hub.store.run(
-            "accept_receipts", lambda c: hub_queue.accept_receipts(c, self.domain, raw)
+            "accept_receipts", lambda c: hub_queue.accept_receipts(c, self.domain, raw, now=time.time())
         )
         if not all(o.accepted for o in outcomes):
             log.warning("refused %d receipt(s) about messages never received from %s",
@@ -297,7 +298,8 @@ class HubConnection:
                 if room > 0:
                     rows = await self.hub.store.read_patiently(  # the 200 is sent: no 503 now
                         "fetch_inbox",
-                        lambda c: hub_queue.fetch_inbox(c, self.domain, sent, min(room, INBOX_FETCH)),
+                        lambda c: hub_queue.fetch_inbox(c, self.domain, sent, min(room, INBOX_FETCH),
+                                                        now=time.time()),
                     )
                     await self._drop_unreadable(rows)
                 if not rows:
@@ -321,7 +323,7 @@ class HubConnection:
         damaged = [seq for seq, _, _, payload in rows if payload is None]
         if damaged:
             await self.hub.store.run_patiently(
-                "drop_unreadable", lambda c: hub_queue.drop_unreadable(c, self.domain, damaged))
+                "drop_unreadable", lambda c: hub_queue.drop_unreadable(c, self.domain, damaged, now=time.time()))
 
 
 async def _read_body(stream: H2Stream) -> bytes:

@@ -11,6 +11,7 @@ the parts, and the order they start and stop in, is `relay.runtime.daemon`'s.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from relay.appliance.housekeeping import Housekeeping
@@ -86,7 +87,8 @@ class RelayApp:
         reload_local_tls(self.local_tls, new)
         apply_log_level(new)
         await self.store.run_patiently("audit_reload",
-                                       lambda c: audit.record(c, "admin", "reload", None, None, "applied"))
+                                       lambda c: audit.record(c, "admin", "reload", None, None, "applied",
+                                                              now=time.time()))
 
 
 class HubApp:
@@ -102,4 +104,5 @@ class HubApp:
         await self.hub.swap_config(new)
         apply_log_level(new)
         await self.store.run_patiently("audit_reload",
-                                       lambda c: audit.record(c, "admin", "reload", None, None, "applied"))
+                                       lambda c: audit.record(c, "admin", "reload", None, None, "applied",
+                                                              now=time.time()))

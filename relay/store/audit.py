@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sqlite3
-import time
 from json.encoder import encode_basestring_ascii as _quote  # json's own (C) string encoder
 from pathlib import Path
 
@@ -47,12 +46,14 @@ def record(
     message_id: str | None = None,
     peer: str | None = None,
     outcome: str | None = None,
+    *,
+    now: float,
 ) -> None:
-    """Append one entry; call it from the unit of work that does the action."""
-    record_many(conn, [(actor, action, message_id, peer, outcome)])
+    """Append one entry, made at ``now``; call it from the unit of work that does the action."""
+    record_many(conn, [(actor, action, message_id, peer, outcome)], now=now)
 
 
-def record_many(conn: sqlite3.Connection, entries: list[Entry]) -> None:
+def record_many(conn: sqlite3.Connection, entries: list[Entry], *, now: float) -> None:
     """Append entries in order: one read of the chain's end and one batched
     insert, so that a unit taking 500 envelopes pays for its trail once
     rather than three statements per entry."""
@@ -60,7 +61,7 @@ def record_many(conn: sqlite3.Connection, entries: list[Entry]) -> None:
         return
     last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone() or _anchor(conn)
     seq, previous = last[0] or 0, last[1]
-    at = time.time()
+    at = now
     rows = []
     for actor, action, message_id, peer, outcome in entries:
         seq += 1

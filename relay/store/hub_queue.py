@@ -17,7 +17,6 @@ Tables
 from __future__ import annotations
 
 import sqlite3
-import time
 
 from relay.core import protocol
 from relay.core.priority import NORMAL, URGENT, lane_of
@@ -54,10 +53,10 @@ MIGRATIONS: list[list[str]] = [
 ACK_CHUNK = 500
 
 
-def register_domains(conn: sqlite3.Connection, names: frozenset[str], learnt: bool) -> None:
+def register_domains(conn: sqlite3.Connection, names: frozenset[str], learnt: bool, *, now: float) -> None:
     conn.executemany(
         "INSERT OR IGNORE INTO domain (name, added_at, learnt) VALUES (?, ?, ?)",
-        [(name, time.time(), int(learnt)) for name in sorted(names)],
+        [(name, now, int(learnt)) for name in sorted(names)],
     )
 
 
@@ -66,7 +65,8 @@ def known_domains(conn: sqlite3.Connection) -> set[str]:
 
 
 def accept_transaction(
-    conn: sqlite3.Connection, origin: str, txn_id: str, raw_envelopes: list[object], origin_org: str = ""
+    conn: sqlite3.Connection, origin: str, txn_id: str, raw_envelopes: list[object], origin_org: str = "", *,
+    now: float,
 ) -> tuple[list[Outcome], set[str]]:
     """Queue a relay's envelopes; return the per-envelope answers and the
     destination domains that got something new (to wake their streams).
@@ -78,7 +78,6 @@ def accept_transaction(
         stored = protocol.unpack(row[0], "stored results")
         return [Outcome.from_wire(o) for o in stored], set()
     known = known_domains(conn)
-    now = time.time()
     outcomes: list[Outcome] = []
     woken: set[str] = set()
     trail: list[audit.Entry] = []
@@ -90,7 +89,7 @@ def accept_transaction(
                       outcome.reason or "queued"))
         if dest:
             woken.add(dest)
-    audit.record_many(conn, trail)
+    audit.record_many(conn, trail, now=now)
     conn.execute(
         "INSERT INTO txn (origin, id, results, at) VALUES (?, ?, ?, ?)",
         (origin, txn_id, protocol.pack([o.to_wire() for o in outcomes]), now),
@@ -135,7 +134,9 @@ def _accept_one(
     return Outcome(True), dest
 
 
-def accept_receipts(conn: sqlite3.Connection, domain: str, raw_receipts: list[object]) -> tuple[list[Outcome], set[str]]:
+def accept_receipts(
+    conn: sqlite3.Connection, domain: str, raw_receipts: list[object], *, now: float
+) -> tuple[list[Outcome], set[str]]:
     """Route ``read`` receipts from the relay of ``domain`` to each message's
     origin; refuse any receipt about a message this domain never received.
     Returns the answers and the origin domains to wake."""
@@ -158,10 +159,11 @@ def accept_receipts(conn: sqlite3.Connection, domain: str, raw_receipts: list[ob
         ):
             outcomes.append(Outcome(False, protocol.UNKNOWN_MESSAGE,
                                     f"{domain} received no message {receipt.id} from {receipt.origin or '?'}"))
-            audit.record(conn, f"relay:{domain}", "refused", receipt.id, receipt.origin, protocol.UNKNOWN_MESSAGE)
+            audit.record(conn, f"relay:{domain}", "refused", receipt.id, receipt.origin, protocol.UNKNOWN_MESSAGE,
+                         now=now)
             continue
         _queue_receipt(conn, receipt.origin, Receipt(receipt.id, receipt.rcpt, "read"))
-        audit.record(conn, f"relay:{domain}", "read", receipt.id, receipt.origin, "routed")
+        audit.record(conn, f"relay:{domain}", "read", receipt.id, receipt.origin, "routed", now=now)
         outcomes.append(Outcome(True))
         woken.add(receipt.origin)
     return outcomes, woken
@@ -182,13 +184,13 @@ def expire(conn: sqlite3.Connection, now: float) -> set[str]:
             continue
         envelope = Envelope.from_wire(protocol.unpack(payload, "queued envelope"))
         _queue_receipt(conn, origin, Receipt(envelope.id, envelope.rcpt, "failed", protocol.EXPIRED))
-        audit.record(conn, "hub", "expired", envelope.id, origin, "failed")
+        audit.record(conn, "hub", "expired", envelope.id, origin, "failed", now=now)
         woken.add(origin)
     return woken
 
 
 def fetch_inbox(
-    conn: sqlite3.Connection, domain: str, after: dict[int, int], limit: int, now: float | None = None
+    conn: sqlite3.Connection, domain: str, after: dict[int, int], limit: int, *, now: float
 ) -> list[tuple[int, int, str, bytes | None]]:
     """The next items for ``domain`` past what this stream already sent,
     urgent lane first, none already swept as expired: (seq, lane, kind,
@@ -198,7 +200,6 @@ def fetch_inbox(
     An item is still sent during its expiry grace: one whose first delivery
     was committed but not acknowledged then gets its ack, and its origin a
     ``delivered`` rather than an ``expired``."""
-    now = time.time() if now is None else now
     rows = []
     for lane in (URGENT, NORMAL):  # one range scan of the (domain, lane, seq) index each
         rows += conn.execute(
@@ -212,15 +213,17 @@ def fetch_inbox(
     return rows
 
 
-def drop_unreadable(conn: sqlite3.Connection, domain: str, seqs: list[int]) -> None:
+def drop_unreadable(conn: sqlite3.Connection, domain: str, seqs: list[int], *, now: float) -> None:
     """Take out of ``domain``'s queue items whose payload cannot be opened:
     they would block it forever, and nobody can be told about them."""
     for seq in seqs:
         conn.execute("DELETE FROM queue WHERE seq = ? AND domain = ?", (seq, domain))
-        audit.record(conn, "hub", "dropped", None, domain, f"queue item {seq} cannot be opened")
+        audit.record(conn, "hub", "dropped", None, domain, f"queue item {seq} cannot be opened", now=now)
 
 
-def apply_ack(conn: sqlite3.Connection, domain: str, seqs: list[int], failures: list[Failure]) -> set[str]:
+def apply_ack(
+    conn: sqlite3.Connection, domain: str, seqs: list[int], failures: list[Failure], *, now: float
+) -> set[str]:
     """The relay of ``domain`` has durably taken these positions: drop them
     and send a receipt to each message's origin.  Positions that are not in
     ``domain``'s queue (already acknowledged, or someone else's) are ignored.
@@ -263,7 +266,7 @@ def apply_ack(conn: sqlite3.Connection, domain: str, seqs: list[int], failures: 
         woken.add(origin)
     conn.executemany("UPDATE seen SET delivered = 1 WHERE origin = ? AND id = ? AND dest = ?", delivered)
     _queue_receipts(conn, receipts)
-    audit.record_many(conn, trail)
+    audit.record_many(conn, trail, now=now)
     return woken
 
 

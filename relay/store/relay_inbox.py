@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from typing import Callable, Iterable
 
 from relay.core import protocol
@@ -25,6 +24,8 @@ def take_inbound(
     domain: str,
     items: list[InboxItem],
     systems_serving: Callable[[str], Iterable[str]],
+    *,
+    now: float,
 ) -> tuple[list[Failure], set[str]]:
     """Commit what the hub sent; return the failures to report in the ack
     and the local systems that have new events.
@@ -33,11 +34,10 @@ def take_inbound(
     new event, but its failures are reported again: the ack is rebuilt the
     same way every time.
     """
-    now = time.time()
     failures: list[Failure] = []
     woken: set[str] = set()
     trail: list[audit.Entry] = []
-    news = _News(conn)
+    news = _News(conn, now)
     for item in items:
         if item.receipt is not None:
             r = item.receipt
@@ -71,7 +71,7 @@ def take_inbound(
             )
             woken.update(systems)
     news.flush()
-    audit.record_many(conn, trail)
+    audit.record_many(conn, trail, now=now)
     return failures, woken
 
 
@@ -80,8 +80,8 @@ class _News:
     statement: a recipient's status only moves forward, but ``failed``
     after ``delivered`` is not the same as ``delivered`` after ``failed``."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
+    def __init__(self, conn: sqlite3.Connection, now: float) -> None:
+        self._conn, self._now = conn, now
         self._status = ""
         self._moves: list[tuple[str, str]] = []
 
@@ -89,14 +89,14 @@ class _News:
         if receipt.status != self._status:
             self.flush()
         if receipt.status == "failed":  # rare, and its sender gets a notice
-            fail(self._conn, receipt.id, receipt.rcpt, receipt.reason, notified)
+            fail(self._conn, receipt.id, receipt.rcpt, receipt.reason, notified, now=self._now)
             return
         self._status = receipt.status
         self._moves.extend((receipt.id, address) for address in receipt.rcpt)
 
     def flush(self) -> None:
         if self._moves:
-            advance(self._conn, self._moves, self._status)
+            advance(self._conn, self._moves, self._status, now=self._now)
         self._status, self._moves = "", []
 
 
@@ -133,7 +133,7 @@ def events(conn: sqlite3.Connection, system: str, after: int, limit: int) -> lis
 
 
 def mark_read(
-    conn: sqlite3.Connection, domain: str, system: str, ident: str, serves: Callable[[str], bool]
+    conn: sqlite3.Connection, domain: str, system: str, ident: str, serves: Callable[[str], bool], *, now: float
 ) -> bool | None:
     """A system reports that its user read a message it received.
 
@@ -151,14 +151,14 @@ def mark_read(
     cursor, read_at, origin, recipients = rows[0]
     if read_at is not None:
         return False
-    conn.execute("UPDATE event SET read_at = ? WHERE cursor = ?", (time.time(), cursor))
+    conn.execute("UPDATE event SET read_at = ? WHERE cursor = ?", (now, cursor))
     rcpt = [a for a in protocol.unpack(recipients, "stored recipients")
             if protocol.domain_of(a) == domain and serves(a)]
     conn.execute(
         "INSERT INTO receipt_out (domain, origin, id, rcpt, status) VALUES (?, ?, ?, ?, 'read')",
         (domain, origin, ident, protocol.pack(rcpt)),
     )
-    audit.record(conn, f"system:{system}", "read", ident, origin, "receipt queued")
+    audit.record(conn, f"system:{system}", "read", ident, origin, "receipt queued", now=now)
     return True
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -137,7 +136,9 @@ class StoreFull(Exception):
     normal message, its high-water mark)."""
 
 
-def submit(conn: sqlite3.Connection, msg: Submission, has_room: Callable[[str], bool] = lambda _: True) -> tuple[str, str]:
+def submit(
+    conn: sqlite3.Connection, msg: Submission, has_room: Callable[[str], bool] = lambda _: True, *, now: float
+) -> tuple[str, str]:
     """Store a new message and its envelopes; return its id and status.
 
     With an Idempotency-Key already used by the same system, nothing is
@@ -154,7 +155,6 @@ def submit(conn: sqlite3.Connection, msg: Submission, has_room: Callable[[str], 
             return row[0], overall_status(statuses)
     if not has_room(msg.priority):
         raise StoreFull(msg.priority)
-    now = time.time()
     conn.execute(
         "INSERT INTO message (id, domain, system, idem_key, sender, recipients, thread, priority, body, accepted_at,"
         " expires_at, sweep_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, seal(?, ?), ?, ?, ?)",
@@ -171,7 +171,8 @@ def submit(conn: sqlite3.Connection, msg: Submission, has_room: Callable[[str], 
         "INSERT INTO outbox (domain, message_id, dest, lane) VALUES (?, ?, ?, ?)",
         [(msg.domain, msg.id, dest, lane) for dest in dests],
     )
-    audit.record(conn, f"system:{msg.system}", "accepted", msg.id, "local", f"{len(msg.to)} recipient(s)")
+    audit.record(conn, f"system:{msg.system}", "accepted", msg.id, "local", f"{len(msg.to)} recipient(s)",
+                 now=now)
     return msg.id, "queued"
 
 
@@ -181,7 +182,7 @@ BATCH_BYTES = protocol.MAX_TRANSACTION_BYTES // 4
 
 
 def next_batch(
-    conn: sqlite3.Connection, domain: str, limit: int, now: float | None = None, *,
+    conn: sqlite3.Connection, domain: str, limit: int, *, now: float,
     lane: int | None = None, after: int = 0,
 ) -> list[tuple[int, Envelope]]:
     """The next envelopes to send, urgent first (or of one ``lane`` only),
@@ -199,7 +200,7 @@ def next_batch(
            WHERE o.domain = ? AND o.lane IN ({",".join("?" * len(lanes))}) AND o.seq > ?
              AND (m.sweep_at IS NULL OR m.sweep_at >= ?)
            ORDER BY o.lane DESC, o.seq LIMIT ?""",
-        (domain, *lanes, after, time.time() if now is None else now, limit),
+        (domain, *lanes, after, now, limit),
     )
     batch = []
     size = 0
@@ -214,19 +215,21 @@ def next_batch(
     return batch
 
 
-def apply_outcomes(conn: sqlite3.Connection, results: Iterable[tuple[int, Envelope, Outcome]]) -> set[str]:
+def apply_outcomes(
+    conn: sqlite3.Connection, results: Iterable[tuple[int, Envelope, Outcome]], *, now: float
+) -> set[str]:
     """The hub answered a transaction: each envelope leaves the outbox.
     Returns the local systems notified of a failure."""
     results = list(results)
     _leave_outbox(conn, [(seq, envelope.id) for seq, envelope, _ in results])
     notified: set[str] = set()
     advance(conn, [(envelope.id, address) for _, envelope, outcome in results if outcome.accepted
-                   for address in envelope.rcpt], "sent")
+                   for address in envelope.rcpt], "sent", now=now)
     for _, envelope, outcome in results:
         if not outcome.accepted:
-            fail(conn, envelope.id, envelope.rcpt, outcome.reason, notified)
+            fail(conn, envelope.id, envelope.rcpt, outcome.reason, notified, now=now)
     audit.record_many(conn, [("relay", "sent", envelope.id, f"hub for {envelope.dest}", outcome.reason or "accepted")
-                             for _, envelope, outcome in results])
+                             for _, envelope, outcome in results], now=now)
     return notified
 
 
@@ -243,8 +246,8 @@ def expire(conn: sqlite3.Connection, now: float, notified: set[str]) -> int:
     _leave_outbox(conn, [(seq, ident) for seq, _, ident, _ in rows])
     for seq, dest, ident, recipients in rows:
         rcpt = [a for a in protocol.unpack(recipients, "stored recipients") if protocol.domain_of(a) == dest]
-        failed += fail(conn, ident, rcpt, protocol.EXPIRED, notified)
-        audit.record(conn, "relay", "expired", ident, dest, "failed")
+        failed += fail(conn, ident, rcpt, protocol.EXPIRED, notified, now=now)
+        audit.record(conn, "relay", "expired", ident, dest, "failed", now=now)
     return failed
 
 
@@ -289,16 +292,17 @@ def notice_delays(conn: sqlite3.Connection, now: float, delay: float) -> set[str
             "SELECT address, status FROM recipient WHERE message_id = ? AND status IN ('queued', 'sent')"
             " ORDER BY address", (ident,))}
         if waiting:
-            post_notice(conn, system, "delayed", {"id": ident, "accepted_at": iso(accepted_at), "recipients": waiting})
+            post_notice(conn, system, "delayed", {"id": ident, "accepted_at": iso(accepted_at), "recipients": waiting},
+                        now=now)
             notified.add(system)
     return notified
 
 
-def post_notice(conn: sqlite3.Connection, system: str, kind: str, notice: dict) -> None:
+def post_notice(conn: sqlite3.Connection, system: str, kind: str, notice: dict, *, now: float) -> None:
     """An event for a sending system about one of its messages."""
     conn.execute(
         "INSERT INTO event (system, type, notice, created_at) VALUES (?, ?, ?, ?)",
-        (system, kind, json.dumps(notice, separators=(",", ":")), time.time()),
+        (system, kind, json.dumps(notice, separators=(",", ":")), now),
     )
 
 
@@ -317,7 +321,7 @@ def drop_receipts(conn: sqlite3.Connection, seqs: list[int]) -> None:
     conn.executemany("DELETE FROM receipt_out WHERE seq = ?", [(seq,) for seq in seqs])
 
 
-def advance(conn: sqlite3.Connection, moves: list[tuple[str, str]], status: str) -> int:
+def advance(conn: sqlite3.Connection, moves: list[tuple[str, str]], status: str, *, now: float) -> int:
     """Move recipients, as (message id, address), forward to ``status``
     (never back), in one statement; return how many moved.  Not for a
     failure, which the sender must be told of: see `fail`."""
@@ -326,7 +330,6 @@ def advance(conn: sqlite3.Connection, moves: list[tuple[str, str]], status: str)
         return 0
     before = _ADVANCES_FROM[status]
     placeholders = ",".join("?" * len(before))
-    now = time.time()
     return conn.executemany(
         f"UPDATE recipient SET status = ?, reason = NULL, updated_at = ?"
         f" WHERE message_id = ? AND address = ? AND status IN ({placeholders})",
@@ -334,7 +337,9 @@ def advance(conn: sqlite3.Connection, moves: list[tuple[str, str]], status: str)
     ).rowcount
 
 
-def fail(conn: sqlite3.Connection, ident: str, rcpt: Iterable[str], reason: str | None, notified: set[str]) -> int:
+def fail(
+    conn: sqlite3.Connection, ident: str, rcpt: Iterable[str], reason: str | None, notified: set[str], *, now: float
+) -> int:
     """Move recipients of a message to ``failed`` (from a status that may
     still fail); return how many moved.  The failure is posted as a
     ``failed`` notice to the system that sent the message (it bounces, the
@@ -347,12 +352,12 @@ def fail(conn: sqlite3.Connection, ident: str, rcpt: Iterable[str], reason: str 
         if conn.execute(
             f"UPDATE recipient SET status = 'failed', reason = ?, updated_at = ?"
             f" WHERE message_id = ? AND address = ? AND status IN ({placeholders})",
-            (reason, time.time(), ident, address, *before),
+            (reason, now, ident, address, *before),
         ).rowcount
     ]
     if moved:
         system = conn.execute("SELECT system FROM message WHERE id = ?", (ident,)).fetchone()[0]
-        post_notice(conn, system, "failed", {"id": ident, "recipients": {a: reason for a in moved}})
+        post_notice(conn, system, "failed", {"id": ident, "recipients": {a: reason for a in moved}}, now=now)
         notified.add(system)
     return len(moved)
 
@@ -494,11 +499,11 @@ def retry_failed(conn: sqlite3.Connection, idents: list[str] | None, ttl: float,
             conn.execute("UPDATE message SET expires_at = ?, sweep_at = ?, delay_noticed = 0 WHERE id = ?",
                          (now + ttl, protocol.sweep_time(now, now + ttl), ident))
             results[ident] = RETRIED
-        audit.record(conn, "admin", "queue retry", ident, None, results[ident])
+        audit.record(conn, "admin", "queue retry", ident, None, results[ident], now=now)
     return results
 
 
-def purge(conn: sqlite3.Connection, ident: str) -> tuple[int, set[str]] | None:
+def purge(conn: sqlite3.Connection, ident: str, *, now: float) -> tuple[int, set[str]] | None:
     """Take a message out of the outbox: its queued recipients fail with
     reason ``purged`` (the sending system gets a ``failed`` notice, as for
     any bounce).  Returns how many recipients that failed and the systems
@@ -510,8 +515,8 @@ def purge(conn: sqlite3.Connection, ident: str) -> tuple[int, set[str]] | None:
         "SELECT address FROM recipient WHERE message_id = ? AND status = 'queued'", (ident,))]
     _leave_outbox(conn, [(seq, ident) for (seq,) in conn.execute("SELECT seq FROM outbox WHERE message_id = ?",
                                                                   (ident,)).fetchall()])
-    failed = fail(conn, ident, queued, PURGED, notified)
-    audit.record(conn, "admin", "queue purge", ident, None, f"{failed} recipient(s) failed")
+    failed = fail(conn, ident, queued, PURGED, notified, now=now)
+    audit.record(conn, "admin", "queue purge", ident, None, f"{failed} recipient(s) failed", now=now)
     return failed, notified
 
 
