@@ -94,7 +94,7 @@ class BareServer:
         self.daemon.start()
         with trio.move_on_after(timeout):
             while self.daemon.running:
-                if match := re.search(r"^READY (\d+)$", self.daemon.log.read_text(), re.M):
+                if match := re.search(r"^READY (\d+)$", self.daemon.log.read_text(), re.MULTILINE):
                     self.port = int(match.group(1))
                     return
                 await trio.sleep(0.01)

@@ -27,6 +27,7 @@ import hpack
 import hyperframe.frame
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from relay.core.h2session import (
@@ -573,7 +574,7 @@ async def test_reset_by_the_client_reaches_the_handler() -> None:
             with pytest.raises(StreamReset):
                 await stream.send_data(b"more")
             while len(seen) < 2:
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
             assert seen == [b"first", StreamReset]
             assert await post(pair.client, "/echo", b"abc") == (200, b"3")
 

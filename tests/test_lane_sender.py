@@ -15,9 +15,10 @@ from __future__ import annotations
 import collections
 import functools
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import trio

@@ -5,7 +5,7 @@ import socket
 import ssl
 import stat
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
@@ -154,7 +154,7 @@ def make_rsa_ca(out_dir):
     """An RSA CA, as the national PKI's are: the demo CA is ECDSA."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "RSA CA")])
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -190,7 +190,7 @@ def test_rsa_ca_signature_is_verified(tmp_path):
 
 
 def test_expired(ca, tmp_path):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     cert, key = issue(
         ca, tmp_path, not_before=now - timedelta(days=30), not_after=now - timedelta(days=1)
     )
@@ -200,7 +200,7 @@ def test_expired(ca, tmp_path):
 
 
 def test_not_yet_valid(ca, tmp_path):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     cert, key = issue(ca, tmp_path, not_before=now + timedelta(days=1))
     findings = identity.check_identity(cert, key, ca[0], DOMAIN)
     assert levels(findings) == ["error", "info"]
@@ -208,7 +208,7 @@ def test_not_yet_valid(ca, tmp_path):
 
 
 def test_expiring_soon_is_a_warning(ca, tmp_path):
-    now = datetime.now(timezone.utc).replace(microsecond=0)  # certificates hold whole seconds
+    now = datetime.now(UTC).replace(microsecond=0)  # certificates hold whole seconds
     cert, key = issue(ca, tmp_path, not_after=now + timedelta(days=10))
     findings = identity.check_identity(cert, key, ca[0], DOMAIN, now=now)
     assert levels(findings) == ["warning", "info"]
@@ -289,7 +289,7 @@ def test_peer_identity(ca, tmp_path):
     assert peer.org_id == ORG_ID
     assert peer.serial == cert.serial_number
     assert peer.not_after.tzinfo is not None
-    assert peer.not_after - datetime.now(timezone.utc) > timedelta(days=800)
+    assert peer.not_after - datetime.now(UTC) > timedelta(days=800)
 
 
 def test_peer_identity_without_org_id(ca, tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import ssl
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from relay.core.protocol import Envelope
 from relay.net import h2connection
 from relay.pki import authority
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 
 def _context(cert: Path | None, key: Path | None, ca: Path, *, tls12_only: bool = False,

@@ -25,7 +25,7 @@ import collections
 import logging
 import sqlite3
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import trio
 

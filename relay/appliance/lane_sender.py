@@ -34,7 +34,7 @@ import collections
 import logging
 import secrets
 import time
-from typing import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 

@@ -9,7 +9,7 @@ lost to a broken connection just means sending them again.
 from __future__ import annotations
 
 import logging
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from relay.config.model import RelayConfig
 from relay.core import protocol, routes

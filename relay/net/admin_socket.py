@@ -38,8 +38,9 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -246,7 +247,7 @@ def call(path: Path, op: str, args: dict[str, Any] | None = None, *, timeout: fl
                 if not chunk:
                     break
                 data += chunk
-        except socket.timeout:
+        except TimeoutError:
             raise DaemonUnreachable(f"the daemon did not answer within {timeout:g} s on {path}") from None
         except OSError as exc:
             raise DaemonUnreachable(f"cannot reach the daemon's admin socket {path}: {exc.strerror or exc}") from None

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import h2.errors
 import trio

@@ -16,9 +16,9 @@ import json
 import logging
 import re
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Awaitable, Callable
 from urllib.parse import parse_qsl, urlsplit
 
 import h11

@@ -31,9 +31,10 @@ import logging
 import signal
 import ssl
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Generic, Iterable, TypeVar
+from typing import Any, Generic, TypeVar
 
 import trio
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from relay.core import protocol
 from relay.core.protocol import Failure, InboxItem

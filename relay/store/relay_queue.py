@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 from relay.core import protocol
 from relay.core.priority import NORMAL, URGENT, lane_of, priority_of
@@ -357,7 +357,7 @@ def fail(
     ]
     if moved:
         system = conn.execute("SELECT system FROM message WHERE id = ?", (ident,)).fetchone()[0]
-        post_notice(conn, system, "failed", {"id": ident, "recipients": {a: reason for a in moved}}, now=now)
+        post_notice(conn, system, "failed", {"id": ident, "recipients": dict.fromkeys(moved, reason)}, now=now)
         notified.add(system)
     return len(moved)
 
