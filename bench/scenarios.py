@@ -190,7 +190,8 @@ async def end_to_end(bench: Bench, *, label: str = "end to end A -> hub -> B", r
     destinations = destinations or [space.b]
     recipients = recipients or space.b.users[:1]
     rates, ingress_rates = [], []
-    databases = {"relay A": space.a.state_dir / "relay.db", "hub": space.hub_db, "relay B": space.b.state_dir / "relay.db"}
+    databases = {"relay A": space.a.state_dir / "relay.db", "hub": space.hub_db,
+                 "relay B": space.b.state_dir / "relay.db"}
     await bench.settle()
     db_before = {name: db_bytes(path) for name, path in databases.items()}
     async with bench.reading(*destinations) as readers:

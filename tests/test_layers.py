@@ -81,7 +81,8 @@ def test_imports_run_down_the_layers(path: Path) -> None:
 
 
 def test_the_checker_sees_imports_against_the_direction() -> None:
-    source = "import trio\nfrom relay.appliance import uplink\nfrom . import wire\n\ndef f():\n    from ..hub import server\n"
+    source = ("import trio\nfrom relay.appliance import uplink\nfrom . import wire\n\n"
+              "def f():\n    from ..hub import server\n")
     found = imports_of(source, "relay.core")
     assert found == [(1, "trio"), (2, "relay.appliance"), (3, "relay.core"), (6, "relay.hub")]
     assert [w.split(":")[0] for w in violations("core", found)] == ["line 1", "line 2", "line 6"]

@@ -150,7 +150,8 @@ async def test_relay_refuses_a_revoked_hub_and_a_hub_of_another_organisation(sto
     authority.make_crl(ca, space.directory / "pki" / "ca.key", crl, revoked=[hub_cert])
     await space.start_hub()
     space.a.config = replace(space.a.config, uplink=replace(space.a.config.uplink, tls=TlsPolicy(crl_files=(crl,))))
-    space.b.config = replace(space.b.config, uplink=replace(space.b.config.uplink, hub_org_ids=frozenset({"1999999999"})))
+    space.b.config = replace(space.b.config,
+                             uplink=replace(space.b.config.uplink, hub_org_ids=frozenset({"1999999999"})))
     for relay in space.relays:
         await space.start_relay(relay, wait_connected=False)
     for relay in space.relays:

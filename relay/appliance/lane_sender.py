@@ -132,7 +132,8 @@ class LaneSender:
         after = max((*self._settling, *(seq for seq, _ in sent)), default=0)
         now = time.time()
         return await self._store.read("next_batch",
-                                      lambda c: relay_queue.next_batch(c, domain, limit, now=now, lane=lane, after=after))
+                                      lambda c: relay_queue.next_batch(c, domain, limit, now=now, lane=lane,
+                                                                       after=after))
 
     async def _read_ahead(self, sent: Batch) -> None:
         """Read the batch after ``sent``.  Only a full one is used as is: a

@@ -93,7 +93,8 @@ def run_checks(path: Path) -> list[Check]:
     try:
         config = load_relay_config(path)
     except ConfigError as exc:
-        return [Check("failed", "config", problem, f"edit {path} (see config.example.toml)") for problem in exc.problems]
+        return [Check("failed", "config", problem, f"edit {path} (see config.example.toml)")
+                for problem in exc.problems]
     checks = [Check("ok", "config", f"{config.path} is valid")]
     checks += permissions(config)
     checks += certificate(config)
@@ -154,7 +155,8 @@ def certificate(config: RelayConfig) -> list[Check]:
     elif isinstance(key, rsa.RSAPrivateKey):
         level = "ok" if key.key_size >= 3072 else "warning" if key.key_size >= 2048 else "failed"
         checks.append(Check(level, "key size", f"RSA {key.key_size} bits",
-                            "" if level == "ok" else "ANSSI asks 3072 bits from 2031: enrol a P-256 key at the next renewal"))
+                            "" if level == "ok"
+                            else "ANSSI asks 3072 bits from 2031: enrol a P-256 key at the next renewal"))
     else:
         checks.append(Check("warning", "key size", f"{type(key).__name__}: not a key type the national PKI issues for"))
     return checks

@@ -220,7 +220,8 @@ def render_status(s: dict[str, Any], now: float) -> str:
         where = f"  {cert['file']}" if cert["file"] else ""
         lines.append(f"certificate  {cert['name']} expires {timeformat.second(cert['expires'])}"
                      f" ({(cert['expires'] - now) / 86400:.0f} days){where}")
-    lines.append(f"store        {store['path']}, {store['used_bytes'] / 1e6:.1f} MB of {store['max_bytes'] / 1e6:.0f} MB")
+    lines.append(f"store        {store['path']},"
+                 f" {store['used_bytes'] / 1e6:.1f} MB of {store['max_bytes'] / 1e6:.0f} MB")
     reload = s["reload"]
     last = "never reloaded" if reload["at"] is None else (
         f"last reload {'ok' if reload['ok'] else 'REFUSED'} at {timeformat.second(reload['at'])} ({reload['trigger']})")

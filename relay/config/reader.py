@@ -119,7 +119,8 @@ class ConfigFile:
         self.problems.append(f"{self.name_of(origin or self.path)}: {where}: {message}")
 
     def resolve(self, value: object) -> Path:
-        """Parse a path; a relative one is relative to the file it is written in, so that a config moves with its files."""
+        """Parse a path; a relative one is relative to the file it is written in,
+        so that a config moves with its files."""
         if isinstance(value, str) and value:
             return self.reading.parent / value
         raise expected("a path", value)

@@ -434,7 +434,8 @@ class H2Session:
         ever will, so fail the stream rather than leave the client waiting.
         A body left unread is credited back."""
         if not (stream.ended and stream.sent_end):
-            self.reset(stream, h2.errors.ErrorCodes.NO_ERROR if stream.sent_end else h2.errors.ErrorCodes.INTERNAL_ERROR)
+            self.reset(stream,
+                       h2.errors.ErrorCodes.NO_ERROR if stream.sent_end else h2.errors.ErrorCodes.INTERNAL_ERROR)
         self._drop_unread(stream)
         self._forget_if_done(stream)
 

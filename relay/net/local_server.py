@@ -96,7 +96,8 @@ class HttpServer:
                     # ENOBUFS) and raise on anything else.
                     async with trio.open_nursery(strict_exception_groups=True) as accepting:
                         await accepting.start(
-                            partial(trio.serve_listeners, self._serve_connection, listeners, handler_nursery=connections)
+                            partial(trio.serve_listeners, self._serve_connection, listeners,
+                                    handler_nursery=connections)
                         )
                         task_status.started()
             finally:

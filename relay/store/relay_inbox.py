@@ -179,6 +179,7 @@ def webhook_position(conn: sqlite3.Connection, system: str) -> int:
 
 def set_webhook_position(conn: sqlite3.Connection, system: str, cursor: int) -> None:
     conn.execute(
-        "INSERT INTO webhook (system, cursor) VALUES (?, ?) ON CONFLICT (system) DO UPDATE SET cursor = excluded.cursor",
+        "INSERT INTO webhook (system, cursor) VALUES (?, ?)"
+        " ON CONFLICT (system) DO UPDATE SET cursor = excluded.cursor",
         (system, cursor),
     )
