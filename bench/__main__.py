@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     report = Report("quick" if args.quick else "full")
     if args.relay_src:
         _use_relay_source(args.relay_src.resolve(), report)
-    for program, reason in ensure_installed(["postfix", "smtp-source", "smtp-sink", "h2load"],
-                                            allow_install=not args.no_install).items():
+    for reason in ensure_installed(["postfix", "smtp-source", "smtp-sink", "h2load"],
+                                   allow_install=not args.no_install).values():
         report.note(reason)
     directory = (args.dir or Path(tempfile.mkdtemp(prefix="eimis-bench-"))).resolve()
     started = time.perf_counter()

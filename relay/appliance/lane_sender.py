@@ -123,7 +123,8 @@ class LaneSender:
                 await slots.acquire()
                 self._pending = None
                 self._settling.update((seq, envelope.id) for seq, envelope in batch)
-                settling.start_soon(self._settle, [(seq, env, o) for (seq, env), o in zip(batch, outcomes)], slots)
+                settling.start_soon(self._settle,
+                                    [(seq, env, o) for (seq, env), o in zip(batch, outcomes, strict=True)], slots)
 
     async def _next_batch(self, sent: Iterable[tuple[int, protocol.Envelope]] = ()) -> Batch:
         """The lane's next batch, past the envelopes ``sent`` and those settling."""

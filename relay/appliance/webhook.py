@@ -60,7 +60,7 @@ class WebhookPusher:
         cursor = await self.store.run_patiently("webhook_position", lambda c: relay_inbox.webhook_position(c, name))
         while True:
             arrived = self.arrived.watch()
-            page = await self.store.run_patiently("events", lambda c: relay_inbox.events(c, name, cursor, PAGE))
+            page = await self.store.run_patiently("events", lambda c: relay_inbox.events(c, name, cursor, PAGE))  # noqa: B023 -- awaited
             if not page:
                 await arrived.wait()
                 continue

@@ -300,7 +300,7 @@ class HubConnection:
                 if room > 0:
                     rows = await self.hub.store.read_patiently(  # the 200 is sent: no 503 now
                         "fetch_inbox",
-                        lambda c: hub_queue.fetch_inbox(c, self.domain, sent, min(room, INBOX_FETCH),
+                        lambda c: hub_queue.fetch_inbox(c, self.domain, sent, min(room, INBOX_FETCH),  # noqa: B023 -- awaited
                                                         now=time.time()),
                     )
                     await self._drop_unreadable(rows)

@@ -244,7 +244,7 @@ def expire(conn: sqlite3.Connection, now: float, notified: set[str]) -> int:
     ).fetchall()
     failed = 0
     _leave_outbox(conn, [(seq, ident) for seq, _, ident, _ in rows])
-    for seq, dest, ident, recipients in rows:
+    for _seq, dest, ident, recipients in rows:
         rcpt = [a for a in protocol.unpack(recipients, "stored recipients") if protocol.domain_of(a) == dest]
         failed += fail(conn, ident, rcpt, protocol.EXPIRED, notified, now=now)
         audit.record(conn, "relay", "expired", ident, dest, "failed", now=now)
