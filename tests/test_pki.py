@@ -65,7 +65,7 @@ def test_issued_certificate_shape(ca, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "role, usages",
+    ("role", "usages"),
     [
         ("relay", {ExtendedKeyUsageOID.CLIENT_AUTH}),
         ("hub", {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH}),
@@ -78,7 +78,7 @@ def test_role_sets_extended_key_usage(ca, tmp_path, role, usages):
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    ("kwargs", "message"),
     [
         ({"role": "admin"}, "unknown role"),
         ({"domain": "../etc"}, "not a DNS name"),
@@ -387,5 +387,5 @@ def test_tls_rejects_a_relay_certificate_as_server(ca, tmp_path):
 def test_tls_rejects_local_certificate_as_client(ca, tmp_path):
     hub = issue(ca, tmp_path / "hub", domain="hub.test", role="hub")
     local = issue(ca, tmp_path / "local", domain="localhost", role="local")
-    with pytest.raises(ssl.SSLError, match="(?i)unsupported certificate"):
+    with pytest.raises(ssl.SSLError, match=r"(?i)unsupported certificate"):
         handshake(hub, local, ca[0], "hub.test")

@@ -110,7 +110,7 @@ def test_match(method: bytes | None, path: str, expected: tuple[Route, str] | No
 
 @pytest.mark.parametrize("txn_id", ["", "short", "x" * 65, "has space", "a/b/c/d/e/f", "dots.are.not.ok"])
 def test_a_transaction_id_that_is_not_a_token_is_a_bad_request(txn_id: str) -> None:
-    with pytest.raises(ProtocolViolation, match="^transaction id: expected 8-64 characters"):
+    with pytest.raises(ProtocolViolation, match=r"^transaction id: expected 8-64 characters"):
         routes.match(b"POST", "/v1/transactions/" + txn_id)
 
 
