@@ -102,7 +102,7 @@ async def run(args: argparse.Namespace, directory: Path, report: Report) -> None
                 await space.start()  # a failed scenario may have left a daemon down
                 async with bench.profiling(name):
                     await SCENARIOS[name](bench)
-            except Exception as exc:  # one broken scenario must not hide the others' figures
+            except Exception as exc:  # noqa: BLE001 -- one broken scenario must not hide the others' figures
                 with (directory / "bench-errors.log").open("a") as log:
                     traceback.print_exception(exc, file=log)
                 report.note(f"{name} failed: {_describe(exc)} (traceback in {directory / 'bench-errors.log'})")

@@ -99,7 +99,7 @@ def machine() -> dict:
             versions[module] = __import__(module).__version__
         except (ImportError, AttributeError):
             versions[module] = "?"
-    import sqlite3
+    import sqlite3  # noqa: PLC0415 -- only here, for its version
     try:
         def git(*argv: str) -> str:
             return subprocess.run(["git", *argv], capture_output=True, text=True, timeout=10, check=False,

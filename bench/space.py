@@ -58,7 +58,7 @@ class Daemon:
         with self.log.open("ab") as log:
             self.exec_at = time.perf_counter()
             self.popen = subprocess.Popen(self.argv, cwd=self.cwd, stdout=log, stderr=log,
-                                          stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                          stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)  # noqa: PLW1509 -- prctl only
 
     async def stop(self, sig: int = signal.SIGTERM) -> None:
         """Signal the process and wait for it (bounded); SIGKILL if it lingers."""
@@ -189,7 +189,7 @@ class Space:
 
     def _add_domains(self, count: int) -> None:
         """Extra destination relays, cloned from relay B's config (see the module docstring)."""
-        from relay.pki import authority  # the demo CA's own issuer: certificates of the shipped shape
+        from relay.pki import authority  # noqa: PLC0415 -- the demo CA's own issuer: certificates of the shipped shape
 
         pki_dir = self.directory / "pki"
         template = self.b.config.read_text()

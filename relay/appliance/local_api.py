@@ -182,7 +182,7 @@ class LocalApi:
     def _validate(self, system: LocalSystem, doc: dict[str, Any], idem_key: str | None) -> Submission:
         unknown = set(doc) - {"from", "to", "body", "thread", "priority"}
         if unknown:
-            raise _invalid(sorted(unknown)[0], "unknown field")
+            raise _invalid(min(unknown), "unknown field")
         sender = doc.get("from")
         if not is_address(sender):
             raise _invalid("from", "expected an address like alice@" + self.config.domain)

@@ -279,7 +279,7 @@ async def _clock(config: RelayConfig, stream: trio.SSLStream) -> Check:
                 after = time.time()
                 probe.reset()
                 conn.abort()
-    except Exception as exc:  # the handshake was fine; the hub refused this relay at the HTTP/2 level
+    except Exception as exc:  # noqa: BLE001 -- the handshake was fine; the hub refused this relay at the HTTP/2 level
         return Check("failed", "hub", f"the hub closed the connection after the handshake: {reason(exc)}",
                      "the hub may not know this relay's domain, or has revoked its certificate: ask its operator")
     if date is None:

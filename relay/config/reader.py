@@ -299,9 +299,8 @@ def integer(low: int, high: int | None = None) -> Parser[int]:
     what = f"an integer {low}..{high}" if high is not None else f"an integer >= {low}"
 
     def parse(value: object) -> int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            if low <= value and (high is None or value <= high):
-                return value
+        if isinstance(value, int) and not isinstance(value, bool) and low <= value and (high is None or value <= high):
+            return value
         raise expected(what, value)
 
     return parse

@@ -39,6 +39,7 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import h2.config
 import h2.connection
@@ -528,7 +529,7 @@ class FloodGuard:
     """Counts what a peer makes us do for nothing, in fixed windows of
     `FLOOD_WINDOW` seconds of the caller's clock."""
 
-    _KINDS = {
+    _KINDS: ClassVar[dict[type[h2.events.Event], str]] = {
         h2.events.StreamReset: "reset",
         h2.events.PingReceived: "ping",
         h2.events.RemoteSettingsChanged: "settings",

@@ -328,7 +328,7 @@ class Http2Connection:
         finally:
             self._session.finish(stream)
 
-    async def _close_when_idle(self, timeout: float) -> None:
+    async def _close_when_idle(self, timeout: float) -> None:  # noqa: ASYNC109 -- an idle period, not a deadline
         while True:
             idle = self._no_streams
             await idle.wait()

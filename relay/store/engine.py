@@ -273,7 +273,7 @@ class Store:
                     job.result = job.fn(conn)
                 except sqlite3.OperationalError:
                     raise  # disk full, I/O error...: the whole group fails
-                except Exception as exc:  # the unit's own failure, e.g. a constraint
+                except Exception as exc:  # noqa: BLE001 -- the unit's own failure, e.g. a constraint
                     job.error = exc
                     conn.execute("ROLLBACK TO unit")
                 conn.execute("RELEASE unit")
@@ -392,7 +392,7 @@ class _StoreContext:
         readers: list[sqlite3.Connection] = []
         try:
             for _ in range(READERS):
-                readers.append(await trio.to_thread.run_sync(open_reader))
+                readers.append(await trio.to_thread.run_sync(open_reader))  # noqa: PERF401 -- kept as opened, to close
         except BaseException:
             for connection in [conn, *readers]:
                 connection.close()

@@ -288,9 +288,9 @@ def notice_delays(conn: sqlite3.Connection, now: float, delay: float) -> set[str
     notified: set[str] = set()
     for ident, system, accepted_at in rows:
         conn.execute("UPDATE message SET delay_noticed = 1 WHERE id = ?", (ident,))
-        waiting = {address: status for address, status in conn.execute(
+        waiting = dict(conn.execute(
             "SELECT address, status FROM recipient WHERE message_id = ? AND status IN ('queued', 'sent')"
-            " ORDER BY address", (ident,))}
+            " ORDER BY address", (ident,)))
         if waiting:
             post_notice(conn, system, "delayed", {"id": ident, "accepted_at": iso(accepted_at), "recipients": waiting},
                         now=now)
