@@ -19,7 +19,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
@@ -46,7 +46,7 @@ _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: list[tuple[str, str]] = ()) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: Sequence[tuple[str, str]] = ()) -> None:
         super().__init__(message)
         self.status, self.code, self.headers = status, code, list(headers)
 

@@ -187,7 +187,7 @@ async def network(config: RelayConfig) -> list[Check]:
     try:
         with trio.fail_after(up.connect_timeout):
             addresses = await trio.socket.getaddrinfo(first_hop[0], first_hop[1], type=socket.SOCK_STREAM)
-        shown = sorted({a[4][0] for a in addresses})
+        shown = sorted({str(a[4][0]) for a in addresses})
         checks.append(Check("ok", "dns", f"{first_hop[0]} resolves to {', '.join(shown)}"))
     except (OSError, trio.TooSlowError) as exc:
         return checks + [Check("failed", "dns", f"{first_hop[0]} does not resolve: {reason(exc)}",

@@ -139,9 +139,10 @@ def ask(args: argparse.Namespace, op: str, request: dict[str, Any] | None = None
     try:
         state = store_dir(load(args))
     except CommandFailed as problem:
-        state = _state_dir_of_broken(config_path(args))
-        if state is None:
+        broken = _state_dir_of_broken(config_path(args))
+        if broken is None:
             raise
+        state = broken
         print(f"warning: {str(problem).splitlines()[0]} (eimis-relay check-config); asking the running daemon"
               " anyway", file=sys.stderr)
     return admin_socket.call(admin_socket.find_daemon(state), op, request)

@@ -317,6 +317,7 @@ class H2Session:
         return received
 
     def _dispatch(self, event: h2.events.Event, received: Received) -> None:
+        stream: StreamState | None
         if isinstance(event, h2.events.RequestReceived):
             stream = self._track(event.stream_id)
             stream.headers_received(list(event.headers))

@@ -165,7 +165,9 @@ class AdminServer:
         self.path = path
         self.handlers = handlers
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         if len(os.fsencode(self.path)) > MAX_SOCKET_PATH:
             raise OSError(errno.ENAMETOOLONG, f"admin socket path longer than {MAX_SOCKET_PATH} bytes", str(self.path))
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -209,11 +209,14 @@ def signed_by(
     else:
         data = signed.tbs_certificate_bytes
     key = issuer.public_key()
+    hash_algorithm = signed.signature_hash_algorithm
+    if hash_algorithm is None:  # EdDSA: not an ECDSA or RSA signature
+        return False
     try:
         if isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(signed.signature, data, ec.ECDSA(signed.signature_hash_algorithm))
+            key.verify(signed.signature, data, ec.ECDSA(hash_algorithm))
         elif isinstance(key, rsa.RSAPublicKey):
-            key.verify(signed.signature, data, padding.PKCS1v15(), signed.signature_hash_algorithm)
+            key.verify(signed.signature, data, padding.PKCS1v15(), hash_algorithm)
         else:
             return False
     except (InvalidSignature, UnsupportedAlgorithm, TypeError, ValueError):

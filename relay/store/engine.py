@@ -245,6 +245,7 @@ class Store:
                 if item is _STOP:
                     stopping = True
                     break
+                assert isinstance(item, _Job)  # the queue holds jobs and _STOP
                 group.append(item)
                 if len(group) >= MAX_GROUP:
                     break

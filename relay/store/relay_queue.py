@@ -202,7 +202,7 @@ def next_batch(
            ORDER BY o.lane DESC, o.seq LIMIT ?""",
         (domain, *lanes, after, now, limit),
     )
-    batch = []
+    batch: list[tuple[int, Envelope]] = []
     size = 0
     for seq, dest, ident, sender, recipients, thread, priority, body, accepted_at, expires_at in rows:
         size += len(body) * 4 + len(recipients) * 2 + 256  # bounds the UTF-8 and msgpack sizes
