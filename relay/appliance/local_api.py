@@ -73,7 +73,7 @@ class LocalApi:
         self.clock = clock
         self.store = store
         self.outbox_changed = outbox_changed
-        self._events = events
+        self.events = events
         self._uplink_state = uplink_state
         self._on_accepted = on_accepted
         self._buckets: dict[tuple[str, float, int], TokenBucket] = {}
@@ -253,7 +253,7 @@ class LocalApi:
     async def _events_page(self, system: LocalSystem, request: Request) -> Response:
         after = _int_param(request, "after", 0, minimum=0)
         wait = _float_param(request, "wait", 0.0, maximum=MAX_WAIT)
-        signal = self._events.signal(system.name)
+        signal = self.events.signal(system.name)
         deadline = trio.current_time() + wait
         while True:
             arrived = signal.watch()

@@ -176,6 +176,22 @@ class Store:
         """Whether the writer thread is there to take units (readiness)."""
         return self._thread.is_alive()
 
+    def start(self) -> None:
+        """Start the writer thread (`Store.open` does, once the database is ready)."""
+        self._thread.start()
+
+    async def close(self) -> None:
+        """Finish every queued unit and close the database (`Store.open`'s
+        exit does, shielded: a cancel must not leave the writer running)."""
+        # Readers first: the last connection to close checkpoints the WAL
+        # into the database, and only the writer can.
+        for _ in range(READERS):  # every read finished; none may start
+            await self._reading.acquire_on_behalf_of(object())
+        for reader in self._readers:
+            reader.close()
+        self._queue.put(_STOP)
+        await trio.to_thread.run_sync(self._thread.join)
+
     async def run(self, name: str, fn: Unit[T], *, urgent: bool = False) -> T:
         """Run ``fn(conn)`` in the next group transaction and return its result.
 
@@ -399,18 +415,10 @@ class _StoreContext:
                 connection.close()
             raise
         self._store = self._cls(conn, readers, self._path, self._on_commit)
-        self._store._thread.start()
+        self._store.start()
         return self._store
 
     async def __aexit__(self, *exc_info: object) -> None:
-        store = self._store
-        assert store is not None
+        assert self._store is not None
         with trio.CancelScope(shield=True):
-            # Readers first: the last connection to close checkpoints the WAL
-            # into the database, and only the writer can.
-            for _ in range(READERS):  # every read finished; none may start
-                await store._reading.acquire_on_behalf_of(object())
-            for reader in store._readers:
-                reader.close()
-            store._queue.put(_STOP)
-            await trio.to_thread.run_sync(store._thread.join)
+            await self._store.close()
