@@ -238,14 +238,19 @@ class UplinkConnection:
 
     async def _connect_and_serve(self) -> None:
         up = self.config.uplink
-        with trio.fail_after(up.connect_timeout):
+        # One deadline for the whole setup; the step it caught is named.
+        step = "TCP connection" + (" to the proxy and its answer to CONNECT" if up.proxy else "")
+        with trio.move_on_after(up.connect_timeout) as deadline:
             tcp = await dial(up.hub_host, up.hub_port, up.proxy)
+            step = "TLS handshake"
             tls = trio.SSLStream(tcp, self._ssl, server_hostname=up.server_name)
             try:
                 await tls.do_handshake()
             except BaseException:
                 await trio.aclose_forcefully(tls)
                 raise
+        if deadline.cancelled_caught:  # what was opened is closed already
+            raise HubTimeout(f"{step} not done within connect_timeout ({up.connect_timeout:g} s)")
         try:
             self._check_hub(tls)
         except (UplinkError, Revoked):
