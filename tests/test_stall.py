@@ -133,7 +133,9 @@ async def test_an_unanswered_ack_breaks_the_connection_and_the_items_are_acked_a
     space, hub = stalling
     await space.a.uplink("connected")
     ident = await space.a.send(BOB, "its receipt's ack is held")
-    acks = lambda: [r for r in hub.requests if r[1] == routes.PATH_ACK]  # noqa: E731
+    def acks() -> list[tuple[int, str, list[str]]]:
+        return [r for r in hub.requests if r[1] == routes.PATH_ACK]
+
     await _until(lambda: len(acks()) >= 2, "an ack sent again")
     first, second = acks()[:2]
     assert first[2] == second[2] and first[0] < second[0]  # the same items, acknowledged on a new connection

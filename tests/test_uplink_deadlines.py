@@ -9,9 +9,9 @@ built on it (`assess`, `stall_reasons`, `health`) are checked as data.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 import trio
@@ -102,14 +102,13 @@ async def test_a_quiet_inbox_with_no_ack_outstanding_ends_a_stall_of_the_acks(
     receiver = InboxReceiver(lambda: None, None, lambda systems: None, lambda priority, seconds: None, None)
     receiver.acks.timed_out("POST /v1/ack")
     with trio.fail_after(VIRTUAL_STEP):
-        async with session() as (hub_session, conn):
-            async with trio.open_nursery(strict_exception_groups=True) as nursery:
-                nursery.start_soon(receiver.run, hub_session)
-                await trio.sleep(TIMEOUT - 1)
-                assert receiver.acks.stall() is not None and receiver.stream.stall() is None
-                await trio.sleep(2)
-                assert receiver.acks.stall() is None
-                receiver.stop()
+        async with session() as (hub_session, _), trio.open_nursery(strict_exception_groups=True) as nursery:
+            nursery.start_soon(receiver.run, hub_session)
+            await trio.sleep(TIMEOUT - 1)
+            assert receiver.acks.stall() is not None and receiver.stream.stall() is None
+            await trio.sleep(2)
+            assert receiver.acks.stall() is None
+            receiver.stop()
 
 
 def test_stalls_make_the_status_degraded_and_an_outage_unhealthy(tmp_path: Path) -> None:
@@ -123,8 +122,8 @@ def test_stalls_make_the_status_degraded_and_an_outage_unhealthy(tmp_path: Path)
         "queues": {"oldest_queued_at": None},
     }
     stalls = stall_reasons([stall], 60.0, 1200.0)
-    assert stalls == ["degraded: the urgent lane got no answer from the hub for 3.3 min (POST /v1/transactions/abc"
-                      " unanswered within 60 s, 3 time(s); the relay reconnects and sends it again)"]
+    assert stalls == [("degraded: the urgent lane got no answer from the hub for 3.3 min (POST /v1/transactions/abc"
+                       " unanswered within 60 s, 3 time(s); the relay reconnects and sends it again)")]
     problems, _ = assess(snapshot, config, 1200.0)
     assert problems == stalls and health(problems, stalls) == "degraded"
     snapshot["uplink"]["state"] = "down"
