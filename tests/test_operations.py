@@ -224,7 +224,7 @@ async def test_metrics_readyz_and_healthz(ops: OpsSpace) -> None:
         assert expires == identity.peer_identity(cert.public_bytes(serialization.Encoding.DER)).not_after.timestamp()
         assert ("eimis_relay_certificate_expiry_timestamp_seconds", (("certificate", "hub"),)) in samples
         assert (await scraper.get("/healthz")).status_code == 200
-        assert (await scraper.get("/readyz")).json() == {"ready": True, "reasons": []}
+        assert (await scraper.get("/readyz")).json() == {"ready": True, "status": "ready", "reasons": []}
 
         ops.hub.kill()
         await ops.a.uplink("down")

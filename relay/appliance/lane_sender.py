@@ -18,8 +18,9 @@ the next transaction is already out (settling).  An envelope whose answer
 is not committed yet is left out of the next reads; were that commit lost,
 the envelope would simply go again and the hub would recognise it.
 
-A transaction whose answer was lost (connection drop, cancel) stays
-*pending*: it is kept in memory, across connections, and replayed with the
+A transaction whose answer was lost (connection drop, cancel, or no
+answer within ``[uplink] request_timeout``, which gives the connection up)
+stays *pending*: it is kept in memory, across connections, and replayed with the
 same id before anything newer, and the hub answers it from its record.  If
 the relay itself died, the envelopes go again under a new id and the hub's
 duplicate filter drops them.
@@ -38,8 +39,10 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
+from relay.appliance.uplink_connection import Progress
 from relay.config.model import RelayConfig
 from relay.core import protocol, routes
+from relay.core.priority import URGENT
 from relay.net.wakeup import Signal
 from relay.store import relay_queue
 from relay.store.engine import Store
@@ -71,6 +74,9 @@ class LaneSender:
         self._outbox_changed = outbox_changed
         self._on_events = on_events
         self._counts = counts
+        name = "urgent" if lane == URGENT else "normal"
+        # Whether the hub answers the lane's transactions (`HubSession.post`).
+        self.progress = Progress(name, f"the {name} lane")
         # The transaction sent and not answered yet: replayed with the same
         # id, before anything newer, if its answer is lost.
         self._pending: tuple[str, Batch] | None = None

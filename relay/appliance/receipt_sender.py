@@ -3,7 +3,9 @@
 A local system reported a message read; the receipt waits in the store
 until the hub has answered it, whatever the answer.  Receipts are
 idempotent (a second ``read`` changes nothing at the origin), so an answer
-lost to a broken connection just means sending them again.
+lost to a broken connection (or not given within ``[uplink]
+request_timeout``, which gives the connection up) just means sending them
+again.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
+from relay.appliance.uplink_connection import Progress
 from relay.config.model import RelayConfig
 from relay.core import protocol, routes
 from relay.net.wakeup import Signal
@@ -28,6 +31,8 @@ class ReceiptSender:
         self._config = config
         self._store = store
         self._outbox_changed = outbox_changed
+        # Whether the hub answers them (`HubSession.post`).
+        self.progress = Progress("receipts", "the read receipts")
 
     async def run(self, post: Callable[[routes.Request], Awaitable[bytes]]) -> None:
         """Send pending read receipts with ``post`` until it raises."""

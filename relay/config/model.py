@@ -143,6 +143,9 @@ class Uplink:
     connect_timeout: float = 10.0
     keepalive_interval: float = 20.0  # seconds between HTTP/2 PINGs
     keepalive_timeout: float = 10.0  # no PING ack within this: the connection is dead
+    # No answer to a request (a transaction, receipts, an ack) within this:
+    # the connection is given up as broken and the request replayed on a new one.
+    request_timeout: float = 60.0
     backoff_initial: float = 0.5
     backoff_max: float = 5.0
     batch_max: int = 500  # envelopes per transaction
@@ -345,6 +348,7 @@ def _read_uplink(table: Table) -> Uplink | None:
         connect_timeout=table.get("connect_timeout", seconds, Uplink.connect_timeout),
         keepalive_interval=table.get("keepalive_interval", seconds, Uplink.keepalive_interval),
         keepalive_timeout=table.get("keepalive_timeout", seconds, Uplink.keepalive_timeout),
+        request_timeout=table.get("request_timeout", seconds, Uplink.request_timeout),
         batch_max=table.get("batch_max", integer(1, 500), Uplink.batch_max),
         tls=_read_tls_policy(table),
         hub_org_ids=frozenset(table.get_list("hub_org_ids", _org_id, ()) or ()),  # None: already reported
