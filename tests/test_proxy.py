@@ -98,7 +98,8 @@ async def test_a_proxy_that_never_answers_connect_is_given_up_named_and_retried(
     await space.nursery.start(proxy.serve)
     await space.start_hub()
     space.a.config = replace(space.a.config, uplink=replace(
-        space.a.config.uplink, proxy=Proxy("127.0.0.1", proxy.port, None, None), connect_timeout=0.3, backoff_initial=0.05))
+        space.a.config.uplink, proxy=Proxy("127.0.0.1", proxy.port, None, None), connect_timeout=0.3,
+        backoff_initial=0.05))
     await space.start_relay(space.a, wait_connected=False)
     with trio.fail_after(10):
         while proxy.connections < 2:  # given up after connect_timeout, then tried again

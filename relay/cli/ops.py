@@ -206,7 +206,7 @@ def render_status(s: dict[str, Any], now: float) -> str:
     oldest = queues["oldest_queued_at"]
     lines = [
         f"eimis-relay {s['version']}  {s['domain']}  pid {s['pid']}, up {span(now - s['started'])}",
-        f"health       {'ok' if s['healthy'] else 'UNHEALTHY'}",
+        f"health       {'ok' if s['healthy'] else s.get('health', 'unhealthy').upper()}",
         *(f"  problem    {p}" for p in s["problems"]),
         *(f"  warning    {w}" for w in s["warnings"]),
         f"uplink       {up['state']} since {timeformat.second(up['since'])} ({span(now - up['since'])}),"
