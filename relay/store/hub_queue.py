@@ -21,7 +21,7 @@ import sqlite3
 from relay.core import protocol
 from relay.core.priority import NORMAL, URGENT, lane_of
 from relay.core.protocol import Envelope, Failure, Outcome, Receipt
-from relay.store import audit
+from relay.store import audit, sealing
 
 MIGRATIONS: list[list[str]] = [
     [
@@ -175,18 +175,35 @@ def expire(conn: sqlite3.Connection, now: float) -> set[str]:
     acknowledged by then): each origin gets a ``failed`` receipt with reason
     ``expired``.  Returns the domains to wake."""
     rows = conn.execute(
-        "SELECT seq, origin, unseal(payload, domain) FROM queue WHERE kind = 'message' AND sweep_at < ?", (now,)
+        "SELECT seq, origin, domain, payload FROM queue WHERE kind = 'message' AND sweep_at < ?", (now,)
     ).fetchall()
     woken: set[str] = set()
-    for seq, origin, payload in rows:
+    for seq, origin, domain, sealed in rows:
         conn.execute("DELETE FROM queue WHERE seq = ?", (seq,))
-        if payload is None:  # unreadable (see relay.sealing): nothing to tell anyone
+        envelope = _open_envelope(conn, sealed, domain)
+        if envelope is None:  # unreadable: nothing to tell anyone, but it must not stop the sweep
+            audit.record(conn, "hub", "dropped", None, domain, f"queue item {seq} cannot be opened", now=now)
             continue
-        envelope = Envelope.from_wire(protocol.unpack(payload, "queued envelope"))
         _queue_receipt(conn, origin, Receipt(envelope.id, envelope.rcpt, "failed", protocol.EXPIRED))
         audit.record(conn, "hub", "expired", envelope.id, origin, "failed", now=now)
         woken.add(origin)
     return woken
+
+
+def _open(conn: sqlite3.Connection, sealed: object, domain: str) -> bytes | None:
+    """A queue item's payload, or None when it cannot be opened (see `relay.store.sealing`)."""
+    try:
+        return sealing.unseal(conn, sealed, domain, bytes)
+    except sealing.Unreadable:
+        return None
+
+
+def _open_envelope(conn: sqlite3.Connection, sealed: object, domain: str) -> Envelope | None:
+    payload = _open(conn, sealed, domain)
+    try:
+        return None if payload is None else Envelope.from_wire(protocol.unpack(payload, "queued envelope"))
+    except protocol.ProtocolViolation:
+        return None
 
 
 def fetch_inbox(
@@ -202,12 +219,12 @@ def fetch_inbox(
     ``delivered`` rather than an ``expired``."""
     rows = []
     for lane in (URGENT, NORMAL):  # one range scan of the (domain, lane, seq) index each
-        rows += conn.execute(
-            """SELECT seq, lane, kind, unseal(payload, domain) FROM queue
+        rows += [(seq, lane, kind, _open(conn, sealed, domain)) for seq, lane, kind, sealed in conn.execute(
+            """SELECT seq, lane, kind, payload FROM queue
                WHERE domain = ? AND lane = ? AND seq > ? AND (sweep_at IS NULL OR sweep_at >= ?)
                ORDER BY seq LIMIT ?""",
             (domain, lane, after[lane], now, limit - len(rows)),
-        ).fetchall()
+        )]
         if len(rows) >= limit:
             break
     return rows
@@ -235,11 +252,11 @@ def apply_ack(
     found: dict[int, tuple[str, str, bytes]] = {}
     for start in range(0, len(seqs), ACK_CHUNK):
         chunk = seqs[start:start + ACK_CHUNK]
-        for seq, kind, origin, payload in conn.execute(
-            f"SELECT seq, kind, origin, unseal(payload, domain) FROM queue"
+        for seq, kind, origin, sealed in conn.execute(
+            f"SELECT seq, kind, origin, payload FROM queue"
             f" WHERE domain = ? AND seq IN ({','.join('?' * len(chunk))})", (domain, *chunk),
         ):
-            found[seq] = (kind, origin, payload)
+            found[seq] = (kind, origin, _open(conn, sealed, domain) if kind == "message" else None)
     conn.executemany("DELETE FROM queue WHERE seq = ?", [(seq,) for seq in found])
     woken: set[str] = set()
     delivered: list[tuple[str, str, str]] = []
@@ -252,8 +269,12 @@ def apply_ack(
         if kind != "message" or payload is None:  # a receipt, or unreadable (see relay.sealing)
             continue
         # Written by this hub from a checked envelope: only its id and recipients are needed.
-        stored = protocol.unpack(payload, "queued envelope")
-        ident, rcpt = stored["id"], stored["rcpt"]
+        try:
+            stored = protocol.unpack(payload, "queued envelope")
+            ident, rcpt = stored["id"], stored["rcpt"]
+        except (protocol.ProtocolViolation, KeyError, TypeError):  # damaged: must not fail the whole ack
+            audit.record(conn, "hub", "dropped", None, domain, f"queue item {seq} cannot be read", now=now)
+            continue
         trail.append((f"relay:{domain}", "delivered", ident, origin, "acknowledged"))
         delivered.append((origin, ident, domain))
         failure = failed.get(seq)
