@@ -105,3 +105,23 @@ def test_a_destination_that_has_the_message_shows_a_retry_of_it_no_second_time(t
     [(_, sent)] = relay_queue.next_receipts(conn, SUD, 10)
     assert (sent.id, sent.origin) == (IDENT, HOME)
     conn.close()
+
+
+def test_a_resend_of_a_delivered_envelope_gets_its_receipt_again(tmp_path: Path) -> None:
+    """A relay restored from a backup older than a delivery sends the
+    message again; the hub drops the copy, and says again that it was
+    delivered (that relay's store lost the receipt), or it stays "sent"."""
+    conn = connect(tmp_path / "hub.db")
+    migrate(conn, hub_queue.MIGRATIONS, "hub")
+    hub_queue.register_domains(conn, frozenset({HOME, SUD}), learnt=False, now=NOW)
+    wire = Envelope(IDENT, ALICE, (CAROL,), (CAROL,), "Bonjour", None, "normal", NOW).to_wire()
+    hub_queue.accept_transaction(conn, HOME, "txn-00000001", [wire], now=NOW)
+    [(seq,)] = conn.execute("SELECT seq FROM queue")
+    hub_queue.apply_ack(conn, SUD, [seq], [], now=NOW)
+    conn.execute("DELETE FROM queue")  # the receipt went to the relay's old store
+    [outcome], woken = hub_queue.accept_transaction(conn, HOME, "txn-00000002", [wire], now=NOW)
+    assert outcome.accepted and woken == {HOME}
+    [(domain, kind, payload)] = conn.execute("SELECT domain, kind, payload FROM queue")
+    assert (domain, kind) == (HOME, "receipt")
+    assert Receipt.from_wire(protocol.unpack(payload, "r")) == Receipt(IDENT, (CAROL,), "delivered")
+    conn.close()

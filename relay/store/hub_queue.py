@@ -122,7 +122,15 @@ def _accept_one(
         return Outcome(True), None  # a replay of what was accepted before it expired
     if not conn.execute("INSERT OR IGNORE INTO seen (origin, id, dest, at) VALUES (?, ?, ?, ?)",
                         (origin, envelope.id, dest, now)).rowcount:
-        return Outcome(True), None  # a replay of what was accepted before: queued once is enough
+        # A replay of what was accepted before: queued once is enough.  If it
+        # was delivered, its relay may have lost the receipt (a store restored
+        # from a backup older than it): say it again, or it stays "sent".
+        delivered = conn.execute("SELECT delivered FROM seen WHERE origin = ? AND id = ? AND dest = ?",
+                                 (origin, envelope.id, dest)).fetchone()[0]
+        if delivered:
+            _queue_receipt(conn, origin, Receipt(envelope.id, envelope.rcpt, "delivered"))
+            return Outcome(True), origin
+        return Outcome(True), None
     stamped = Envelope(**{**envelope.__dict__, "origin": origin, "origin_org": origin_org})
     expires_at = envelope.expires_at
     sweep_at = None if expires_at is None else protocol.sweep_time(envelope.sent_at, expires_at)
