@@ -212,3 +212,17 @@ def test_unseal_has_no_sql_function_that_could_hand_back_null(tmp_path: Path) ->
     with pytest.raises(sqlite3.OperationalError, match="no such function: unseal"):
         conn.execute("SELECT unseal(body, id) FROM message")
     conn.close()
+
+
+def test_the_hub_goes_past_a_damaged_receipt_and_a_damaged_transaction_answer(tmp_path: Path) -> None:
+    conn = open_hub(tmp_path / "hub.db")
+    hub_queue.accept_transaction(conn, HOME, "txn-00000001", [hub_envelope("msg-00000001")], now=NOW)
+    [(seq,)] = conn.execute("SELECT seq FROM queue")
+    hub_queue.apply_ack(conn, "clinique-sud.test", [seq], [], now=NOW)  # a delivered receipt for chu-nord
+    conn.execute("UPDATE queue SET payload = x'c1' WHERE kind = 'receipt'")
+    [(_, _, kind, payload)] = hub_queue.fetch_inbox(conn, HOME, {URGENT: 0, NORMAL: 0}, 10, now=NOW)
+    assert (kind, payload) == ("receipt", None)  # for drop_unreadable, not for the relay's decoder
+    conn.execute("UPDATE txn SET results = x'c1'")
+    [outcome], _ = hub_queue.accept_transaction(conn, HOME, "txn-00000001", [hub_envelope("msg-00000001")], now=NOW)
+    assert outcome.accepted
+    conn.close()
