@@ -75,9 +75,11 @@ def test_retry_queues_failed_recipients_again_while_the_body_is_kept(conn) -> No
 
 def test_retry_explains_a_body_that_is_gone(conn) -> None:
     submit(conn, "msg-00000001", to=(ZOE,))
-    refuse(conn, "msg-00000001", "late.test")  # its last envelope: the body is dropped
+    refuse(conn, "msg-00000001", "late.test")  # its last envelope: the body is kept for the retry window
+    assert relay_queue.drop_bodies(conn, NOW + 600, 600) == 0
+    assert relay_queue.drop_bodies(conn, NOW + 601, 600) == 1
 
-    assert "body no longer kept" in relay_queue.retry_failed(conn, None, 3600, NOW)["msg-00000001"]
+    assert "body no longer kept" in relay_queue.retry_failed(conn, None, 3600, NOW + 601)["msg-00000001"]
 
 
 def test_purge_fails_queued_recipients_and_notifies_the_sender(conn) -> None:

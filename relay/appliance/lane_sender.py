@@ -32,6 +32,7 @@ tells the operations tools which messages are past stopping.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import secrets
 import time
@@ -137,10 +138,18 @@ class LaneSender:
         config = self._config()
         domain, limit, lane = config.domain, config.uplink.batch_max, self.lane
         after = max((*self._settling, *(seq for seq, _ in sent)), default=0)
-        now = time.time()
-        return await self._store.read("next_batch",
-                                      lambda c: relay_queue.next_batch(c, domain, limit, now=now, lane=lane,
-                                                                       after=after))
+        while True:
+            now = time.time()
+            found = await self._store.read("next_batch", functools.partial(
+                relay_queue.next_batch, domain=domain, limit=limit, now=now, lane=lane, after=after))
+            if not found.damaged:
+                return found.envelopes
+            # Rows that cannot be read are failed (their senders told), never sent nor left to block the lane.
+            fail = functools.partial(relay_queue.fail_damaged, damaged=found.damaged, now=now)
+            notified = await self._store.run("fail_damaged", fail)
+            self._on_events(notified)
+            if found.envelopes:
+                return found.envelopes
 
     async def _read_ahead(self, sent: Batch) -> None:
         """Read the batch after ``sent``.  Only a full one is used as is: a

@@ -99,7 +99,7 @@ class QueueTools:
         found = await self.store.run("queue_show", lambda c: relay_queue.queue_message(c, ident, body))
         if found is None:
             raise AdminError(f"no message {ident} was sent from this relay (or it was forgotten after the retention)")
-        found["in_flight"] = ident in self._in_flight()
+        found["in_flight"] = self._is_in_flight(ident)
         return found
 
     async def retry(self, args: dict[str, Any]) -> dict[str, str]:
@@ -122,7 +122,10 @@ class QueueTools:
             raise AdminError(f"no message {ident} was sent from this relay")
         purged, notified = outcome
         self._on_events(notified)
-        return {"id": ident, "purged": purged, "in_flight": ident in self._in_flight()}
+        return {"id": ident, "purged": purged, "in_flight": self._is_in_flight(ident)}
+
+    def _is_in_flight(self, ident: str) -> bool:
+        return ident in {relay_queue.message_id_of(envelope) for envelope in self._in_flight()}
 
 
 @dataclass

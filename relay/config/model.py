@@ -15,7 +15,7 @@ import hashlib
 import hmac
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit
@@ -176,6 +176,9 @@ class Delivery:
     delay_warning: float = 15 * 60  # not delivered after this: a "delayed" event
     event_retention: float = 30 * 86400  # events a system never read are dropped after this
     audit_retention: float = 183 * 86400  # six months, the French norm for health messaging
+    # A failed message's body is kept this long after the failure, for
+    # `eimis-relay queue retry`; at most event_retention (docs/guarantees.md).
+    retry_window: float = 7 * 86400
 
 
 @dataclass(frozen=True)
@@ -278,6 +281,13 @@ def load_relay_config(path: str | os.PathLike) -> RelayConfig:
         event_retention=relay.get("event_retention", duration, Delivery.event_retention),
         audit_retention=relay.get("audit_retention", duration, Delivery.audit_retention),
     )
+    # A destination recognises a retry of a message it has while it keeps it
+    # (its event_retention): later, a retry could show it twice.
+    retry_window = relay.get("retry_window", duration, None)
+    if retry_window is not None and retry_window > delivery.event_retention:
+        relay.problem("retry_window", "must not be longer than event_retention")
+    delivery = replace(delivery, retry_window=min(delivery.event_retention,
+                                                  Delivery.retry_window if retry_window is None else retry_window))
     uplink = _read_uplink(file.root.table("uplink"))
     local_api = _read_local_api(file.root.table("local_api", required=False))
     store = _read_store(file.root.table("store", required=False))

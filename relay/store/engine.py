@@ -103,12 +103,12 @@ _STOP = object()
 
 def connect(path: Path, ring: KeyRing | None = None) -> sqlite3.Connection:
     """Open the database with the durability settings the guarantees rely on,
-    and SQL's ``seal()``/``unseal()`` bound to ``ring`` (see `relay.store.sealing`)."""
+    and SQL's ``seal()`` and `sealing.unseal` bound to ``ring`` (see `relay.store.sealing`)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not path.exists():
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         sealing.sync_directory(path.parent)  # SQLite syncs its WAL's name, not the database's
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=sealing.SealedConnection)
     conn.execute("PRAGMA journal_mode=WAL")
     unsafe = os.environ.get(UNSAFE_NO_FSYNC_FOR_TESTS) == "1"
     conn.execute("PRAGMA synchronous=OFF" if unsafe else "PRAGMA synchronous=FULL")
@@ -400,7 +400,7 @@ class _StoreContext:
 
         def open_reader() -> sqlite3.Connection:
             reader = sqlite3.connect(f"{self._path.absolute().as_uri()}?mode=ro", uri=True, isolation_level=None,
-                                     check_same_thread=False)
+                                     check_same_thread=False, factory=sealing.SealedConnection)
             sealing.install(reader, self._ring)
             reader.execute(f"PRAGMA cache_size=-{READER_CACHE_KIB}")
             return reader
