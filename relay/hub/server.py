@@ -38,6 +38,7 @@ import trio
 
 from relay.config.model import HubConfig
 from relay.core import protocol, routes
+from relay.core.addresses import is_domain
 from relay.core.h2session import BodyTooLarge, Http2Settings, header
 from relay.core.priority import NORMAL, URGENT
 from relay.core.protocol import ProtocolViolation
@@ -157,7 +158,7 @@ class Hub:
             return
         der = stream.getpeercert(binary_form=True)
         identity = peer_identity(der)
-        domain = identity.dns_names[0].lower() if identity.dns_names else ""
+        domain = _domain_of(identity)
         try:
             self._revocation.check(der)
         except Revoked as exc:
@@ -165,7 +166,7 @@ class Hub:
             await trio.aclose_forcefully(stream)
             return
         if not await self._admit(domain):
-            log.warning("refused %s: certificate for %r is not a registered domain", peer, domain)
+            log.warning("refused %s (%s): not a registered domain", peer, _who(identity))
             await trio.aclose_forcefully(stream)
             return
         settings = Http2Settings(
@@ -206,6 +207,12 @@ class HubConnection:
         self.identity = identity
         self._der = der
         self.conn = conn
+        # Stamped into every envelope this relay sends (as ``origin_org``):
+        # only a value every relay's decoder takes (`protocol.is_org_id`).
+        self.org_id = identity.org_id if protocol.is_org_id(identity.org_id) else ""
+        if identity.org_id and not self.org_id:
+            log.warning("%s: its organisation id (OU) is not 1 to %d printable characters; stamping none",
+                        _who(identity), protocol.MAX_ORG_ID_CHARS)
 
     async def handle(self, stream: H2Stream) -> None:
         headers = stream.headers or []
@@ -244,10 +251,9 @@ class HubConnection:
     async def _transaction(self, stream: H2Stream, txn_id: str) -> None:
         body = await _read_body(stream)
         raw = protocol.decode_transaction(body)
-        org = self.identity.org_id or ""
         outcomes, woken = await self.hub.store.run(
             "accept_transaction",
-            lambda c: hub_queue.accept_transaction(c, self.domain, txn_id, raw, org, now=time.time()),
+            lambda c: hub_queue.accept_transaction(c, self.domain, txn_id, raw, self.org_id, now=time.time()),
             urgent=all(isinstance(e, dict) and e.get("priority") == "urgent" for e in raw),
         )
         forged = sum(outcome.reason == protocol.SENDER_NOT_AUTHENTICATED for outcome in outcomes)
@@ -341,6 +347,14 @@ def _date() -> tuple[bytes, bytes]:
     """The Date header (RFC 9110 §6.6.1): ``eimis-relay doctor`` measures a
     relay's clock offset against it."""
     return b"date", formatdate(usegmt=True).encode()
+
+
+def _domain_of(identity: PeerIdentity) -> str:
+    """The domain a relay speaks for: the first DNS name of its certificate,
+    lowercased, if it is a domain every relay's decoder takes as an envelope's
+    ``origin`` (`addresses.is_domain`); "" otherwise (the relay is refused)."""
+    name = identity.dns_names[0].lower() if identity.dns_names else ""
+    return name if is_domain(name) else ""
 
 
 def _peer(tcp: trio.SocketStream) -> str:
