@@ -372,5 +372,11 @@ def _sockname(listener: trio.SocketListener) -> str:
 
 def _who(identity: PeerIdentity) -> str:
     """A certificate's identity, for the log: names, organisation, serial."""
-    return (f"certificate {','.join(identity.dns_names) or '(no DNS name)'} org {identity.org_id or '-'} "
-            f"serial {identity.serial:x}")
+    names = ",".join(identity.dns_names) or "(no DNS name)"
+    return f"certificate {_printable(names)} org {_printable(identity.org_id or '-')} serial {identity.serial:x}"
+
+
+def _printable(text: str) -> str:
+    """A name from a certificate, as the log may hold it: a control
+    character would let it forge log lines, so such a name is quoted."""
+    return text if text.isprintable() else ascii(text)
