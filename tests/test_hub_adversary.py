@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from peers import HubClient
 
 from relay.core import protocol, routes
+from relay.core.h2session import ConnectionClosed
 from relay.core.protocol import Envelope, Failure, Receipt
 from relay.pki import authority
 
@@ -212,3 +213,17 @@ def test_the_hub_takes_only_a_domain_and_an_organisation_id_every_relay_decodes(
         assert server._domain_of(identity(names)) == ""
     assert protocol.is_org_id("1750000001") and not protocol.is_org_id(ROGUE_OU)
     assert not protocol.is_org_id("1" * 65) and not protocol.is_org_id("")
+
+
+async def test_a_certificate_for_an_unregistered_domain_is_closed_after_the_handshake(space: Space, caplog) -> None:
+    pki = space.directory / "pki"
+    authority.issue_certificate(pki / "ca.pem", pki / "ca.key", pki, dns_names=["unknown.test"], role="relay")
+    with pytest.raises(BaseExceptionGroup) as caught:
+        with trio.fail_after(STEP):
+            async with HubClient(space.directory, "unknown.test", f"https://127.0.0.1:{space.hub_config.listen.port}") \
+                    as stranger:
+                await stranger.post(routes.transaction("stranger-txn-01", [envelope("stranger-0001",
+                                                                                    sender="eve@unknown.test")]))
+    assert [type(e) for e in caught.value.exceptions] == [ConnectionClosed]  # closed by the hub, not a timeout
+    assert "not a registered domain" in caplog.text
+    await honest_relays_work(space, "stranger")
