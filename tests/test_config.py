@@ -349,7 +349,8 @@ def test_systems_serving(tmp_path):
         (
             'users = ["labo@chu-nord.test", "Urgences@CHU-Nord.test"]',
             'users = ["labo@chu-nord.test", "bob@other.test"]',
-            "relay-a.toml: [local_system][1].users[1]: expected an address at chu-nord.test or \"*\", got 'bob@other.test'",
+            ("relay-a.toml: [local_system][1].users[1]: expected an address at chu-nord.test or \"*\","
+             " got 'bob@other.test'"),
         ),
         (
             'users = ["*"]',
@@ -433,7 +434,8 @@ def test_every_problem_is_reported_together(tmp_path):
             "relay-a.toml: [uplink].hub_url: expected an https:// URL, got 'ftp://x'",
             "relay-a.toml: [uplink].batch_max: expected an integer 1..500, got 0",
             "relay-a.toml: [local_api].listen: expected HOST:PORT, got 'abc'",
-            "relay-a.toml: [local_system][0].users[1]: expected an address at chu-nord.test or \"*\", got 'bob@other.test'",
+            ("relay-a.toml: [local_system][0].users[1]: expected an address at chu-nord.test or \"*\","
+             " got 'bob@other.test'"),
             "relay-a.toml: [local_system][0].users[2]: expected an address at chu-nord.test or \"*\", got 'bad'",
             "relay-a.toml: [relay].colour: unknown key",
         ]

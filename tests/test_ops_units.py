@@ -9,6 +9,7 @@ import socket
 import stat
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -200,7 +201,7 @@ async def test_a_stuck_event_loop_stops_the_watchdog_pings(tmp_path: Path, monke
     finally:
         listener.join(10)
         sock.close()
-    gaps = [b - a for a, b in zip(pings, pings[1:])]
-    during = [b - a for a, b in zip(pings, pings[1:]) if a <= stuck_at + 0.05 <= b]
+    gaps = [b - a for a, b in pairwise(pings)]
+    during = [b - a for a, b in pairwise(pings) if a <= stuck_at + 0.05 <= b]
     assert during and during[0] >= 0.5, gaps
     assert sorted(gaps)[len(gaps) // 2] < 0.2  # otherwise every 50 ms or so

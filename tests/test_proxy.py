@@ -29,7 +29,7 @@ class ConnectProxy(LoopbackServer):
                 return
             self.requests.append(head)
             request_line = head.split(b"\r\n")[0].decode()
-            method, target, _ = request_line.split(" ")
+            _method, target, _ = request_line.split(" ")
             if self.credentials is not None:
                 expected = base64.b64encode(":".join(self.credentials).encode())
                 if b"Proxy-Authorization: Basic " + expected not in head:

@@ -339,7 +339,7 @@ def test_events_page_in_cursor_order(conn) -> None:
         pages.append([e["message"]["id"] for e in page])
         after = page[-1]["cursor"]
     assert [len(p) for p in pages] == [3, 3, 1]
-    assert sum(pages, []) == [e["message"]["id"] for e in every]
+    assert [e for p in pages for e in p] == [e["message"]["id"] for e in every]
     assert relay_inbox.events(conn, "messenger", cursors[-1], 10) == []
     # Another system's events do not consume this system's cursor space.
     assert relay_inbox.events(conn, "lab", 0, 100) == []
@@ -410,7 +410,7 @@ def test_a_version_1_database_migrates_with_its_data(tmp_path: Path) -> None:
                (HOME, BOB, protocol.pack([ALICE])))
     db.execute("INSERT INTO event (system, inbound) VALUES ('messenger', 1)")
     assert migrate(db, relay_queue.MIGRATIONS, "v2") == len(relay_queue.MIGRATIONS)
-    [(seq, envelope)] = relay_queue.next_batch(db, HOME, 10, now=2000.0)
+    [(_seq, envelope)] = relay_queue.next_batch(db, HOME, 10, now=2000.0)
     assert (envelope.id, envelope.body, envelope.expires_at) == ("msg-00000001", "old", 1000.0 + 7 * 86400)
     [event] = relay_inbox.events(db, "messenger", 0, 10)
     assert (event["cursor"], event["type"], event["message"]["body"]) == (1, "message", "hello")

@@ -34,7 +34,7 @@ import collections
 import logging
 import secrets
 import time
-from typing import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
@@ -123,7 +123,8 @@ class LaneSender:
                 await slots.acquire()
                 self._pending = None
                 self._settling.update((seq, envelope.id) for seq, envelope in batch)
-                settling.start_soon(self._settle, [(seq, env, o) for (seq, env), o in zip(batch, outcomes)], slots)
+                settling.start_soon(self._settle,
+                                    [(seq, env, o) for (seq, env), o in zip(batch, outcomes, strict=True)], slots)
 
     async def _next_batch(self, sent: Iterable[tuple[int, protocol.Envelope]] = ()) -> Batch:
         """The lane's next batch, past the envelopes ``sent`` and those settling."""
@@ -132,7 +133,8 @@ class LaneSender:
         after = max((*self._settling, *(seq for seq, _ in sent)), default=0)
         now = time.time()
         return await self._store.read("next_batch",
-                                      lambda c: relay_queue.next_batch(c, domain, limit, now=now, lane=lane, after=after))
+                                      lambda c: relay_queue.next_batch(c, domain, limit, now=now, lane=lane,
+                                                                       after=after))
 
     async def _read_ahead(self, sent: Batch) -> None:
         """Read the batch after ``sent``.  Only a full one is used as is: a

@@ -9,7 +9,7 @@ lost to a broken connection just means sending them again.
 from __future__ import annotations
 
 import logging
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from relay.config.model import RelayConfig
 from relay.core import protocol, routes
@@ -42,7 +42,7 @@ class ReceiptSender:
             body = await post(routes.receipts([r for _, r in pending]))
             outcomes = protocol.decode_outcomes(body, len(pending))
             await self._store.run("drop_receipts",
-                                  lambda c: relay_queue.drop_receipts(c, [seq for seq, _ in pending]))
-            for (_, receipt), outcome in zip(pending, outcomes):
+                                  lambda c: relay_queue.drop_receipts(c, [seq for seq, _ in pending]))  # noqa: B023 -- run() awaits it
+            for (_, receipt), outcome in zip(pending, outcomes, strict=True):
                 if not outcome.accepted:
                     log.warning("hub refused the read receipt of message %s: %s", receipt.id, outcome.reason)

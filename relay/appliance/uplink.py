@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import trio
 

@@ -24,7 +24,7 @@ import enum
 import logging
 import ssl
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 

@@ -139,9 +139,10 @@ def ask(args: argparse.Namespace, op: str, request: dict[str, Any] | None = None
     try:
         state = store_dir(load(args))
     except CommandFailed as problem:
-        state = _state_dir_of_broken(config_path(args))
-        if state is None:
+        broken = _state_dir_of_broken(config_path(args))
+        if broken is None:
             raise
+        state = broken
         print(f"warning: {str(problem).splitlines()[0]} (eimis-relay check-config); asking the running daemon"
               " anyway", file=sys.stderr)
     return admin_socket.call(admin_socket.find_daemon(state), op, request)
@@ -220,7 +221,8 @@ def render_status(s: dict[str, Any], now: float) -> str:
         where = f"  {cert['file']}" if cert["file"] else ""
         lines.append(f"certificate  {cert['name']} expires {timeformat.second(cert['expires'])}"
                      f" ({(cert['expires'] - now) / 86400:.0f} days){where}")
-    lines.append(f"store        {store['path']}, {store['used_bytes'] / 1e6:.1f} MB of {store['max_bytes'] / 1e6:.0f} MB")
+    lines.append(f"store        {store['path']},"
+                 f" {store['used_bytes'] / 1e6:.1f} MB of {store['max_bytes'] / 1e6:.0f} MB")
     reload = s["reload"]
     last = "never reloaded" if reload["at"] is None else (
         f"last reload {'ok' if reload['ok'] else 'REFUSED'} at {timeformat.second(reload['at'])} ({reload['trigger']})")

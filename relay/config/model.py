@@ -282,6 +282,8 @@ def load_relay_config(path: str | os.PathLike) -> RelayConfig:
     shutdown_grace = relay.get("shutdown_grace", duration, RelayConfig.shutdown_grace)
     metrics = _read_metrics(file.root.table("metrics", required=False))
     file.finish()
+    # finish() raised if any table had a problem: each was built.
+    assert uplink is not None and local_api is not None and store is not None and metrics is not None
     return RelayConfig(
         path=file.path,
         domain=domain,
@@ -303,7 +305,7 @@ def load_hub_config(path: str | os.PathLike) -> HubConfig:
     file = ConfigFile(path, example="hub.example.toml")
     hub = file.root.table("hub")
     domains = hub.get_list("domains", _domain, ())
-    values = dict(
+    values: dict[str, Any] = dict(
         name=hub.get("name", _domain),
         listen=hub.get("listen", _address),
         state_dir=hub.get("state_dir", file.resolve, None),
@@ -335,7 +337,7 @@ def _read_uplink(table: Table) -> Uplink | None:
         table.problem(
             "backoff_max", f"expected seconds >= backoff_initial ({backoff_initial}), got {backoff_max!r}"
         )
-    values = dict(
+    values: dict[str, Any] = dict(
         ca_file=table.get("ca_file", table.file.resolve),
         cert_file=table.get("cert_file", table.file.resolve),
         key_file=table.get("key_file", table.file.resolve),
@@ -349,6 +351,7 @@ def _read_uplink(table: Table) -> Uplink | None:
     )
     if not table.valid:  # the load fails; there is nothing to build
         return None
+    assert hub.hostname is not None  # _server_url checked it
     return Uplink(
         hub_url=hub.geturl(),
         hub_host=hub.hostname,
@@ -373,7 +376,7 @@ def _read_local_api(table: Table) -> LocalApi | None:
                        ("tls_cert_file", "tls_client_ca_file")]:
         if other in table and key not in table:
             table.problem(key, f"missing, required when {other} is set")
-    values = dict(
+    values: dict[str, Any] = dict(
         listen=table.get("listen", _address, LocalApi.listen),
         tls_cert_file=table.get("tls_cert_file", table.file.resolve, None),
         tls_key_file=table.get("tls_key_file", table.file.resolve, None),
@@ -385,7 +388,7 @@ def _read_local_api(table: Table) -> LocalApi | None:
 
 
 def _read_store(table: Table) -> StoreLimits | None:
-    values = dict(
+    values: dict[str, Any] = dict(
         max_bytes=table.get("max_size", size, StoreLimits.max_bytes),
         high_water=table.get("high_water", fraction, StoreLimits.high_water),
     )
@@ -540,8 +543,10 @@ def _proxy(value: object) -> Proxy:
     if url is None or url.port is None or (url.username is None) != (url.password is None):
         # The value is not repeated: it may hold a password, and problems get logged.
         raise Invalid("expected http://HOST:PORT or http://USER:PASSWORD@HOST:PORT")
+    assert url.hostname is not None  # _server_url checked it
     if url.username is None:
         return Proxy(url.hostname, url.port, None, None)
+    assert url.password is not None  # both or neither, checked above
     return Proxy(url.hostname, url.port, unquote(url.username), unquote(url.password))
 
 
@@ -563,6 +568,6 @@ def _webhook_url(value: object) -> str:
         )
     except ValueError:  # a bad port or IPv6 literal
         valid = False
-    if not valid:
+    if not valid or not isinstance(value, str):
         raise expected("an http:// or https:// URL", value)
     return value

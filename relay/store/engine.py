@@ -37,9 +37,10 @@ import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -175,6 +176,22 @@ class Store:
         """Whether the writer thread is there to take units (readiness)."""
         return self._thread.is_alive()
 
+    def start(self) -> None:
+        """Start the writer thread (`Store.open` does, once the database is ready)."""
+        self._thread.start()
+
+    async def close(self) -> None:
+        """Finish every queued unit and close the database (`Store.open`'s
+        exit does, shielded: a cancel must not leave the writer running)."""
+        # Readers first: the last connection to close checkpoints the WAL
+        # into the database, and only the writer can.
+        for _ in range(READERS):  # every read finished; none may start
+            await self._reading.acquire_on_behalf_of(object())
+        for reader in self._readers:
+            reader.close()
+        self._queue.put(_STOP)
+        await trio.to_thread.run_sync(self._thread.join)
+
     async def run(self, name: str, fn: Unit[T], *, urgent: bool = False) -> T:
         """Run ``fn(conn)`` in the next group transaction and return its result.
 
@@ -244,6 +261,7 @@ class Store:
                 if item is _STOP:
                     stopping = True
                     break
+                assert isinstance(item, _Job)  # the queue holds jobs and _STOP
                 group.append(item)
                 if len(group) >= MAX_GROUP:
                     break
@@ -272,7 +290,7 @@ class Store:
                     job.result = job.fn(conn)
                 except sqlite3.OperationalError:
                     raise  # disk full, I/O error...: the whole group fails
-                except Exception as exc:  # the unit's own failure, e.g. a constraint
+                except Exception as exc:  # noqa: BLE001 -- the unit's own failure, e.g. a constraint
                     job.error = exc
                     conn.execute("ROLLBACK TO unit")
                 conn.execute("RELEASE unit")
@@ -391,24 +409,16 @@ class _StoreContext:
         readers: list[sqlite3.Connection] = []
         try:
             for _ in range(READERS):
-                readers.append(await trio.to_thread.run_sync(open_reader))
+                readers.append(await trio.to_thread.run_sync(open_reader))  # noqa: PERF401 -- kept as opened, to close
         except BaseException:
             for connection in [conn, *readers]:
                 connection.close()
             raise
         self._store = self._cls(conn, readers, self._path, self._on_commit)
-        self._store._thread.start()
+        self._store.start()
         return self._store
 
     async def __aexit__(self, *exc_info: object) -> None:
-        store = self._store
-        assert store is not None
+        assert self._store is not None
         with trio.CancelScope(shield=True):
-            # Readers first: the last connection to close checkpoints the WAL
-            # into the database, and only the writer can.
-            for _ in range(READERS):  # every read finished; none may start
-                await store._reading.acquire_on_behalf_of(object())
-            for reader in store._readers:
-                reader.close()
-            store._queue.put(_STOP)
-            await trio.to_thread.run_sync(store._thread.join)
+            await self._store.close()

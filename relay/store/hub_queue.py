@@ -209,7 +209,7 @@ def fetch_inbox(
     An item is still sent during its expiry grace: one whose first delivery
     was committed but not acknowledged then gets its ack, and its origin a
     ``delivered`` rather than an ``expired``."""
-    rows = []
+    rows: list[tuple[int, int, str, bytes | None]] = []
     for lane in (URGENT, NORMAL):  # one range scan of the (domain, lane, seq) index each
         rows += conn.execute(
             """SELECT seq, lane, kind, unseal(payload, domain) FROM queue
@@ -271,6 +271,7 @@ def apply_ack(
         if taken:
             receipts.append((origin, Receipt(ident, taken, "delivered")))
         if lost:
+            assert failure is not None  # lost is empty without one
             receipts.append((origin, Receipt(ident, lost, "failed", failure.reason)))
         woken.add(origin)
     conn.executemany("UPDATE seen SET delivered = 1 WHERE origin = ? AND id = ? AND dest = ?", delivered)

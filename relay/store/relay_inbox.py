@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from relay.core import protocol
 from relay.core.protocol import Failure, InboxItem
@@ -179,6 +179,7 @@ def webhook_position(conn: sqlite3.Connection, system: str) -> int:
 
 def set_webhook_position(conn: sqlite3.Connection, system: str, cursor: int) -> None:
     conn.execute(
-        "INSERT INTO webhook (system, cursor) VALUES (?, ?) ON CONFLICT (system) DO UPDATE SET cursor = excluded.cursor",
+        "INSERT INTO webhook (system, cursor) VALUES (?, ?)"
+        " ON CONFLICT (system) DO UPDATE SET cursor = excluded.cursor",
         (system, cursor),
     )

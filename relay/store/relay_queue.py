@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 from relay.core import protocol
 from relay.core.priority import NORMAL, URGENT, lane_of, priority_of
@@ -202,7 +202,7 @@ def next_batch(
            ORDER BY o.lane DESC, o.seq LIMIT ?""",
         (domain, *lanes, after, now, limit),
     )
-    batch = []
+    batch: list[tuple[int, Envelope]] = []
     size = 0
     for seq, dest, ident, sender, recipients, thread, priority, body, accepted_at, expires_at in rows:
         size += len(body) * 4 + len(recipients) * 2 + 256  # bounds the UTF-8 and msgpack sizes
@@ -244,7 +244,7 @@ def expire(conn: sqlite3.Connection, now: float, notified: set[str]) -> int:
     ).fetchall()
     failed = 0
     _leave_outbox(conn, [(seq, ident) for seq, _, ident, _ in rows])
-    for seq, dest, ident, recipients in rows:
+    for _seq, dest, ident, recipients in rows:
         rcpt = [a for a in protocol.unpack(recipients, "stored recipients") if protocol.domain_of(a) == dest]
         failed += fail(conn, ident, rcpt, protocol.EXPIRED, notified, now=now)
         audit.record(conn, "relay", "expired", ident, dest, "failed", now=now)
@@ -288,9 +288,9 @@ def notice_delays(conn: sqlite3.Connection, now: float, delay: float) -> set[str
     notified: set[str] = set()
     for ident, system, accepted_at in rows:
         conn.execute("UPDATE message SET delay_noticed = 1 WHERE id = ?", (ident,))
-        waiting = {address: status for address, status in conn.execute(
+        waiting = dict(conn.execute(
             "SELECT address, status FROM recipient WHERE message_id = ? AND status IN ('queued', 'sent')"
-            " ORDER BY address", (ident,))}
+            " ORDER BY address", (ident,)))
         if waiting:
             post_notice(conn, system, "delayed", {"id": ident, "accepted_at": iso(accepted_at), "recipients": waiting},
                         now=now)
@@ -357,7 +357,7 @@ def fail(
     ]
     if moved:
         system = conn.execute("SELECT system FROM message WHERE id = ?", (ident,)).fetchone()[0]
-        post_notice(conn, system, "failed", {"id": ident, "recipients": {a: reason for a in moved}}, now=now)
+        post_notice(conn, system, "failed", {"id": ident, "recipients": dict.fromkeys(moved, reason)}, now=now)
         notified.add(system)
     return len(moved)
 

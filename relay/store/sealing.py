@@ -79,7 +79,7 @@ class KeyRing:
             raise KeyRingError(f"{path}: no key")
         return cls(keys, int(lines[-2]))
 
-    def seal(self, value: str | bytes | None, context: str) -> bytes | None:
+    def seal(self, value: str | bytes | None, context: str) -> str | bytes | None:
         if value is None or value == "":
             return value
         kind, data = (0, value.encode()) if isinstance(value, str) else (1, bytes(value))
