@@ -10,7 +10,7 @@ relay holding a valid certificate)."""
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
+from datetime import UTC, datetime
 
 import pytest
 import trio
@@ -22,7 +22,9 @@ from peers import HubClient
 from relay.core import protocol, routes
 from relay.core.h2session import ConnectionClosed
 from relay.core.protocol import Envelope, Failure, Receipt
+from relay.hub import server
 from relay.pki import authority
+from relay.pki.identity import PeerIdentity
 
 ROGUE = "rogue.test"
 MALLORY = f"mallory@{ROGUE}"
@@ -200,13 +202,8 @@ def test_the_hub_takes_only_a_domain_and_an_organisation_id_every_relay_decodes(
     name that is not a domain is refused; an OU that is not a printable org
     id is not stamped (either would make every receiving relay refuse the
     envelope, and the hub resend it forever)."""
-    from datetime import datetime, timezone
-
-    from relay.hub import server
-    from relay.pki.identity import PeerIdentity
-
     def identity(names: list[str], org: str | None = None) -> PeerIdentity:
-        return PeerIdentity(dns_names=tuple(names), org_id=org, serial=1, not_after=datetime.now(timezone.utc))
+        return PeerIdentity(dns_names=tuple(names), org_id=org, serial=1, not_after=datetime.now(UTC))
 
     assert server._domain_of(identity(["CHU-Nord.test"])) == "chu-nord.test"
     for names in ([], ["localhost"], ["*.chu-nord.test"], ["chu_nord.test"], ["x" * 300 + ".test"]):

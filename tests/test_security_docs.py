@@ -92,9 +92,9 @@ def test_every_code_citation_exists() -> None:
         if span.startswith(("relay/", "systemd/", "tests/", "docs/", "fuzz/")):
             if not list(ROOT.glob(span.split()[0])):
                 wrong[span] = "no such file"
-        elif (match := DOTTED.match(span)) and not NOT_CODE.search(match.group(1)):
-            if (why := resolve(match.group(1))) is not None:
-                wrong[span] = why
+        elif ((match := DOTTED.match(span)) and not NOT_CODE.search(match.group(1))
+              and (why := resolve(match.group(1))) is not None):
+            wrong[span] = why
     assert wrong == {}
 
 

@@ -16,7 +16,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgpack
 
@@ -110,18 +110,18 @@ def is_token(text: object) -> bool:
     return isinstance(text, str) and _TOKEN.fullmatch(text) is not None
 
 
-def is_reason(text: object) -> bool:
+def is_reason(text: object) -> TypeGuard[str]:
     """A machine-readable reason: 1 to 64 of ``[a-z0-9_]``, a letter first."""
     return isinstance(text, str) and _REASON.fullmatch(text) is not None
 
 
-def is_thread(text: object) -> bool:
+def is_thread(text: object) -> TypeGuard[str]:
     """A thread id: at most `MAX_THREAD_CHARS` printable characters (no
     control or format characters: it is shown to other hospitals' systems)."""
     return isinstance(text, str) and len(text) <= MAX_THREAD_CHARS and text.isprintable()
 
 
-def is_org_id(text: object) -> bool:
+def is_org_id(text: object) -> TypeGuard[str]:
     """An organisation id as the hub stamps it: 1 to 64 printable characters."""
     return isinstance(text, str) and 1 <= len(text) <= MAX_ORG_ID_CHARS and text.isprintable()
 
@@ -458,7 +458,7 @@ def _timestamp(value: object, name: str) -> float:
     return float(value)
 
 
-def _is_seq(value: object) -> bool:
+def _is_seq(value: object) -> TypeGuard[int]:
     return type(value) is int and 1 <= value <= MAX_SEQ
 
 
