@@ -177,7 +177,7 @@ def test_transaction_round_trips() -> None:
         ({"sent_at": 1e300}, "envelope.sent_at:"),
         ({"sent_at": -1.0}, "envelope.sent_at:"),
         # origin
-        ({"origin": 1}, "envelope.origin: expected a string"),
+        ({"origin": 1}, "envelope.origin: expected a domain"),
     ],
 )
 def test_invalid_envelopes_name_the_field(overrides: dict, field: str) -> None:

@@ -205,8 +205,8 @@ class LocalApi:
         if len(body.encode()) > system.max_message_bytes:
             raise ApiError(413, "too_large", f"body: larger than {system.max_message_bytes} bytes")
         thread = doc.get("thread")
-        if thread is not None and (not isinstance(thread, str) or len(thread) > protocol.MAX_THREAD_CHARS):
-            raise _invalid("thread", f"expected a string of at most {protocol.MAX_THREAD_CHARS} characters")
+        if thread is not None and not protocol.is_thread(thread):
+            raise _invalid("thread", f"expected at most {protocol.MAX_THREAD_CHARS} printable characters")
         priority = doc.get("priority", "normal")
         if priority not in PRIORITIES:
             raise _invalid("priority", "expected 'normal' or 'urgent'")

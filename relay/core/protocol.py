@@ -16,11 +16,11 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgpack
 
-from relay.core.addresses import domain_of, is_address
+from relay.core.addresses import domain_of, is_address, is_domain
 from relay.core.priority import PRIORITIES
 
 VERSION = 1
@@ -47,8 +47,29 @@ MAX_ITEM_BYTES = MAX_BODY_BYTES + 128 * 1024
 # with time.gmtime (which overflows on inf or 1e300), so an unbounded value
 # from one peer would poison every other relay it reaches.
 MAX_SENT_AT = 253402300800.0  # 10000-01-01T00:00:00Z
+# Queue positions are SQLite integer keys: positive, within 63 bits.
+MAX_SEQ = 2**63 - 1
+# A reason travels from the relay that reports it to another relay's
+# store, status pages and local systems (`failed` receipts): a short
+# machine-readable word, never free text.
+MAX_REASON_CHARS = 64
+# The human-readable ``detail`` of a refused envelope, as the hub writes it.
+MAX_DETAIL_CHARS = 1024
+# An organisation id (subject OU of a relay certificate: 1 + FINESS or
+# 3 + SIRET), stamped by the hub into every envelope of that relay.
+MAX_ORG_ID_CHARS = 64
+# The shape of a decoded body: no array much longer than an ack's positions
+# (the fields' own limits are checked after decoding, naming the field), no
+# map wider than an envelope with room to grow, no string longer than a
+# body; and at most `MAX_ELEMENTS` array or map entries in
+# all, so that a 32 MiB body of tiny values cannot become gigabytes of
+# Python objects in the hub shared by every relay.
+MAX_ARRAY = 2 * MAX_ACK
+MAX_MAP = 64
+MAX_ELEMENTS = 1_000_000
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_REASON = re.compile(rf"[a-z][a-z0-9_]{{0,{MAX_REASON_CHARS - 1}}}")
 
 # Machine-readable reasons in per-envelope answers and `failed` receipts.
 UNKNOWN_DOMAIN = "unknown_domain"
@@ -87,6 +108,22 @@ def new_message_id() -> str:
 def is_token(text: object) -> bool:
     """Ids of messages and transactions: opaque, URL-safe, bounded."""
     return isinstance(text, str) and _TOKEN.fullmatch(text) is not None
+
+
+def is_reason(text: object) -> TypeGuard[str]:
+    """A machine-readable reason: 1 to 64 of ``[a-z0-9_]``, a letter first."""
+    return isinstance(text, str) and _REASON.fullmatch(text) is not None
+
+
+def is_thread(text: object) -> TypeGuard[str]:
+    """A thread id: at most `MAX_THREAD_CHARS` printable characters (no
+    control or format characters: it is shown to other hospitals' systems)."""
+    return isinstance(text, str) and len(text) <= MAX_THREAD_CHARS and text.isprintable()
+
+
+def is_org_id(text: object) -> TypeGuard[str]:
+    """An organisation id as the hub stamps it: 1 to 64 printable characters."""
+    return isinstance(text, str) and 1 <= len(text) <= MAX_ORG_ID_CHARS and text.isprintable()
 
 
 @dataclass(frozen=True)
@@ -159,8 +196,9 @@ class Envelope:
         if len(body.encode()) > MAX_BODY_BYTES:
             raise ProtocolViolation(f"envelope.body: larger than {MAX_BODY_BYTES} bytes")
         thread = m.get("thread")
-        if thread is not None and (not isinstance(thread, str) or len(thread) > MAX_THREAD_CHARS):
-            raise ProtocolViolation(f"envelope.thread: expected a string of at most {MAX_THREAD_CHARS} characters")
+        if thread is not None and not is_thread(thread):
+            raise ProtocolViolation(
+                f"envelope.thread: expected at most {MAX_THREAD_CHARS} printable characters")
         priority = _field(m, "priority", str)
         if priority not in PRIORITIES:
             raise ProtocolViolation("envelope.priority: expected 'normal' or 'urgent'")
@@ -175,11 +213,12 @@ class Envelope:
         if expires_at is not None:
             expires_at = _timestamp(expires_at, "envelope.expires_at")
         origin = m.get("origin", "")
-        if not isinstance(origin, str):
-            raise ProtocolViolation("envelope.origin: expected a string")
+        if origin != "" and not is_domain(origin):
+            raise ProtocolViolation("envelope.origin: expected a domain")
         origin_org = m.get("origin_org", "")
-        if not isinstance(origin_org, str) or len(origin_org) > 64:
-            raise ProtocolViolation("envelope.origin_org: expected a string of at most 64 characters")
+        if origin_org != "" and not is_org_id(origin_org):
+            raise ProtocolViolation(
+                f"envelope.origin_org: expected at most {MAX_ORG_ID_CHARS} printable characters")
         retry_of = m.get("retry_of", "")
         if retry_of != "" and not is_token(retry_of):
             raise ProtocolViolation("envelope.retry_of: expected 8-64 characters of [A-Za-z0-9_-]")
@@ -218,14 +257,14 @@ class Receipt:
         if status not in RECEIPT_STATUSES:
             raise ProtocolViolation("receipt.status: expected 'delivered', 'read' or 'failed'")
         reason = m.get("reason")
-        if reason is not None and not isinstance(reason, str):
-            raise ProtocolViolation("receipt.reason: expected a string")
+        if reason is not None and not is_reason(reason):
+            raise ProtocolViolation(f"receipt.reason: expected 1 to {MAX_REASON_CHARS} of [a-z0-9_], a letter first")
         ident = _field(m, "id", str)
         if not is_token(ident):
             raise ProtocolViolation("receipt.id: expected a message id")
         origin = m.get("origin", "")
-        if not isinstance(origin, str):
-            raise ProtocolViolation("receipt.origin: expected a string")
+        if origin != "" and not is_domain(origin):
+            raise ProtocolViolation("receipt.origin: expected a domain")
         return cls(ident, _addresses(m, "rcpt"), status, reason, origin)
 
 
@@ -246,13 +285,13 @@ class InboxItem:
     @classmethod
     def from_wire(cls, obj: object) -> InboxItem:
         m = _map(obj, "item")
-        seq = _field(m, "seq", int)
+        seq = _seq(m, "seq")
         kind = _field(m, "kind", str)
         if kind == "message":
             return cls(seq, envelope=Envelope.from_wire(m.get("envelope")))
         if kind == "receipt":
             return cls(seq, receipt=Receipt.from_wire(m.get("receipt")))
-        raise ProtocolViolation(f"item.kind: unknown kind {kind!r}")
+        raise ProtocolViolation(f"item.kind: unknown kind {kind[:32]!r}")
 
 
 @dataclass(frozen=True)
@@ -266,7 +305,7 @@ class Outcome:
     def to_wire(self) -> dict[str, Any]:
         if self.accepted:
             return {"ok": True}
-        return {"ok": False, "reason": self.reason, "detail": self.detail or ""}
+        return {"ok": False, "reason": self.reason, "detail": (self.detail or "")[:MAX_DETAIL_CHARS]}
 
     @classmethod
     def from_wire(cls, obj: object) -> Outcome:
@@ -274,9 +313,12 @@ class Outcome:
         if _field(m, "ok", bool):
             return cls(True)
         detail = m.get("detail")
-        if detail is not None and not isinstance(detail, str):
-            raise ProtocolViolation("result.detail: expected a string")
-        return cls(False, _field(m, "reason", str), detail or None)
+        if detail is not None and (not isinstance(detail, str) or len(detail) > MAX_DETAIL_CHARS):
+            raise ProtocolViolation(f"result.detail: expected a string of at most {MAX_DETAIL_CHARS} characters")
+        reason = m.get("reason")
+        if not is_reason(reason):
+            raise ProtocolViolation(f"reason: expected str of 1 to {MAX_REASON_CHARS} [a-z0-9_], a letter first")
+        return cls(False, reason, detail or None)
 
 
 @dataclass(frozen=True)
@@ -293,7 +335,10 @@ class Failure:
     @classmethod
     def from_wire(cls, obj: object) -> Failure:
         m = _map(obj, "failure")
-        return cls(_field(m, "seq", int), _addresses(m, "rcpt"), _field(m, "reason", str))
+        reason = m.get("reason")
+        if not is_reason(reason):
+            raise ProtocolViolation(f"reason: expected str of 1 to {MAX_REASON_CHARS} [a-z0-9_], a letter first")
+        return cls(_seq(m, "seq"), _addresses(m, "rcpt"), reason)
 
 
 # -- bodies -----------------------------------------------------------------------
@@ -303,21 +348,51 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+def _no_ext(code: int, data: bytes) -> None:
+    raise ValueError(f"msgpack extension type {code} not allowed")
+
+
+# Passed to every decoder: the shape limits above, and no extension types.
+# Extension types are refused by size (max_ext_len=0) as well as by hook:
+# msgpack decodes the timestamp type (-1) itself, without calling ext_hook.
+_SHAPE = dict(raw=False, strict_map_key=True, ext_hook=_no_ext, max_ext_len=0, max_bin_len=MAX_BODY_BYTES,
+              max_str_len=MAX_BODY_BYTES, max_array_len=MAX_ARRAY, max_map_len=MAX_MAP)
+
+
 def unpack(data: bytes, what: str) -> Any:
-    """Decode one msgpack body, refusing anything that is not plain data."""
-    # Extension types are refused by size (max_ext_len=0) as well as by hook:
-    # msgpack decodes the timestamp type (-1) itself, without calling ext_hook.
+    """Decode one msgpack body, refusing anything that is not plain data or
+    is shaped beyond the limits above (an array or map is counted when it is
+    complete, so at most `MAX_ELEMENTS` + `MAX_ARRAY` entries are ever built)."""
+    budget = _Budget()
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext, max_ext_len=0)
+        return msgpack.unpackb(data, **_SHAPE, list_hook=budget.array, object_hook=budget.map)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError) as exc:
         raise ProtocolViolation(f"{what}: not a valid msgpack body ({exc.__class__.__name__})") from None
 
 
+class _Budget:
+    """Counts the entries of the arrays and maps a body decodes into."""
+
+    def __init__(self) -> None:
+        self.left = MAX_ELEMENTS
+
+    def array(self, value: list[Any]) -> list[Any]:
+        self._take(len(value))
+        return value
+
+    def map(self, value: dict[str, Any]) -> dict[str, Any]:
+        self._take(len(value))
+        return value
+
+    def _take(self, count: int) -> None:
+        self.left -= count
+        if self.left < 0:
+            raise ValueError(f"more than {MAX_ELEMENTS} array and map entries")
+
+
 def stream_unpacker() -> msgpack.Unpacker:
     """An incremental decoder for the inbox stream, bounded per item."""
-    return msgpack.Unpacker(
-        raw=False, strict_map_key=True, ext_hook=_no_ext, max_ext_len=0, max_buffer_size=2 * MAX_ITEM_BYTES
-    )
+    return msgpack.Unpacker(**_SHAPE, max_buffer_size=2 * MAX_ITEM_BYTES)
 
 
 def encode_transaction(envelopes: list[Envelope]) -> bytes:
@@ -355,11 +430,11 @@ def encode_ack(seqs: list[int], failures: list[Failure]) -> bytes:
 def decode_ack(data: bytes) -> tuple[list[int], list[Failure]]:
     m = _versioned(unpack(data, "ack"), "ack")
     seqs = m.get("seqs")
-    if not isinstance(seqs, list) or len(seqs) > MAX_ACK or not all(type(s) is int for s in seqs):
-        raise ProtocolViolation(f"ack.seqs: expected an array of at most {MAX_ACK} integers")
+    if not isinstance(seqs, list) or len(seqs) > MAX_ACK or not all(_is_seq(s) for s in seqs):
+        raise ProtocolViolation(f"ack.seqs: expected an array of at most {MAX_ACK} queue positions")
     failed = m.get("failed", [])
     if not isinstance(failed, list) or len(failed) > MAX_ACK:
-        raise ProtocolViolation("ack.failed: expected an array")
+        raise ProtocolViolation(f"ack.failed: expected an array of at most {MAX_ACK} failures")
     return seqs, [Failure.from_wire(f) for f in failed]
 
 
@@ -393,8 +468,15 @@ def _timestamp(value: object, name: str) -> float:
     return float(value)
 
 
-def _no_ext(code: int, data: bytes) -> None:
-    raise ValueError(f"msgpack extension type {code} not allowed")
+def _is_seq(value: object) -> TypeGuard[int]:
+    return type(value) is int and 1 <= value <= MAX_SEQ
+
+
+def _seq(m: dict[str, Any], name: str) -> int:
+    value = m.get(name)
+    if not _is_seq(value):
+        raise ProtocolViolation(f"{name}: expected int from 1 to 2**63 - 1 (a queue position)")
+    return value
 
 
 def _map(obj: object, what: str) -> dict[str, Any]:

@@ -38,6 +38,7 @@ import trio
 
 from relay.config.model import HubConfig
 from relay.core import protocol, routes
+from relay.core.addresses import is_domain
 from relay.core.h2session import BodyTooLarge, Http2Settings, header
 from relay.core.priority import NORMAL, URGENT
 from relay.core.protocol import ProtocolViolation
@@ -159,7 +160,7 @@ class Hub:
             return
         der = stream.getpeercert(binary_form=True)
         identity = peer_identity(der)
-        domain = identity.dns_names[0].lower() if identity.dns_names else ""
+        domain = _domain_of(identity)
         try:
             self._revocation.check(der)
         except Revoked as exc:
@@ -167,7 +168,7 @@ class Hub:
             await trio.aclose_forcefully(stream)
             return
         if not await self._admit(domain):
-            log.warning("refused %s: certificate for %r is not a registered domain", peer, domain)
+            log.warning("refused %s (%s): not a registered domain", peer, _who(identity))
             await trio.aclose_forcefully(stream)
             return
         settings = Http2Settings(
@@ -208,6 +209,12 @@ class HubConnection:
         self.identity = identity
         self._der = der
         self.conn = conn
+        # Stamped into every envelope this relay sends (as ``origin_org``):
+        # only a value every relay's decoder takes (`protocol.is_org_id`).
+        self.org_id = identity.org_id if protocol.is_org_id(identity.org_id) else ""
+        if identity.org_id and not self.org_id:
+            log.warning("%s: its organisation id (OU) is not 1 to %d printable characters; stamping none",
+                        _who(identity), protocol.MAX_ORG_ID_CHARS)
 
     async def handle(self, stream: H2Stream) -> None:
         headers = stream.headers or []
@@ -246,10 +253,9 @@ class HubConnection:
     async def _transaction(self, stream: H2Stream, txn_id: str) -> None:
         body = await _read_body(stream)
         raw = protocol.decode_transaction(body)
-        org = self.identity.org_id or ""
         outcomes, woken = await self.hub.store.run(
             "accept_transaction",
-            lambda c: hub_queue.accept_transaction(c, self.domain, txn_id, raw, org, now=time.time()),
+            lambda c: hub_queue.accept_transaction(c, self.domain, txn_id, raw, self.org_id, now=time.time()),
             urgent=all(isinstance(e, dict) and e.get("priority") == "urgent" for e in raw),
         )
         forged = sum(outcome.reason == protocol.SENDER_NOT_AUTHENTICATED for outcome in outcomes)
@@ -345,6 +351,14 @@ def _date() -> tuple[bytes, bytes]:
     return b"date", formatdate(usegmt=True).encode()
 
 
+def _domain_of(identity: PeerIdentity) -> str:
+    """The domain a relay speaks for: the first DNS name of its certificate,
+    lowercased, if it is a domain every relay's decoder takes as an envelope's
+    ``origin`` (`addresses.is_domain`); "" otherwise (the relay is refused)."""
+    name = identity.dns_names[0].lower() if identity.dns_names else ""
+    return name if is_domain(name) else ""
+
+
 def _peer(tcp: trio.SocketStream) -> str:
     try:
         host, port, *_ = tcp.socket.getpeername()
@@ -360,5 +374,11 @@ def _sockname(listener: trio.SocketListener) -> str:
 
 def _who(identity: PeerIdentity) -> str:
     """A certificate's identity, for the log: names, organisation, serial."""
-    return (f"certificate {','.join(identity.dns_names) or '(no DNS name)'} org {identity.org_id or '-'} "
-            f"serial {identity.serial:x}")
+    names = ",".join(identity.dns_names) or "(no DNS name)"
+    return f"certificate {_printable(names)} org {_printable(identity.org_id or '-')} serial {identity.serial:x}"
+
+
+def _printable(text: str) -> str:
+    """A name from a certificate, as the log may hold it: a control
+    character would let it forge log lines, so such a name is quoted."""
+    return text if text.isprintable() else ascii(text)

@@ -51,6 +51,10 @@ MIGRATIONS: list[list[str]] = [
 
 # Positions looked up per statement: well under SQLite's limit on bound parameters.
 ACK_CHUNK = 500
+# The largest payload queued: with its inbox frame (`routes.inbox_frame`:
+# a map header, the position and the kind, under 64 bytes) it stays within
+# `protocol.MAX_ITEM_BYTES`, so the destination relay can always decode it.
+MAX_PAYLOAD = protocol.MAX_ITEM_BYTES - 64
 
 
 def register_domains(conn: sqlite3.Connection, names: frozenset[str], learnt: bool, *, now: float) -> None:
@@ -89,7 +93,9 @@ def accept_transaction(
     for raw in raw_envelopes:
         outcome, dest = _accept_one(conn, origin, origin_org, raw, known, now)
         outcomes.append(outcome)
-        ident = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
+        # Only a well-formed id goes into the shared audit trail (a refused
+        # envelope's may be anything up to the body limit).
+        ident = raw.get("id") if isinstance(raw, dict) and protocol.is_token(raw.get("id")) else None
         trail.append((f"relay:{origin}", "accepted" if outcome.accepted else "refused", ident, dest,
                       outcome.reason or "queued"))
         if dest:
@@ -117,6 +123,10 @@ def _accept_one(
     dest = envelope.dest
     if dest not in known:
         return Outcome(False, protocol.UNKNOWN_DOMAIN, f"no relay is registered for {dest}"), None
+    stamped = Envelope(**{**envelope.__dict__, "origin": origin, "origin_org": origin_org})
+    payload = protocol.pack(stamped.to_wire())
+    if len(payload) > MAX_PAYLOAD:  # not within the field limits; checked so that changing them cannot wedge a relay
+        return Outcome(False, protocol.INVALID_ENVELOPE, f"envelope: larger than {MAX_PAYLOAD} bytes"), None
     expired = envelope.expires_at is not None and envelope.expires_at < now
     if expired:
         seen = conn.execute("SELECT 1 FROM seen WHERE origin = ? AND id = ? AND dest = ?",
@@ -136,13 +146,12 @@ def _accept_one(
             _queue_receipt(conn, origin, Receipt(envelope.id, envelope.rcpt, "delivered"))
             return Outcome(True), origin
         return Outcome(True), None
-    stamped = Envelope(**{**envelope.__dict__, "origin": origin, "origin_org": origin_org})
     expires_at = envelope.expires_at
     sweep_at = None if expires_at is None else protocol.sweep_time(envelope.sent_at, expires_at)
     conn.execute(
         "INSERT INTO queue (domain, lane, kind, origin, payload, expires_at, sweep_at)"
         " VALUES (?, ?, 'message', ?, seal(?, ?), ?, ?)",
-        (dest, lane_of(envelope.priority), origin, protocol.pack(stamped.to_wire()), dest, expires_at, sweep_at),
+        (dest, lane_of(envelope.priority), origin, payload, dest, expires_at, sweep_at),
     )
     return Outcome(True), dest
 
