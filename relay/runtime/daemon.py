@@ -63,7 +63,7 @@ async def _serve_relay(config: RelayConfig, app: RelayApp,
             await nursery.start(app.api_server.serve, listeners)
             if metrics_listeners:
                 await nursery.start(app.metrics_server.serve, metrics_listeners)
-            app.webhooks.apply(config.local_systems)
+            app.webhooks.stage(config.local_systems)()
             nursery.start_soon(app.uplink.run)
             nursery.start_soon(app.housekeeping.run)
             nursery.start_soon(app.reloader.run)
