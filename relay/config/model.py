@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -163,6 +164,8 @@ class LocalApi:
     tls_client_ca_file: Path | None = None
     max_body_bytes: int = 2 * 1024 * 1024
     max_connections: int = 256
+    # Serve without TLS on an address other machines reach: see cleartext_problems.
+    allow_cleartext_on_network: bool = False
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,8 @@ class MetricsEndpoint:
     local API's port (nor its tokens)."""
 
     listen: Address | None = None
+    # It has no TLS: an address other machines reach takes this opt-in.
+    allow_cleartext_on_network: bool = False
 
 
 @dataclass(frozen=True)
@@ -254,6 +259,57 @@ class HubConfig:
 EXPIRY_INTERVALS = (0.1, 3600.0)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach ``host`` ("localhost", 127.0.0.0/8, ::1).
+
+    Anything else, "0.0.0.0" and "::" first, another machine may reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: whatever it resolves to is on some network
+        return False
+
+
+def cleartext_listeners(config: RelayConfig) -> list[tuple[str, Address, bool]]:
+    """The relay's listeners that speak HTTP without TLS on an address other
+    machines reach: (table of the setting, address, whether the admin opted in)."""
+    return [(table, address, allowed) for table, address, allowed, _ in _cleartext(config.local_api, config.metrics)]
+
+
+def cleartext_problems(config: RelayConfig) -> list[str]:
+    """The listeners `cleartext_listeners` finds without the opt-in, one
+    sentence each naming the setting (what the loader refuses; `run_relay`
+    asks again for configurations built by hand)."""
+    return [f"{table}.listen: {problem}" for table, _, allowed, problem in
+            _cleartext(config.local_api, config.metrics) if not allowed]
+
+
+def _cleartext(local: LocalApi, metrics: MetricsEndpoint) -> list[tuple[str, Address, bool, str]]:
+    """The local API carries bearer tokens and clinical text, the metrics
+    listener the queue sizes and the state of the link to the hub; on a
+    hospital network either is readable by anyone on the path. So neither
+    may listen in cleartext beyond loopback unless
+    ``allow_cleartext_on_network = true`` says the admin knows
+    (docs/security.md, "The local network")."""
+    found = []
+    if local.tls_cert_file is None and not is_loopback(local.listen.host):
+        found.append(("[local_api]", local.listen, local.allow_cleartext_on_network,
+                      "bearer tokens and message bodies", ", set tls_cert_file and tls_key_file"))
+    if metrics.listen is not None and not is_loopback(metrics.listen.host):
+        found.append(("[metrics]", metrics.listen, metrics.allow_cleartext_on_network,
+                      "the queue sizes and the state of the link to the hub", ""))
+    return [(table, address, allowed,
+             f'"{_shown(address)}" serves HTTP without TLS on the network: {exposes} would cross it '
+             f"unencrypted; listen on 127.0.0.1{tls}, or set allow_cleartext_on_network = true in {table} "
+             "to accept that")
+            for table, address, allowed, exposes, tls in found]
+
+
+def _shown(address: Address) -> str:
+    return f"[{address.host}]:{address.port}" if ":" in address.host else f"{address.host}:{address.port}"
+
+
 def _expiry_interval(value: object) -> float:
     low, high = EXPIRY_INTERVALS
     if isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high:
@@ -276,11 +332,18 @@ def load_relay_config(path: str | os.PathLike) -> RelayConfig:
         audit_retention=relay.get("audit_retention", duration, Delivery.audit_retention),
     )
     uplink = _read_uplink(file.root.table("uplink"))
-    local_api = _read_local_api(file.root.table("local_api", required=False))
+    local_table = file.root.table("local_api", required=False)
+    local_api = _read_local_api(local_table)
     store = _read_store(file.root.table("store", required=False))
     local_systems = _read_local_systems(file.root.tables("local_system"), domain)
     shutdown_grace = relay.get("shutdown_grace", duration, RelayConfig.shutdown_grace)
-    metrics = _read_metrics(file.root.table("metrics", required=False))
+    metrics_table = file.root.table("metrics", required=False)
+    metrics = _read_metrics(metrics_table)
+    if local_api is not None and metrics is not None:
+        tables = {"[local_api]": local_table, "[metrics]": metrics_table}
+        for table, _, allowed, problem in _cleartext(local_api, metrics):
+            if not allowed:
+                tables[table].problem("listen", problem)
     file.finish()
     return RelayConfig(
         path=file.path,
@@ -296,6 +359,7 @@ def load_relay_config(path: str | os.PathLike) -> RelayConfig:
         shutdown_grace=shutdown_grace,
         metrics=metrics,
     )
+    return config
 
 
 def load_hub_config(path: str | os.PathLike) -> HubConfig:
@@ -380,6 +444,7 @@ def _read_local_api(table: Table) -> LocalApi | None:
         tls_client_ca_file=table.get("tls_client_ca_file", table.file.resolve, None),
         max_body_bytes=table.get("max_body_bytes", integer(1), LocalApi.max_body_bytes),
         max_connections=table.get("max_connections", integer(1), LocalApi.max_connections),
+        allow_cleartext_on_network=table.get("allow_cleartext_on_network", boolean, False),
     )
     return LocalApi(**values) if table.valid else None
 
@@ -394,7 +459,8 @@ def _read_store(table: Table) -> StoreLimits | None:
 
 def _read_metrics(table: Table) -> MetricsEndpoint | None:
     listen = table.get("listen", _address, None)
-    return MetricsEndpoint(listen) if table.valid else None
+    allow = table.get("allow_cleartext_on_network", boolean, False)
+    return MetricsEndpoint(listen, allow) if table.valid else None
 
 
 def _read_local_systems(tables: list[Table], domain: str | None) -> tuple[LocalSystem, ...]:
