@@ -127,3 +127,22 @@ async def test_a_reload_whose_last_step_fails_changes_no_part(stopped_space: Spa
     assert app.api_server.tls is not tls
     assert logging.getLogger().level == logging.ERROR
     logging.getLogger().setLevel(level)
+
+
+async def test_a_reload_refuses_a_key_others_can_read(stopped_space: Space, apps) -> None:
+    """What stops the start stops a reload too: a key file readable by
+    others may have leaked (it was accepted by a reload before)."""
+    space = stopped_space
+    await space.start_hub()
+    await space.start_relay(space.a, wait_connected=False)
+    (app,) = apps
+    old = app.reloader.config
+    key = old.uplink.key_file
+    key.chmod(0o644)
+    try:
+        with trio.fail_after(STEP):
+            assert await app.reloader.reload("test") is False
+    finally:
+        key.chmod(0o600)
+    assert app.reloader.config is old
+    assert any(f"chmod 600 {key}" in problem for problem in app.reloader.last["errors"])

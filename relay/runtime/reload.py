@@ -53,6 +53,7 @@ from relay.core.errors import describe_error
 from relay.net.tls import hub_server_context, local_server_context, relay_client_context
 from relay.net.wakeup import Signal
 from relay.pki import identity
+from relay.runtime.permissions import exposed_secrets
 from relay.store import audit
 from relay.store.engine import Store, StoreUnavailable
 
@@ -174,6 +175,7 @@ def prepare_relay(old: RelayConfig, new: RelayConfig) -> RelayConfig:
     if local.tls_cert_file is not None:
         problems += _loads(lambda: local_server_context(local.tls_cert_file, local.tls_key_file,
                                                         local.tls_client_ca_file), "[local_api]")
+    problems += exposed_secrets(new)  # as at the start: a key others can read may have leaked
     for key, before, after in [("[relay].domain", old.domain, new.domain),
                                ("[relay].state_dir", old.state_dir, new.state_dir)]:
         if before != after:
@@ -285,6 +287,7 @@ def prepare_hub(old: HubConfig, new: HubConfig) -> HubConfig:
     problems = [f.message for f in identity.check_identity(new.cert_file, new.key_file, new.ca_file, new.name)
                 if f.level == "error"]
     problems += _loads(lambda: hub_server_context(new.cert_file, new.key_file, new.ca_file, new.tls), "[hub]")
+    problems += exposed_secrets(new)
     if problems:
         raise ReloadRefused(problems)
     if _restart_only({"[hub].listen": (old.listen, new.listen),
