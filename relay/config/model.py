@@ -45,6 +45,45 @@ _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _SYSTEM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
+class Secret:
+    """A value that must never be printed (a password, a signing key).
+
+    Its repr and str are redacted, so that a configuration object, a log
+    line or an exception message that happens to include it shows
+    ``<redacted>``; the one way to the value is `reveal`, which the code
+    that sends or uses it calls at the last moment."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str | bytes) -> None:
+        self._value = value
+
+    def reveal(self) -> str | bytes:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(<redacted>)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and hmac.compare_digest(_as_bytes(self._value), _as_bytes(other._value))
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def _as_bytes(value: str | bytes) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+def _secret(instance: object, name: str) -> None:
+    """Wrap a field given as a plain value (objects built by hand) in `Secret`."""
+    value = getattr(instance, name)
+    if value is not None and not isinstance(value, Secret):
+        object.__setattr__(instance, name, Secret(value))
+
+
 @dataclass(frozen=True)
 class Address:
     """A TCP host and port; port 0 asks the system for any free port (tests use it)."""
@@ -60,7 +99,10 @@ class Proxy:
     host: str
     port: int
     username: str | None
-    password: str | None
+    password: Secret | None  # a plain str given here is wrapped
+
+    def __post_init__(self) -> None:
+        _secret(self, "password")
 
 
 @dataclass(frozen=True)
@@ -73,7 +115,7 @@ class LocalSystem:
     """
 
     name: str
-    token_sha256: bytes
+    token_sha256: bytes = field(repr=False)  # a hash, but of a secret: kept out of logs all the same
     users: frozenset[str]
     all_users: bool
     # The relay's domain, the only one "*" covers. The loader always sets it;
@@ -81,14 +123,17 @@ class LocalSystem:
     domain: str | None = None
     # Push delivery of this system's events: where, and the HMAC key that
     # signs each POST (read from webhook_secret_file; never printed).
-    webhook_url: str | None = None
-    webhook_secret: bytes | None = field(default=None, repr=False)
+    webhook_url: str | None = field(default=None, repr=False)  # its path or query may hold a credential
+    webhook_secret: Secret | None = None  # plain bytes given here are wrapped
     webhook_timeout: float = 10.0  # one delivery attempt, connection to answer
     # Requests per second (average, bursts of rate_burst); 0: no limit.
     rate_limit: float = 0.0
     rate_burst: int = 100
     # The largest message body this system may send, in UTF-8 bytes.
     max_message_bytes: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        _secret(self, "webhook_secret")
 
     def may_send_as(self, address: str) -> bool:
         """Whether this system may send messages from `address`."""
@@ -558,7 +603,14 @@ def _user_parser(domain: str | None) -> Parser[str]:
 def _sha256_hex(value: object) -> bytes:
     if isinstance(value, str) and _SHA256_HEX.fullmatch(value):
         return bytes.fromhex(value)
-    raise expected("64 hexadecimal digits (a SHA-256 hash)", value)
+    # Not repeated: a token pasted here instead of its hash would reach the logs.
+    what = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__
+    raise Invalid(f"expected 64 hexadecimal digits (the SHA-256 hash of the token, never the token), got {what}")
+
+
+def _without_userinfo(value: object) -> object:
+    """A URL as a problem may repeat it: any USER:PASSWORD@ replaced."""
+    return re.sub(r"//[^/?#]*@", "//<redacted>@", value) if isinstance(value, str) else value
 
 
 def _address(value: object) -> Address:
@@ -594,10 +646,10 @@ def _server_url(text: str, scheme: str) -> SplitResult | None:
 
 def _hub_url(value: object) -> SplitResult:
     if not (isinstance(value, str) and value.lower().startswith("https://")):
-        raise expected("an https:// URL", value)
+        raise expected("an https:// URL", _without_userinfo(value))
     url = _server_url(value, "https")
     if url is None or url.username is not None:
-        raise expected("https://HOST or https://HOST:PORT", value)
+        raise expected("https://HOST or https://HOST:PORT", _without_userinfo(value))
     return url
 
 
@@ -630,5 +682,5 @@ def _webhook_url(value: object) -> str:
     except ValueError:  # a bad port or IPv6 literal
         valid = False
     if not valid:
-        raise expected("an http:// or https:// URL", value)
+        raise expected("an http:// or https:// URL, without USER:PASSWORD@", _without_userinfo(value))
     return value
