@@ -364,8 +364,8 @@ def test_systems_serving(tmp_path):
         (
             f'token_sha256 = "{sha256_hex("lab-token")}"',
             'token_sha256 = "abc"',
-            "relay-a.toml: [local_system][1].token_sha256: expected 64 hexadecimal digits (the SHA-256 hash of the token, "
-            "never the token), got 3 characters",
+            "relay-a.toml: [local_system][1].token_sha256: expected 64 hexadecimal digits "
+            "(the SHA-256 hash of the token, never the token), got 3 characters",
         ),
         (
             f'token_sha256 = "{sha256_hex("lab-token")}"',

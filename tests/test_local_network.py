@@ -121,7 +121,8 @@ async def test_local_api_over_tls_with_client_certificates_from_the_pki_commands
     ca = local / "local-ca.pem"
     client = (local / "clients" / "demo-messenger.pem", local / "clients" / "demo-messenger.key")
     path = space.a.config.path
-    path.write_text(path.read_text().replace("[local_api]\n", f'[local_api]\ntls_cert_file = "{local}/relay.chu-nord.test.pem"\n'
+    path.write_text(path.read_text().replace("[local_api]\n", "[local_api]\n"
+                                             f'tls_cert_file = "{local}/relay.chu-nord.test.pem"\n'
                                              f'tls_key_file = "{local}/relay.chu-nord.test.key"\n'
                                              f'tls_client_ca_file = "{ca}"\n'))
     space.a.config = replace(load_relay_config(path), state_dir=space.a.config.state_dir)

@@ -79,8 +79,9 @@ def test_config_problems_never_repeat_a_secret(tmp_path, capsys, line, value) ->
         text = re.sub(r'hub_url = "[^"]*"', f'hub_url = "https://hub.eimis.test"\n{line} = "{value}"'
                       if line == "proxy" else f'hub_url = "{value}"', text)
     else:
-        text += f'\n[[local_system]]\nname = "lab"\ntoken_sha256 = "{TOKEN_HASH if line != "token_sha256" else value}"\n' \
-                f'users = ["lab@chu-nord.test"]\n' + (f'webhook_url = "{value}"\n' if line == "webhook_url" else "")
+        token_sha256 = value if line == "token_sha256" else TOKEN_HASH
+        text += (f'\n[[local_system]]\nname = "lab"\ntoken_sha256 = "{token_sha256}"\nusers = ["lab@chu-nord.test"]\n'
+                 + (f'webhook_url = "{value}"\n' if line == "webhook_url" else ""))
     path.write_text(text)
     with pytest.raises(ConfigError) as refused:
         load_relay_config(path)

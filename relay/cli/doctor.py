@@ -120,7 +120,8 @@ def listeners(config: RelayConfig) -> list[Check]:
               for table, address in opted_in]
     local = config.local_api
     if local.tls_cert_file is not None:
-        clients = "and a client certificate" if local.tls_client_ca_file is not None else "(no client certificate asked)"
+        clients = ("and a client certificate" if local.tls_client_ca_file is not None
+                   else "(no client certificate asked)")
         checks.append(Check("ok", "listeners", f"local API on {local.listen.host}:{local.listen.port}: TLS {clients}"))
     elif is_loopback(local.listen.host):
         checks.append(Check("ok", "listeners", f"local API on {local.listen.host}:{local.listen.port}: loopback only"))
