@@ -373,7 +373,8 @@ def test_systems_serving(tmp_path):
         (
             f'token_sha256 = "{sha256_hex("lab-token")}"',
             'token_sha256 = "abc"',
-            "relay-a.toml: [local_system][1].token_sha256: expected 64 hexadecimal digits (a SHA-256 hash), got 'abc'",
+            "relay-a.toml: [local_system][1].token_sha256: expected 64 hexadecimal digits "
+            "(the SHA-256 hash of the token, never the token), got 3 characters",
         ),
         (
             f'token_sha256 = "{sha256_hex("lab-token")}"',
@@ -543,7 +544,7 @@ def test_webhook_secret_is_read_from_a_private_file(tmp_path):
     config = load_relay_config(write(tmp_path, _with_webhook(tmp_path, 0o600)))
     system = config.local_systems[0]
     assert system.webhook_url == "https://hooks.example/eimis?x=1"
-    assert system.webhook_secret == b"sixteen-bytes-or-more-secret"
+    assert system.webhook_secret.reveal() == b"sixteen-bytes-or-more-secret"
     assert "sixteen" not in repr(system)
 
 

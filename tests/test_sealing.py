@@ -3,11 +3,14 @@ hub's database files, and rotating the key keeps old data readable."""
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
 from conftest import Space
 
+from relay.store import sealing
 from relay.store.sealing import KEY_FILE, KeyRing, KeyRingError, Unreadable, rotate
 
 SECRET = "Patient Martin, 45 ans: suspicion d'embolie pulmonaire"
@@ -75,3 +78,25 @@ async def test_bodies_are_sealed_in_every_store(stopped_space: Space) -> None:
     events = await space.events(space.b, 2)
     assert [e["message"]["body"] for e in events] == [SECRET, SECRET + " (bis)"]
     assert events[1]["message"]["id"] == second
+
+
+def test_a_rotation_cut_short_leaves_the_old_ring_whole(tmp_path: Path, monkeypatch) -> None:
+    """A full disk in the middle of writing the new key: the ring on disk
+    is the old one, every key loadable, never one ending in half a line."""
+    path = tmp_path / sealing.KEY_FILE
+    ring = sealing.KeyRing.load_or_create(path)
+    sealed = ring.seal("body", "m1")
+    real_write = os.write
+
+    def full_disk(fd: int, data) -> int:
+        real_write(fd, bytes(data[:len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        sealing.rotate(path)
+    monkeypatch.undo()
+    again = sealing.KeyRing.load(path)
+    assert again.current == 1 and again.unseal(sealed, "m1") == "body"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [sealing.KEY_FILE]
+    assert sealing.rotate(path) == 2 and sealing.KeyRing.load(path).unseal(sealed, "m1") == "body"

@@ -82,6 +82,12 @@ def resolve(dotted: str) -> str | None:
     return None
 
 
+def _bound_names(path: Path) -> set[str]:
+    """Every function, class and method name defined in a file."""
+    tree = ast.parse(path.read_text())
+    return {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+
+
 def citations() -> list[str]:
     return SPAN.findall(DOC.read_text())
 
@@ -90,8 +96,11 @@ def test_every_code_citation_exists() -> None:
     wrong = {}
     for span in citations():
         if span.startswith(("relay/", "systemd/", "tests/", "docs/", "fuzz/")):
-            if not list(ROOT.glob(span.split()[0])):
+            path, _, name = span.split()[0].partition(":")  # `relay/x.py:function` names a definition in it
+            if not list(ROOT.glob(path)):
                 wrong[span] = "no such file"
+            elif name and name not in _bound_names(ROOT / path):
+                wrong[span] = f"{path} defines no {name}"
         elif ((match := DOTTED.match(span)) and not NOT_CODE.search(match.group(1))
               and (why := resolve(match.group(1))) is not None):
             wrong[span] = why
@@ -121,3 +130,5 @@ def test_the_checker_finds_stale_citations() -> None:
     assert resolve("hub_store._accept_one") is not None
     assert resolve("envelope.dest") is None
     assert resolve("routes.InboxDecoder") is None
+    assert "cleartext_problems" in _bound_names(ROOT / "relay/config/model.py")
+    assert "no_such_function" not in _bound_names(ROOT / "relay/config/model.py")

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from relay import __version__
 from relay.appliance.uplink import Uplink, UplinkState
-from relay.config.model import RelayConfig
+from relay.config.model import RelayConfig, cleartext_listeners
 from relay.core import timeformat
 from relay.core.errors import describe_error
 from relay.net.admin_socket import AdminError, Handler
@@ -237,6 +237,8 @@ def assess(snapshot: dict[str, Any], config: RelayConfig, now: float) -> tuple[l
         warnings.append(f"the oldest queued message has waited {span(now - oldest)}")
     if snapshot["reload"]["errors"]:
         warnings.append("the last reload failed; the previous configuration is in force")
+    warnings.extend(f"{listener} serves HTTP without TLS on the network (allow_cleartext_on_network = true):"
+                    " anyone on the path can read what it carries" for listener in snapshot["cleartext"])
     return problems, warnings
 
 
@@ -291,6 +293,9 @@ class RelayOperations:
                       "max_bytes": config.store.max_bytes, "high_water": config.store.high_water},
             "certificates": [vars(c) for c in certificates(config, up.hub_cert_expires)],
             "reload": self._reload_state(),
+            # Listeners serving HTTP without TLS beyond loopback (allow_cleartext_on_network = true).
+            "cleartext": [f"{table} {address.host}:{address.port}"
+                          for table, address, _ in cleartext_listeners(config)],
         }
         problems, warnings = assess(snapshot, config, now)
         stalls = stall_reasons(snapshot["uplink"]["stalls"], config.uplink.request_timeout, now)

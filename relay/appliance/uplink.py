@@ -78,7 +78,7 @@ class Uplink:
 
     @property
     def config(self) -> RelayConfig:
-        """The configuration in force (`swap_config` changes it)."""
+        """The configuration in force (the swap of `stage_config` changes it)."""
         return self._connection.config
 
     @property
@@ -110,10 +110,11 @@ class Uplink:
         """When the hub's certificate expires, as seen at the last handshake."""
         return self._connection.hub_cert_expires
 
-    def swap_config(self, config: RelayConfig) -> None:
-        """Use ``config`` from now on; see `UplinkConnection.swap_config`
-        (raises before anything changes)."""
-        self._connection.swap_config(config)
+    def stage_config(self, config: RelayConfig) -> Callable[[], None]:
+        """Load what ``config`` needs; return the swap to it, which cannot
+        fail (see `UplinkConnection.stage_config`, which raises having
+        changed nothing)."""
+        return self._connection.stage_config(config)
 
     def retry_now(self) -> None:
         """Cut the wait before the next dial short (``eimis-relay queue retry``)."""

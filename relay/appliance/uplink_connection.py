@@ -9,7 +9,7 @@ it breaks; then it waits (`RetryPolicy`) and dials again.  A connection
 that stayed up `STABLE_AFTER` seconds resets the backoff.  Whatever broke
 it is said once in ``last_error``, which the operations tools show.
 
-The TLS material is loaded when the configuration is: `swap_config` loads
+The TLS material is loaded when the configuration is: `stage_config` loads
 the new files before it changes anything, and when the certificate, key,
 CA, CRLs or the way to the hub changed it rolls the connection over:
 ``on_closing`` ends the inbox stream, a transaction in flight gets its
@@ -178,24 +178,35 @@ class UplinkConnection:
             self.state, self.since = state, time.time()
             self.changed.fire()
 
-    def swap_config(self, config: RelayConfig) -> None:
-        """Use ``config`` from now on (SIGHUP, or a renewed certificate on disk).
+    def stage_config(self, config: RelayConfig) -> Callable[[], None]:
+        """Load what ``config`` needs (SIGHUP, or a renewed certificate on
+        disk) and return the swap that puts it in use, which cannot fail.
 
         Raises what loading its TLS files raises (`ssl.SSLError`, `OSError`,
-        `ValueError`) before anything changes.  When the certificate, key,
-        CA, CRLs or the way to the hub changed, the connection rolls over
-        (see the module docstring)."""
+        `ValueError`), having changed nothing.  When the certificate, key,
+        CA, CRLs or the way to the hub changed, the swap rolls the
+        connection over (see the module docstring)."""
         tls, revocation = _national_tls(config)
         stamp = _tls_stamp(config)
-        self.config, self._ssl, self._revocation = config, tls, revocation
-        self._policy = RetryPolicy(config.uplink.backoff_initial, config.uplink.backoff_max)
-        if stamp != self._tls_stamp:
-            self._tls_stamp = stamp
-            if self._conn is not None and self._nursery is not None:
-                self._rolling_over = True
+        policy = RetryPolicy(config.uplink.backoff_initial, config.uplink.backoff_max)
+
+        def swap() -> None:
+            self.config, self._ssl, self._revocation, self._policy = config, tls, revocation, policy
+            if stamp != self._tls_stamp:
+                self._tls_stamp = stamp
+                self._roll_over_soon()
+
+        return swap
+
+    def _roll_over_soon(self) -> None:
+        if self._conn is not None and self._nursery is not None:
+            try:
                 self._nursery.start_soon(self._roll_over)
-            else:
-                self.retry_now()
+            except RuntimeError:  # the connection has just ended: the next dial takes the new material
+                return
+            self._rolling_over = True
+        else:
+            self.retry_now()
 
     async def _roll_over(self) -> None:
         await self.aclose()

@@ -74,7 +74,7 @@ class WebhookPusher:
 
     async def _deliver(self, event: dict) -> None:
         body = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
-        signature = hmac.new(self._secret, body, hashlib.sha256).hexdigest()
+        signature = hmac.new(self._secret.reveal(), body, hashlib.sha256).hexdigest()
         headers = [
             ("content-type", "application/json"),
             ("event-id", str(event["cursor"])),

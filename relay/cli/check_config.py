@@ -12,8 +12,9 @@ import ssl
 from pathlib import Path
 
 from relay.cli.arguments import add_config_option, config_path
-from relay.config.model import HubConfig, RelayConfig, load_hub_config, load_relay_config
+from relay.config.model import HubConfig, RelayConfig, cleartext_listeners, load_hub_config, load_relay_config
 from relay.config.reader import ConfigError, defines_table
+from relay.core.errors import describe_error
 from relay.net.tls import local_server_context
 from relay.pki import identity
 
@@ -51,9 +52,14 @@ def check_files(config: RelayConfig | HubConfig) -> list[identity.Finding]:
     if local.tls_cert_file is not None:
         assert local.tls_key_file is not None  # the config requires both
         try:
-            local_server_context(local.tls_cert_file, local.tls_key_file)
-        except (OSError, ssl.SSLError) as exc:
-            findings.append(identity.Finding("error", f"[local_api] TLS certificate and key do not load: {exc}"))
+            local_server_context(local.tls_cert_file, local.tls_key_file, local.tls_client_ca_file)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            findings.append(identity.Finding("error", "[local_api] TLS certificate, key or client CA do not load: "
+                                                      f"{describe_error(exc)}"))
+    findings += [identity.Finding("warning", f"{table} listens on {address.host}:{address.port} without TLS "
+                                             "(allow_cleartext_on_network = true): what it carries crosses the "
+                                             "network unencrypted")
+                 for table, address, _ in cleartext_listeners(config)]
     return findings
 
 

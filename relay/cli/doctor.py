@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from relay.cli.arguments import add_config_option, config_path
 from relay.cli.ops import DB_NAME, store_dir
-from relay.config.model import RelayConfig, load_relay_config
+from relay.config.model import RelayConfig, cleartext_listeners, is_loopback, load_relay_config
 from relay.config.reader import ConfigError
 from relay.core import protocol, timeformat
 from relay.core.errors import describe_error
@@ -96,12 +96,36 @@ def run_checks(path: Path) -> list[Check]:
         return [Check("failed", "config", problem, f"edit {path} (see config.example.toml)")
                 for problem in exc.problems]
     checks = [Check("ok", "config", f"{config.path} is valid")]
+    checks += listeners(config)
     checks += permissions(config)
     checks += certificate(config)
     checks += tls_policy(config)
     checks += trio.run(network, config)
     checks += store(config)
     checks += daemon(config)
+    return checks
+
+
+# -- listeners -----------------------------------------------------------------------
+
+
+def listeners(config: RelayConfig) -> list[Check]:
+    """Who can read what the local API and the metrics listener carry."""
+    opted_in = [(table, address) for table, address, allowed in cleartext_listeners(config) if allowed]
+    checks = [Check("warning", "listeners", f"{table} listens on {address.host}:{address.port} without TLS "
+                    "(allow_cleartext_on_network = true): anyone on the network path can read "
+                    + ("bearer tokens and message bodies" if table == "[local_api]" else "the metrics"),
+                    "serve the local API over TLS with client certificates (docs/security.md, "
+                    "'The local network')" if table == "[local_api]" else "listen on 127.0.0.1 and scrape "
+                    "through a TLS proxy, or accept it knowingly")
+              for table, address in opted_in]
+    local = config.local_api
+    if local.tls_cert_file is not None:
+        clients = ("and a client certificate" if local.tls_client_ca_file is not None
+                   else "(no client certificate asked)")
+        checks.append(Check("ok", "listeners", f"local API on {local.listen.host}:{local.listen.port}: TLS {clients}"))
+    elif is_loopback(local.listen.host):
+        checks.append(Check("ok", "listeners", f"local API on {local.listen.host}:{local.listen.port}: loopback only"))
     return checks
 
 

@@ -1,4 +1,11 @@
-"""The ``eimis-relay pki`` sub-commands: a demo PKI, and CSRs for the national PKI."""
+"""The ``eimis-relay pki`` sub-commands: a demo PKI, CSRs for the national
+PKI, and the hospital's own local CA for the local API over TLS.
+
+The local CA (``local-ca``) is the hospital's, not the nation's: it signs
+the relay's local API certificate and one client certificate per local
+system (``local-client``); the relay, given ``tls_client_ca_file``, then
+takes a connection only from a system holding one (docs/security.md,
+"The local network")."""
 
 import argparse
 import sys
@@ -41,6 +48,30 @@ def register(subparsers) -> None:
     csr.add_argument("--out", type=Path, required=True, metavar="DIR")
     csr.set_defaults(func=_csr)
 
+    local_ca = commands.add_parser(
+        "local-ca", help="make the hospital's local CA and the relay's local API certificate",
+        description="Writes DIR/local-ca.pem and .key (the local CA; never replaced: keep its key offline) and "
+                    "DIR/NAME.pem and .key, the local API's server certificate for NAME (and each --ip).")
+    local_ca.add_argument("--out", type=Path, required=True, metavar="DIR")
+    local_ca.add_argument("--server-name", action="append", required=True, metavar="NAME",
+                          help="the DNS name local systems use to reach the relay; repeat for more")
+    local_ca.add_argument("--ip", action="append", default=[], metavar="IP",
+                          help="an IP address local systems use to reach the relay; repeat for more")
+    local_ca.add_argument("--ca-name", default="EIMIS relay local CA", metavar="CN")
+    local_ca.add_argument("--days", type=int, default=825, help="validity of the server certificate")
+    local_ca.set_defaults(func=_local_ca)
+
+    local_client = commands.add_parser(
+        "local-client", help="issue a local system's client certificate from the local CA",
+        description="Writes DIR/SYSTEM.pem and .key, signed by CA_DIR/local-ca.pem: give both to that system.")
+    local_client.add_argument("--ca-dir", type=Path, required=True, metavar="CA_DIR",
+                              help="the directory of `pki local-ca` (local-ca.pem, local-ca.key)")
+    local_client.add_argument("--system", required=True, metavar="SYSTEM",
+                              help="the local system's name (letters, digits, '-' and '.')")
+    local_client.add_argument("--days", type=int, default=825)
+    local_client.add_argument("--out", type=Path, required=True, metavar="DIR")
+    local_client.set_defaults(func=_local_client)
+
     crl = commands.add_parser("crl", help="write a demo CRL revoking the given certificates")
     crl.add_argument("--ca-cert", type=Path, required=True, metavar="PEM")
     crl.add_argument("--ca-key", type=Path, required=True, metavar="KEY")
@@ -64,6 +95,26 @@ def _issue(args: argparse.Namespace) -> int:
 
 def _csr(args: argparse.Namespace) -> int:
     return _run(authority.make_key_and_csr, args.out, domain=args.domain, org_id=args.org_id)
+
+
+def _local_ca(args: argparse.Namespace) -> int:
+    def make(out: Path) -> list[Path]:
+        ca = authority.create_ca(out, common_name=args.ca_name, stem=LOCAL_CA, replace=False)
+        server = authority.issue_certificate(*ca, out, dns_names=args.server_name, role="local",
+                                             ip_addresses=args.ip, days=args.days)
+        return [*ca, *server]
+
+    return _run(make, args.out)
+
+
+def _local_client(args: argparse.Namespace) -> int:
+    ca = (args.ca_dir / f"{LOCAL_CA}.pem", args.ca_dir / f"{LOCAL_CA}.key")
+    return _run(authority.issue_certificate, *ca, args.out, dns_names=[args.system], role="local-client",
+                days=args.days)
+
+
+# The local CA's files in the directory of `pki local-ca`.
+LOCAL_CA = "local-ca"
 
 
 def _crl(args: argparse.Namespace) -> int:

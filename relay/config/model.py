@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from relay.config.reader import (
@@ -44,6 +45,49 @@ _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _SYSTEM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
+# What a `Secret` hides: a password (text) or a signing key (bytes).
+Hidden = TypeVar("Hidden", str, bytes)
+
+
+class Secret(Generic[Hidden]):
+    """A value that must never be printed (a password, a signing key).
+
+    Its repr and str are redacted, so that a configuration object, a log
+    line or an exception message that happens to include it shows
+    ``<redacted>``; the one way to the value is `reveal`, which the code
+    that sends or uses it calls at the last moment."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: Hidden) -> None:
+        self._value: Hidden = value
+
+    def reveal(self) -> Hidden:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(<redacted>)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and hmac.compare_digest(_as_bytes(self._value), _as_bytes(other._value))
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def _as_bytes(value: str | bytes) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+def _secret(instance: object, name: str) -> None:
+    """Wrap a field given as a plain value (objects built by hand) in `Secret`."""
+    value = getattr(instance, name)
+    if value is not None and not isinstance(value, Secret):
+        object.__setattr__(instance, name, Secret(value))
+
+
 @dataclass(frozen=True)
 class Address:
     """A TCP host and port; port 0 asks the system for any free port (tests use it)."""
@@ -59,7 +103,10 @@ class Proxy:
     host: str
     port: int
     username: str | None
-    password: str | None
+    password: Secret[str] | None  # a plain str given here is wrapped
+
+    def __post_init__(self) -> None:
+        _secret(self, "password")
 
 
 @dataclass(frozen=True)
@@ -72,7 +119,7 @@ class LocalSystem:
     """
 
     name: str
-    token_sha256: bytes
+    token_sha256: bytes = field(repr=False)  # a hash, but of a secret: kept out of logs all the same
     users: frozenset[str]
     all_users: bool
     # The relay's domain, the only one "*" covers. The loader always sets it;
@@ -80,14 +127,17 @@ class LocalSystem:
     domain: str | None = None
     # Push delivery of this system's events: where, and the HMAC key that
     # signs each POST (read from webhook_secret_file; never printed).
-    webhook_url: str | None = None
-    webhook_secret: bytes | None = field(default=None, repr=False)
+    webhook_url: str | None = field(default=None, repr=False)  # its path or query may hold a credential
+    webhook_secret: Secret[bytes] | None = None  # plain bytes given here are wrapped
     webhook_timeout: float = 10.0  # one delivery attempt, connection to answer
     # Requests per second (average, bursts of rate_burst); 0: no limit.
     rate_limit: float = 0.0
     rate_burst: int = 100
     # The largest message body this system may send, in UTF-8 bytes.
     max_message_bytes: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        _secret(self, "webhook_secret")
 
     def may_send_as(self, address: str) -> bool:
         """Whether this system may send messages from `address`."""
@@ -166,6 +216,8 @@ class LocalApi:
     tls_client_ca_file: Path | None = None
     max_body_bytes: int = 2 * 1024 * 1024
     max_connections: int = 256
+    # Serve without TLS on an address other machines reach: see cleartext_problems.
+    allow_cleartext_on_network: bool = False
 
 
 @dataclass(frozen=True)
@@ -197,6 +249,8 @@ class MetricsEndpoint:
     local API's port (nor its tokens)."""
 
     listen: Address | None = None
+    # It has no TLS: an address other machines reach takes this opt-in.
+    allow_cleartext_on_network: bool = False
 
 
 @dataclass(frozen=True)
@@ -260,6 +314,57 @@ class HubConfig:
 EXPIRY_INTERVALS = (0.1, 3600.0)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach ``host`` ("localhost", 127.0.0.0/8, ::1).
+
+    Anything else, "0.0.0.0" and "::" first, another machine may reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: whatever it resolves to is on some network
+        return False
+
+
+def cleartext_listeners(config: RelayConfig) -> list[tuple[str, Address, bool]]:
+    """The relay's listeners that speak HTTP without TLS on an address other
+    machines reach: (table of the setting, address, whether the admin opted in)."""
+    return [(table, address, allowed) for table, address, allowed, _ in _cleartext(config.local_api, config.metrics)]
+
+
+def cleartext_problems(config: RelayConfig) -> list[str]:
+    """The listeners `cleartext_listeners` finds without the opt-in, one
+    sentence each naming the setting (what the loader refuses; `run_relay`
+    asks again for configurations built by hand)."""
+    return [f"{table}.listen: {problem}" for table, _, allowed, problem in
+            _cleartext(config.local_api, config.metrics) if not allowed]
+
+
+def _cleartext(local: LocalApi, metrics: MetricsEndpoint) -> list[tuple[str, Address, bool, str]]:
+    """The local API carries bearer tokens and clinical text, the metrics
+    listener the queue sizes and the state of the link to the hub; on a
+    hospital network either is readable by anyone on the path. So neither
+    may listen in cleartext beyond loopback unless
+    ``allow_cleartext_on_network = true`` says the admin knows
+    (docs/security.md, "The local network")."""
+    found = []
+    if local.tls_cert_file is None and not is_loopback(local.listen.host):
+        found.append(("[local_api]", local.listen, local.allow_cleartext_on_network,
+                      "bearer tokens and message bodies", ", set tls_cert_file and tls_key_file"))
+    if metrics.listen is not None and not is_loopback(metrics.listen.host):
+        found.append(("[metrics]", metrics.listen, metrics.allow_cleartext_on_network,
+                      "the queue sizes and the state of the link to the hub", ""))
+    return [(table, address, allowed,
+             f'"{_shown(address)}" serves HTTP without TLS on the network: {exposes} would cross it '
+             f"unencrypted; listen on 127.0.0.1{tls}, or set allow_cleartext_on_network = true in {table} "
+             "to accept that")
+            for table, address, allowed, exposes, tls in found]
+
+
+def _shown(address: Address) -> str:
+    return f"[{address.host}]:{address.port}" if ":" in address.host else f"{address.host}:{address.port}"
+
+
 def _expiry_interval(value: object) -> float:
     low, high = EXPIRY_INTERVALS
     if isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high:
@@ -289,11 +394,18 @@ def load_relay_config(path: str | os.PathLike) -> RelayConfig:
     delivery = replace(delivery, retry_window=min(delivery.event_retention,
                                                   Delivery.retry_window if retry_window is None else retry_window))
     uplink = _read_uplink(file.root.table("uplink"))
-    local_api = _read_local_api(file.root.table("local_api", required=False))
+    local_table = file.root.table("local_api", required=False)
+    local_api = _read_local_api(local_table)
     store = _read_store(file.root.table("store", required=False))
     local_systems = _read_local_systems(file.root.tables("local_system"), domain)
     shutdown_grace = relay.get("shutdown_grace", duration, RelayConfig.shutdown_grace)
-    metrics = _read_metrics(file.root.table("metrics", required=False))
+    metrics_table = file.root.table("metrics", required=False)
+    metrics = _read_metrics(metrics_table)
+    if local_api is not None and metrics is not None:
+        tables = {"[local_api]": local_table, "[metrics]": metrics_table}
+        for table, _, allowed, problem in _cleartext(local_api, metrics):
+            if not allowed:
+                tables[table].problem("listen", problem)
     file.finish()
     # finish() raised if any table had a problem: each was built.
     assert uplink is not None and local_api is not None and store is not None and metrics is not None
@@ -397,6 +509,7 @@ def _read_local_api(table: Table) -> LocalApi | None:
         tls_client_ca_file=table.get("tls_client_ca_file", table.file.resolve, None),
         max_body_bytes=table.get("max_body_bytes", integer(1), LocalApi.max_body_bytes),
         max_connections=table.get("max_connections", integer(1), LocalApi.max_connections),
+        allow_cleartext_on_network=table.get("allow_cleartext_on_network", boolean, False),
     )
     return LocalApi(**values) if table.valid else None
 
@@ -411,7 +524,8 @@ def _read_store(table: Table) -> StoreLimits | None:
 
 def _read_metrics(table: Table) -> MetricsEndpoint | None:
     listen = table.get("listen", _address, None)
-    return MetricsEndpoint(listen) if table.valid else None
+    allow = table.get("allow_cleartext_on_network", boolean, False)
+    return MetricsEndpoint(listen, allow) if table.valid else None
 
 
 def _read_local_systems(tables: list[Table], domain: str | None) -> tuple[LocalSystem, ...]:
@@ -450,7 +564,7 @@ def _read_local_systems(tables: list[Table], domain: str | None) -> tuple[LocalS
                     all_users="*" in users,
                     domain=domain,
                     webhook_url=webhook_url,
-                    webhook_secret=secret,
+                    webhook_secret=None if secret is None else Secret(secret),
                     webhook_timeout=webhook_timeout,
                     rate_limit=rate_limit,
                     rate_burst=rate_burst,
@@ -509,7 +623,14 @@ def _user_parser(domain: str | None) -> Parser[str]:
 def _sha256_hex(value: object) -> bytes:
     if isinstance(value, str) and _SHA256_HEX.fullmatch(value):
         return bytes.fromhex(value)
-    raise expected("64 hexadecimal digits (a SHA-256 hash)", value)
+    # Not repeated: a token pasted here instead of its hash would reach the logs.
+    what = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__
+    raise Invalid(f"expected 64 hexadecimal digits (the SHA-256 hash of the token, never the token), got {what}")
+
+
+def _without_userinfo(value: object) -> object:
+    """A URL as a problem may repeat it: any USER:PASSWORD@ replaced."""
+    return re.sub(r"//[^/?#]*@", "//<redacted>@", value) if isinstance(value, str) else value
 
 
 def _address(value: object) -> Address:
@@ -545,10 +666,10 @@ def _server_url(text: str, scheme: str) -> SplitResult | None:
 
 def _hub_url(value: object) -> SplitResult:
     if not (isinstance(value, str) and value.lower().startswith("https://")):
-        raise expected("an https:// URL", value)
+        raise expected("an https:// URL", _without_userinfo(value))
     url = _server_url(value, "https")
     if url is None or url.username is not None:
-        raise expected("https://HOST or https://HOST:PORT", value)
+        raise expected("https://HOST or https://HOST:PORT", _without_userinfo(value))
     return url
 
 
@@ -561,7 +682,7 @@ def _proxy(value: object) -> Proxy:
     if url.username is None:
         return Proxy(url.hostname, url.port, None, None)
     assert url.password is not None  # both or neither, checked above
-    return Proxy(url.hostname, url.port, unquote(url.username), unquote(url.password))
+    return Proxy(url.hostname, url.port, unquote(url.username), Secret(unquote(url.password)))
 
 
 _crl_stale = string('"fail" or "warn"', ("fail", "warn").__contains__)
@@ -583,5 +704,5 @@ def _webhook_url(value: object) -> str:
     except ValueError:  # a bad port or IPv6 literal
         valid = False
     if not valid or not isinstance(value, str):
-        raise expected("an http:// or https:// URL", value)
+        raise expected("an http:// or https:// URL, without USER:PASSWORD@", _without_userinfo(value))
     return value

@@ -29,8 +29,10 @@ until a message's time-to-live runs out and its origin gets ``expired``.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 
@@ -85,17 +87,30 @@ class Hub:
         self._known: set[str] = set()
         self._connections: set[Http2Connection] = set()
 
-    async def swap_config(self, config: HubConfig) -> None:
-        """Use ``config`` from now on (SIGHUP, or renewed files): new
-        handshakes present the new certificate and check the new CA and
-        CRLs; connections already up go on.  Newly listed domains are
-        registered.  Raises what loading the TLS files raises, before
-        anything changes."""
+    async def stage_config(self, config: HubConfig,
+                           commit: Callable[[Callable[[sqlite3.Connection], set[str]]], Awaitable[set[str]]],
+                           ) -> Callable[[], None]:
+        """Build what ``config`` needs (SIGHUP, or renewed files) and return
+        the swap to it, which cannot fail: new handshakes then present the
+        new certificate and check the new CA and CRLs; connections already
+        up go on.  Newly listed domains are registered by the store unit
+        handed to ``commit`` (which writes it with the reload's audit
+        record, in one transaction).  Raises what loading the TLS files
+        raises, or what ``commit`` raises, having changed nothing."""
         tls = hub_server_context(config.cert_file, config.key_file, config.ca_file, config.tls)
-        self.config, self._ssl, self._revocation = config, tls, RevocationList(config.tls, config.ca_file)
-        await self.store.run("register_configured_domains",
-                             lambda c: hub_queue.register_domains(c, config.domains, learnt=False, now=time.time()))
-        self._known = await self.store.run("known_domains", hub_queue.known_domains)
+        revocation = RevocationList(config.tls, config.ca_file)
+
+        def register(conn: sqlite3.Connection) -> set[str]:
+            hub_queue.register_domains(conn, config.domains, learnt=False, now=time.time())
+            return hub_queue.known_domains(conn)
+
+        known = await commit(register)
+
+        def swap() -> None:
+            self.config, self._ssl, self._revocation = config, tls, revocation
+            self._known = self._known | known  # with any domain learnt meanwhile
+
+        return swap
 
     def link(self, domain: str) -> DomainLink:
         return self.links.setdefault(domain, DomainLink())

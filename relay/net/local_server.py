@@ -75,7 +75,7 @@ class HttpServer:
         self._app = app
         self._max_body = max_body
         self._too_large = too_large
-        self._tls = tls
+        self.tls = tls  # a reload swaps in a new context: new connections use it
         self._slots = trio.Semaphore(max_connections)
         self._h2_connections: set[Http2Connection] = set()
         self._accepting = trio.CancelScope()
@@ -152,8 +152,8 @@ class HttpServer:
 
     async def _serve(self, stream: trio.abc.Stream) -> None:
         initial = b""
-        if self._tls is not None:
-            stream = trio.SSLStream(stream, self._tls, server_side=True)
+        if self.tls is not None:
+            stream = trio.SSLStream(stream, self.tls, server_side=True)
             with trio.fail_after(REQUEST_TIMEOUT):
                 await stream.do_handshake()
             is_h2 = stream.selected_alpn_protocol() == "h2"

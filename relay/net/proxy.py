@@ -44,7 +44,8 @@ async def _connect(stream: trio.SocketStream, proxy: Proxy, target: str) -> None
     client = h11.Connection(our_role=h11.CLIENT)
     headers = [("Host", target)]
     if proxy.username is not None:
-        credentials = f"{proxy.username}:{proxy.password or ''}".encode()
+        password = proxy.password.reveal() if proxy.password is not None else ""
+        credentials = f"{proxy.username}:{password}".encode()
         headers.append(("Proxy-Authorization", "Basic " + base64.b64encode(credentials).decode()))
     await stream.send_all(client.send(h11.Request(method="CONNECT", target=target, headers=headers)))
     while True:

@@ -23,11 +23,14 @@ from relay.pki.identity import load_certificates, load_chain, load_private_key, 
 _ORGANISATION = "EIMIS demo"
 
 # Relays and the hub act both as TLS clients and servers (each calls the other);
-# the local API, reached by the hospital's own systems, is only ever a server.
+# the local API, reached by the hospital's own systems, is only ever a server
+# ("local"), and those systems only ever its clients ("local-client": issued
+# from the hospital's own local CA, never the national one).
 _EXTENDED_KEY_USAGES = {
     "relay": [ExtendedKeyUsageOID.CLIENT_AUTH],  # never a TLS server: it cannot pose as the hub
     "hub": [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
     "local": [ExtendedKeyUsageOID.SERVER_AUTH],
+    "local-client": [ExtendedKeyUsageOID.CLIENT_AUTH],
 }
 ROLES = tuple(_EXTENDED_KEY_USAGES)
 
@@ -37,11 +40,14 @@ _CLOCK_SKEW = timedelta(minutes=5)
 
 
 def create_ca(
-    out_dir: Path, *, common_name: str = "EIMIS Demo National CA", days: int = 3650
+    out_dir: Path, *, common_name: str = "EIMIS Demo National CA", days: int = 3650, stem: str = "ca",
+    replace: bool = True,
 ) -> tuple[Path, Path]:
-    """Create a self-signed demo CA as ``out_dir/ca.pem`` and ``out_dir/ca.key``.
+    """Create a self-signed CA as ``out_dir/<stem>.pem`` and ``out_dir/<stem>.key``.
 
-    Existing files are replaced: a demo CA is disposable.
+    Existing files are replaced unless ``replace`` is false: a demo CA is
+    disposable, a hospital's local CA is not (every certificate it issued
+    would stop working).
     """
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name(
@@ -64,7 +70,7 @@ def create_ca(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    return _write_pair(Path(out_dir), "ca", cert, key)
+    return _write_pair(Path(out_dir), stem, cert, key, replace=replace)
 
 
 def issue_certificate(
@@ -82,7 +88,7 @@ def issue_certificate(
 ) -> tuple[Path, Path]:
     """Issue a certificate signed by the demo CA, as ``out_dir/<dns_names[0]>.pem`` and ``.key``.
 
-    ``role`` ("relay", "hub" or "local") selects the extended key usages, which
+    ``role`` ("relay", "hub", "local" or "local-client") selects the extended key usages, which
     TLS peers enforce.  ``not_before``/``not_after`` override the validity period
     so that tests can make expired or not-yet-valid certificates.
     """
@@ -221,10 +227,10 @@ def _key_usage(
     )
 
 
-def _write_pair(out_dir: Path, stem: str, cert: x509.Certificate, key) -> tuple[Path, Path]:
+def _write_pair(out_dir: Path, stem: str, cert: x509.Certificate, key, *, replace: bool = True) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = out_dir / f"{stem}.pem", out_dir / f"{stem}.key"
-    _write_private_key(key_path, key, replace=True)
+    _write_private_key(key_path, key, replace=replace)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
 

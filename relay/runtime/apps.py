@@ -11,7 +11,7 @@ the parts, and the order they start and stop in, is `relay.runtime.daemon`'s.
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 from relay.appliance.housekeeping import Housekeeping
@@ -23,19 +23,18 @@ from relay.config.model import HubConfig, RelayConfig, load_hub_config, load_rel
 from relay.hub.server import Hub
 from relay.net.admin_socket import AdminServer
 from relay.net.local_server import HttpServer
-from relay.net.tls import local_server_context
 from relay.net.wakeup import Signal, Signals
 from relay.runtime.reload import (
     Reloader,
     WebhookSet,
     apply_log_level,
     hub_files,
+    local_tls,
     prepare_hub,
     prepare_relay,
+    record_reload,
     relay_files,
-    reload_local_tls,
 )
-from relay.store import audit
 from relay.store.engine import Store
 
 # The metrics listener takes GETs from a monitoring system, and few of them.
@@ -52,16 +51,12 @@ class RelayApp:
         self.outbox_changed = Signal()
         self.events = Signals()
         local = config.local_api
-        self.local_tls = None
-        if local.tls_cert_file is not None:
-            assert local.tls_key_file is not None  # the config requires both
-            self.local_tls = local_server_context(local.tls_cert_file, local.tls_key_file, local.tls_client_ca_file)
         self.uplink = Uplink(config, store, self.outbox_changed, self.events.fire, counters.observe_delivery)
         self.api = LocalApi(config, store, self.outbox_changed, self.events,
                             uplink_state=lambda: self.uplink.state.value, on_accepted=counters.count_accepted)
         self.housekeeping = Housekeeping(store, config.delivery, self.events.fire)
         self.webhooks = WebhookSet(store, self.events.signal)
-        self.reloader = Reloader(config, load=load_relay_config, prepare=prepare_relay, apply=self._apply,
+        self.reloader = Reloader(config, load=load_relay_config, prepare=prepare_relay, stage=self._stage,
                                  files=relay_files)
         current = self.current_config
         self.metrics = RelayMetrics(counters, current, store, self.uplink, lambda: self.webhooks.pushers,
@@ -72,7 +67,7 @@ class RelayApp:
         self.admin = AdminServer(admin_socket, operations.handlers())
         self.reporter = StatusReporter(current, store, self.uplink, self.outbox_changed, self.reloader.reloaded)
         self.api_server = HttpServer(self.api, max_body=local.max_body_bytes, too_large=too_large(local.max_body_bytes),
-                                     tls=self.local_tls, max_connections=local.max_connections)
+                                     tls=local_tls(config), max_connections=local.max_connections)
         self.metrics_server = HttpServer(self.metrics, max_body=METRICS_MAX_BODY,
                                          too_large=too_large(METRICS_MAX_BODY), max_connections=METRICS_MAX_CONNECTIONS)
 
@@ -80,16 +75,23 @@ class RelayApp:
         """The configuration in force: the last one a reload applied."""
         return self.reloader.config
 
-    async def _apply(self, new: RelayConfig) -> None:
-        self.uplink.swap_config(new)  # first: it raises before changing anything
-        self.api.config = new
-        self.housekeeping.delivery = new.delivery
-        self.webhooks.apply(new.local_systems)
-        reload_local_tls(self.local_tls, new)
-        apply_log_level(new)
-        await self.store.run_patiently("audit_reload",
-                                       lambda c: audit.record(c, "admin", "reload", None, None, "applied",
-                                                              now=time.time()))
+    async def _stage(self, new: RelayConfig) -> Callable[[], None]:
+        """Build what ``new`` needs and record the reload; return the swap
+        of every part to it, which cannot fail (`relay.runtime.reload`)."""
+        swap_uplink = self.uplink.stage_config(new)
+        tls = local_tls(new)  # None only when the API serves HTTP, which a reload cannot change
+        swap_webhooks = self.webhooks.stage(new.local_systems)
+        await record_reload(self.store)
+
+        def swap() -> None:
+            swap_uplink()
+            self.api.config = new
+            self.housekeeping.delivery = new.delivery
+            swap_webhooks()
+            self.api_server.tls = tls
+            apply_log_level(new)
+
+        return swap
 
 
 class HubApp:
@@ -98,12 +100,14 @@ class HubApp:
     def __init__(self, config: HubConfig, store: Store) -> None:
         self.store = store
         self.hub = Hub(config, store)
-        self.reloader = Reloader(config, load=load_hub_config, prepare=prepare_hub, apply=self._apply,
+        self.reloader = Reloader(config, load=load_hub_config, prepare=prepare_hub, stage=self._stage,
                                  files=hub_files)
 
-    async def _apply(self, new: HubConfig) -> None:
-        await self.hub.swap_config(new)
-        apply_log_level(new)
-        await self.store.run_patiently("audit_reload",
-                                       lambda c: audit.record(c, "admin", "reload", None, None, "applied",
-                                                              now=time.time()))
+    async def _stage(self, new: HubConfig) -> Callable[[], None]:
+        swap_hub = await self.hub.stage_config(new, lambda register: record_reload(self.store, register))
+
+        def swap() -> None:
+            swap_hub()
+            apply_log_level(new)
+
+        return swap

@@ -21,7 +21,8 @@ import trio
 
 from relay.appliance.metrics import RelayCounters
 from relay.appliance.operations import watch_own_certificate
-from relay.config.model import HubConfig, RelayConfig
+from relay.config.model import HubConfig, RelayConfig, cleartext_problems
+from relay.config.reader import ConfigError
 from relay.net.admin_socket import StateLock, socket_path
 from relay.net.sdnotify import notify, watchdog
 from relay.runtime.apps import HubApp, RelayApp
@@ -39,7 +40,12 @@ async def run_relay(
     config: RelayConfig, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the relay until SIGTERM or SIGINT.  Raises `StoreBusy` when
-    another process holds the state directory (see `relay.net.admin_socket`)."""
+    another process holds the state directory (see `relay.net.admin_socket`),
+    `ConfigError` for a cleartext listener on the network that the
+    configuration does not allow (the loader refuses it already; this is
+    for a configuration built otherwise)."""
+    if problems := cleartext_problems(config):
+        raise ConfigError(problems)
     state = state_dir(config.state_dir)
     path = state / "relay.db"
     admin_socket = socket_path(config.domain, state)
@@ -65,7 +71,7 @@ async def _serve_relay(config: RelayConfig, app: RelayApp,
             await nursery.start(app.api_server.serve, listeners)
             if metrics_listeners:
                 await nursery.start(app.metrics_server.serve, metrics_listeners)
-            app.webhooks.apply(config.local_systems)
+            app.webhooks.stage(config.local_systems)()
             nursery.start_soon(app.uplink.run)
             nursery.start_soon(app.housekeeping.run)
             nursery.start_soon(app.reloader.run)

@@ -2,17 +2,24 @@
 
 Theory of operation
 -------------------
-Nothing restarts.  A `Reloader` reads the configuration file again, checks
-everything it can before touching anything (the file itself, each
-certificate against its key, CA and name, every TLS context it will need),
-and only then hands the new configuration to the parts, each of which swaps
-it in: the uplink (which rolls its connection over when its certificate or
-the way to the hub changed), the local API (tokens, users), the local API's
-TLS certificate (reloaded into the live context), housekeeping, the
-webhooks (started, changed or stopped), the log level.  Queued work is in
-the store and never depends on the configuration object, so nothing queued
-is dropped.  If any check fails the old configuration stays in force, every
-error is logged, and ``eimis-relay status`` shows them.
+Nothing restarts, and a reload is all or nothing.  A `Reloader` reads the
+configuration file again and checks it (`prepare`: the file itself, each
+certificate against its key, CA and name), then *stages* it: everything
+the new configuration needs is built while the old one stays in force
+(the uplink's TLS context, the local API's new TLS context, the webhook
+pushers of new systems) and the reload is recorded in the audit trail.
+Only then comes the swap, which is plain assignments with no await in
+between: the uplink (which rolls its connection over when its certificate
+or the way to the hub changed), the local API (tokens, users, limits),
+the local API's TLS context (new handshakes use the new one, connections
+open stay as they are), housekeeping, the webhooks (started, changed or
+stopped), the log level.  A swap cannot fail half-way, so either every
+part runs the new configuration or none does: when a check or a build
+fails (a file rewritten between the check and the build, a store that
+cannot record the reload) nothing has changed, every problem is logged,
+and ``eimis-relay status`` shows them with the old configuration kept.
+Queued work is in the store and never depends on the configuration
+object, so nothing queued is dropped.  One reload runs at a time.
 
 The relay's domain and ``state_dir`` cannot change under a running
 daemon: a reload that changes them is refused.  Listener settings
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -46,7 +54,9 @@ from relay.core.errors import describe_error
 from relay.net.tls import hub_server_context, local_server_context, relay_client_context
 from relay.net.wakeup import Signal
 from relay.pki import identity
-from relay.store.engine import Store
+from relay.runtime.permissions import exposed_secrets
+from relay.store import audit
+from relay.store.engine import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +78,18 @@ class ReloadRefused(Exception):
 class Reloader(Generic[C]):
     """Reloads ``config`` on SIGHUP and when a file of ``files(config)``
     changes; `prepare` checks a new configuration (raising `ConfigError` or
-    `ReloadRefused`), `apply` swaps it in."""
+    `ReloadRefused`), `stage` builds what it needs and returns the swap to
+    it, which must not fail (see the module docstring)."""
 
     def __init__(self, config: C, *, load: Callable[[Path], C], prepare: Callable[[C, C], C],
-                 apply: Callable[[C], Awaitable[None]], files: Callable[[C], Iterable[Path | None]]) -> None:
+                 stage: Callable[[C], Awaitable[Callable[[], None]]],
+                 files: Callable[[C], Iterable[Path | None]]) -> None:
         self.config: C = config
         self._load: Callable[[Path], C] = load
         self._prepare: Callable[[C, C], C] = prepare
-        self._apply: Callable[[C], Awaitable[None]] = apply
+        self._stage: Callable[[C], Awaitable[Callable[[], None]]] = stage
         self._files: Callable[[C], Iterable[Path | None]] = files
+        self._one_at_a_time = trio.Lock()
         self.reloaded = Signal()
         self.last: dict[str, Any] = {"at": None, "trigger": None, "ok": None, "errors": []}
 
@@ -105,29 +118,48 @@ class Reloader(Generic[C]):
         return files_stamp(self._files(self.config))
 
     async def reload(self, trigger: str) -> bool:
-        """Load, check and apply the configuration file; True when applied."""
-        log.info("reloading %s (%s)", self.config.path, trigger)
-        self.last = {"at": time.time(), "trigger": trigger, "ok": False, "errors": []}
-        try:
-            new = self._prepare(self.config, self._load(self.config.path))
-        except (ConfigError, ReloadRefused) as exc:
-            self.last["errors"] = exc.problems
-            for problem in exc.problems:
+        """Load, check, stage and swap in the configuration file; True when
+        applied, False when the configuration in force stays, unchanged."""
+        async with self._one_at_a_time:
+            log.info("reloading %s (%s)", self.config.path, trigger)
+            self.last = {"at": time.time(), "trigger": trigger, "ok": None, "errors": []}
+            try:
+                new = self._prepare(self.config, self._load(self.config.path))
+                swap = await self._stage(new)
+            except (ConfigError, ReloadRefused) as exc:
+                problems = exc.problems
+            except (OSError, ssl.SSLError, ValueError) as exc:  # a file changed again since the checks
+                problems = [f"a file changed while the reload read it ({describe_error(exc)}); "
+                            "it is tried again when the files change"]
+            except StoreUnavailable as exc:
+                problems = [f"the reload cannot be recorded in the audit trail ({exc})"]
+            else:
+                swap()
+                self.config = new
+                self.last["ok"] = True
+                self.reloaded.fire()
+                log.info("reloaded %s", new.path)
+                return True
+            self.last.update(ok=False, errors=problems)
+            for problem in problems:
                 log.error("reload refused: %s", problem)
-            log.error("reload refused: %d problem(s); the previous configuration stays in force", len(exc.problems))
+            log.error("reload refused: %d problem(s); the previous configuration stays in force, in every part",
+                      len(problems))
             return False
-        try:
-            await self._apply(new)
-        except (OSError, ssl.SSLError, ValueError) as exc:  # a file changed again since the checks
-            self.last["errors"] = [describe_error(exc)]
-            log.error("reload failed while applying (%s); it is tried again when the files change",
-                      describe_error(exc))
-            return False
-        self.config = new
-        self.last["ok"] = True
-        self.reloaded.fire()
-        log.info("reloaded %s", new.path)
-        return True
+
+
+async def record_reload(store: Store, record: Callable[[sqlite3.Connection], Any] | None = None) -> Any:
+    """Write the audit record of a reload (with ``record``'s writes, in the
+    same transaction): the last step of staging that can fail.  Shielded,
+    so that a reload once recorded is swapped in (the swap follows with no
+    await in between); raises `StoreUnavailable` when it cannot commit."""
+
+    def unit(conn: sqlite3.Connection) -> object:
+        audit.record(conn, "admin", "reload", None, None, "applied", now=time.time())
+        return record(conn) if record is not None else None
+
+    with trio.CancelScope(shield=True):
+        return await store.run("audit_reload", unit)
 
 
 # -- the relay ---------------------------------------------------------------------
@@ -148,6 +180,7 @@ def prepare_relay(old: RelayConfig, new: RelayConfig) -> RelayConfig:
         cert_file, key_file = local.tls_cert_file, local.tls_key_file
         assert key_file is not None  # the config requires both
         problems += _loads(lambda: local_server_context(cert_file, key_file, local.tls_client_ca_file), "[local_api]")
+    problems += exposed_secrets(new)  # as at the start: a key others can read may have leaked
     for key, before, after in [("[relay].domain", old.domain, new.domain),
                                ("[relay].state_dir", old.state_dir, new.state_dir)]:
         if before != after:
@@ -181,14 +214,17 @@ def _restart_only(fields: dict[str, tuple[Any, Any]]) -> list[str]:
     return changed
 
 
-def reload_local_tls(context: ssl.SSLContext | None, config: RelayConfig) -> None:
-    """Put a renewed local API certificate into the live context: every
-    handshake from now on presents it, connections open stay as they are.
-    (`prepare_relay` has loaded the pair once already, so this cannot
-    leave the context half-changed.)"""
+def local_tls(config: RelayConfig) -> ssl.SSLContext | None:
+    """A new TLS context for the local API, or None when it serves HTTP.
+
+    A reload swaps the new context in whole rather than loading the new
+    pair into the live one, which a failure between the certificate and
+    the key would leave half-changed (every handshake then failing)."""
     local = config.local_api
-    if context is not None and local.tls_cert_file is not None:
-        context.load_cert_chain(local.tls_cert_file, local.tls_key_file)
+    if local.tls_cert_file is None:
+        return None
+    assert local.tls_key_file is not None  # the config requires both
+    return local_server_context(local.tls_cert_file, local.tls_key_file, local.tls_client_ca_file)
 
 
 def apply_log_level(config: RelayConfig | HubConfig) -> None:
@@ -216,21 +252,29 @@ class WebhookSet:
     def pushers(self) -> list[WebhookPusher]:
         return [pusher for pusher, _ in self._running.values()]
 
-    def apply(self, systems: Iterable[LocalSystem]) -> None:
+    def stage(self, systems: Iterable[LocalSystem]) -> Callable[[], None]:
+        """Build the pushers of the systems that gain a webhook; return the
+        swap that starts, changes and stops them as ``systems`` says (once
+        `run` has started), which cannot fail."""
         if self._nursery is None:
-            raise RuntimeError("WebhookSet.apply before run has started")
+            raise RuntimeError("WebhookSet.stage before run has started")
+        nursery = self._nursery
         wanted = {s.name: s for s in systems if s.webhook_url is not None}
-        for name in set(self._running) - set(wanted):
-            self._running.pop(name)[1].cancel()
-            log.info("webhook of %s stopped", name)
-        for name, system in wanted.items():
-            if name in self._running:
-                self._running[name][0].system = system  # its next attempt uses the new URL, secret, timeout
-            else:
-                pusher = WebhookPusher(system, self._store, self._signal_of(name))
+        added = {name: WebhookPusher(system, self._store, self._signal_of(name))
+                 for name, system in wanted.items() if name not in self._running}
+
+        def swap() -> None:
+            for name in set(self._running) - set(wanted):
+                self._running.pop(name)[1].cancel()
+                log.info("webhook of %s stopped", name)
+            for name, (pusher, _) in self._running.items():
+                pusher.system = wanted[name]  # its next attempt uses the new URL, secret, timeout
+            for name, pusher in added.items():
                 scope = trio.CancelScope()
                 self._running[name] = (pusher, scope)
-                self._nursery.start_soon(_run_in, scope, pusher.run)
+                nursery.start_soon(_run_in, scope, pusher.run)
+
+        return swap
 
 
 async def _run_in(scope: trio.CancelScope, run: Callable[[], Awaitable[None]]) -> None:
@@ -249,6 +293,7 @@ def prepare_hub(old: HubConfig, new: HubConfig) -> HubConfig:
     problems = [f.message for f in identity.check_identity(new.cert_file, new.key_file, new.ca_file, new.name)
                 if f.level == "error"]
     problems += _loads(lambda: hub_server_context(new.cert_file, new.key_file, new.ca_file, new.tls), "[hub]")
+    problems += exposed_secrets(new)
     if problems:
         raise ReloadRefused(problems)
     if _restart_only({"[hub].listen": (old.listen, new.listen),

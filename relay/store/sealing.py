@@ -194,17 +194,31 @@ def rotate(path: Path) -> int:
 
 
 def _append_key(path: Path, key_id: int) -> None:
-    """Append a key and make it durable before anything can be sealed with
-    it: the line (fsync of the file) and, for a new ring, its name (fsync of
-    the directory).  A key lost in a power cut would leave every body sealed
-    with it unreadable."""
+    """Add a key and make it durable before anything can be sealed with it.
+
+    The new ring is written whole beside the old one, fsynced, and renamed
+    over it (then the directory fsynced): a full disk or a crash leaves the
+    old ring or the new one, never a ring ending in half a line, which
+    would stop the daemon from starting.  A key lost in a power cut would
+    leave every body sealed with it unreadable."""
     line = f"{key_id} {base64.b64encode(secrets.token_bytes(32)).decode()}\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    old = path.stat() if path.exists() else None
+    data = memoryview((path.read_bytes() if old else b"") + line.encode())
+    partial = path.with_name(path.name + ".new")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, line.encode())
+        if old is not None:  # root rotating the service's ring: it stays the service's
+            os.fchown(fd, old.st_uid, old.st_gid)
+        while data:
+            data = data[os.write(fd, data):]
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        partial.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.rename(partial, path)
     sync_directory(path.parent)
 
 
