@@ -154,7 +154,7 @@ async def test_events_long_poll_wakes_when_a_message_arrives(local_apis: list[Lo
     space = stopped_space
     await space.start()
     [api_b] = [api for api in local_apis if api.config.domain == space.b.domain]
-    arrival = api_b.signal("demo-messenger")
+    arrival = api_b._events.signal("demo-messenger")  # the signal its long-polls wait on
     async with space.b.client() as client:
         started = trio.current_time()
         async with trio.open_nursery(strict_exception_groups=True) as nursery:
@@ -294,3 +294,48 @@ async def test_local_tls_with_client_certificates(stopped_space: Space) -> None:
                                  timeout=STEP) as anonymous:
         with pytest.raises(httpx.TransportError):
             await anonymous.get("/v1/events")
+
+
+def _rows(relay) -> dict[str, int]:
+    """How many rows each table of the relay's store holds (read only)."""
+    import sqlite3
+    db = relay.config.state_dir / "relay.db"
+    conn = sqlite3.connect(f"{db.absolute().as_uri()}?mode=ro", uri=True)
+    try:
+        tables = [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {name: conn.execute(f"SELECT count(*) FROM \"{name}\"").fetchone()[0] for name in tables}
+    finally:
+        conn.close()
+
+
+async def test_nothing_unauthenticated_writes_to_the_store(space: Space, protocol: dict) -> None:
+    """Every refusal a client without a valid token can get (wrong method on
+    /healthz, no or a bad token on each route, oversized, malformed): the
+    store is untouched.  A refused write of an authenticated system is
+    still audited."""
+    before = _rows(space.a)
+    limit = space.a.config.local_api.max_body_bytes
+    bad = {"Authorization": "Bearer not-a-token"}
+    async with httpx.AsyncClient(base_url=space.a.url, timeout=STEP, **protocol) as anonymous:
+        answers = [
+            await anonymous.post("/healthz", json={}),
+            await anonymous.put("/healthz"),
+            await anonymous.delete("/healthz", headers=bad),
+            await anonymous.post("/v1/messages", json={"body": "x"}),
+            await anonymous.post("/v1/messages", json={"body": "x"}, headers=bad),
+            await anonymous.post("/v1/messages/abc/read", headers=bad),
+            await anonymous.post("/v2/nowhere", headers=bad),
+            await anonymous.get("/v1/events", headers=bad),
+            await anonymous.post("/v1/messages", content=b"x" * (limit + 1), headers=bad),
+        ]
+    assert [a.status_code for a in answers] == [405, 405, 405, 401, 401, 401, 401, 401, 413]
+    assert _rows(space.a) == before
+    async with space.a.client(**protocol) as client:
+        refused = await client.post("/healthz", json={})
+        invalid = await client.post("/v1/messages", json={"from": "alice@chu-nord.test", "to": [], "body": "x"})
+    assert (refused.status_code, invalid.status_code) == (405, 400)
+    after = _rows(space.a)
+    after.pop("sqlite_sequence"), before.pop("sqlite_sequence")  # (the audit table's first AUTOINCREMENT)
+    # POST /healthz is refused before authentication, and so is never audited;
+    # the invalid submission of an authenticated system is.
+    assert after == {**before, "audit": before["audit"] + 1}
