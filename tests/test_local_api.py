@@ -339,3 +339,56 @@ async def test_nothing_unauthenticated_writes_to_the_store(space: Space, protoco
     # POST /healthz is refused before authentication, and so is never audited;
     # the invalid submission of an authenticated system is.
     assert after == {**before, "audit": before["audit"] + 1}
+
+
+def _oversized(tmp_path, size: int) -> bytes:
+    path = tmp_path / "big.json"
+    path.write_bytes(b'{"body": "' + b"x" * size + b'"}')
+    return path
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+@pytest.mark.parametrize("streamed", [False, True], ids=["content-length", "streamed"])
+@pytest.mark.parametrize("flag", ["--http1.1", "--http2-prior-knowledge"])
+async def test_curl_reads_the_413_of_an_oversized_body(space: Space, tmp_path, flag: str, streamed: bool) -> None:
+    """Debian 12's curl (7.88) reported `(92) Stream error in the HTTP/2
+    framing layer` when the relay answered early and then reset the stream
+    while curl was still sending: it takes any RST_STREAM then, NO_ERROR
+    included, for a failure.  The body is past everything the relay would
+    read and drop, with a declared length and streamed without one
+    (HTTP/1.1 chunked; HTTP/2 DATA with no content-length)."""
+    from relay.net import local_server
+    path = _oversized(tmp_path, local_server.DRAIN_LIMIT + 4 * 1024 * 1024)
+    upload = ["-T", "-", "-X", "POST"] if streamed else ["--data-binary", f"@{path}"]
+    if streamed and flag == "--http1.1":
+        upload += ["-H", "Transfer-Encoding: chunked"]
+    with trio.fail_after(STEP):
+        done = await trio.run_process(
+            ["curl", "-sS", flag, f"{space.a.url}/v1/messages", "-H", f"Authorization: Bearer {space.a.token}",
+             "-H", "Content-Type: application/json", *upload, "-o", "-", "-w", "\n%{http_code}"],
+            stdin=path.read_bytes() if streamed else b"", capture_stdout=True, capture_stderr=True, check=False)
+    assert done.returncode == 0, done.stderr
+    body, status = done.stdout.rsplit(b"\n", 1)
+    assert status == b"413" and json.loads(body)["error"]["code"] == "too_large"
+    await space.send(space.a, ["bob@clinique-sud.test"], "still fine")
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["content-length", "streamed"])
+async def test_httpx_reads_the_413_of_an_oversized_body(space: Space, protocol: dict, streamed: bool) -> None:
+    """httpx sends its whole body before it reads the answer, and takes a
+    RST_STREAM before then for a failure: what the relay does not read of
+    an oversized body it still drops, up to `DRAIN_LIMIT`."""
+    limit = space.a.config.local_api.max_body_bytes
+    chunk = b"x" * 65536
+
+    async def stream():
+        for _ in range(limit // len(chunk) + 16):
+            yield chunk
+
+    content = stream() if streamed else chunk * (limit // len(chunk) + 16)
+    async with space.a.client(**protocol) as client:
+        response = await client.post("/v1/messages", content=content, headers={"content-type": "application/json"})
+        assert (response.status_code, response.json()["error"]["code"]) == (413, "too_large")
+        again = await client.post("/v1/messages", json={"from": "alice@chu-nord.test", "to": ["bob@clinique-sud.test"],
+                                                        "body": "next"})
+    assert again.status_code == 202
