@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import ssl
 from dataclasses import replace
 
@@ -15,6 +16,7 @@ from conftest import STEP, Space
 
 from relay.appliance.local_api import LocalApi
 from relay.core.ratelimit import TokenBucket
+from relay.net import local_server
 from relay.pki import authority
 
 
@@ -154,7 +156,7 @@ async def test_events_long_poll_wakes_when_a_message_arrives(local_apis: list[Lo
     space = stopped_space
     await space.start()
     [api_b] = [api for api in local_apis if api.config.domain == space.b.domain]
-    arrival = api_b._events.signal("demo-messenger")  # the signal its long-polls wait on
+    arrival = api_b.events.signal("demo-messenger")
     async with space.b.client() as client:
         started = trio.current_time()
         async with trio.open_nursery(strict_exception_groups=True) as nursery:
@@ -298,12 +300,12 @@ async def test_local_tls_with_client_certificates(stopped_space: Space) -> None:
 
 def _rows(relay) -> dict[str, int]:
     """How many rows each table of the relay's store holds (read only)."""
-    import sqlite3
     db = relay.config.state_dir / "relay.db"
     conn = sqlite3.connect(f"{db.absolute().as_uri()}?mode=ro", uri=True)
     try:
         tables = [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        return {name: conn.execute(f"SELECT count(*) FROM \"{name}\"").fetchone()[0] for name in tables}
+        return {name: conn.execute(f"SELECT count(*) FROM \"{name}\"").fetchone()[0]  # noqa: S608 (our own table names)
+                for name in tables}
     finally:
         conn.close()
 
@@ -357,7 +359,6 @@ async def test_curl_reads_the_413_of_an_oversized_body(space: Space, tmp_path, f
     included, for a failure.  The body is past everything the relay would
     read and drop, with a declared length and streamed without one
     (HTTP/1.1 chunked; HTTP/2 DATA with no content-length)."""
-    from relay.net import local_server
     path = _oversized(tmp_path, local_server.DRAIN_LIMIT + 4 * 1024 * 1024)
     upload = ["-T", "-", "-X", "POST"] if streamed else ["--data-binary", f"@{path}"]
     if streamed and flag == "--http1.1":

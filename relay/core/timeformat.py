@@ -18,7 +18,7 @@ time in seconds or a timezone-aware `datetime`.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 
 def iso(moment: float | datetime) -> str:
@@ -48,5 +48,5 @@ def _seconds(moment: float | datetime) -> float:
 
 def _utc(moment: float | datetime) -> datetime:
     if isinstance(moment, datetime):
-        return moment.astimezone(timezone.utc)
-    return datetime.fromtimestamp(moment, timezone.utc)
+        return moment.astimezone(UTC)
+    return datetime.fromtimestamp(moment, UTC)

@@ -30,10 +30,10 @@ import json
 import logging
 import re
 import ssl
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Awaitable, Callable, Iterator
 from urllib.parse import parse_qsl, urlsplit
 
 import h11
@@ -84,7 +84,7 @@ class Response:
     headers: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod
-    def json(cls, status: int, document: object, headers: list[tuple[str, str]] = ()) -> Response:
+    def json(cls, status: int, document: object, headers: Sequence[tuple[str, str]] = ()) -> Response:
         body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
         return cls(status, body, [("content-type", "application/json"), *headers])
 
@@ -126,7 +126,8 @@ class HttpServer:
                     # ENOBUFS) and raise on anything else.
                     async with trio.open_nursery(strict_exception_groups=True) as accepting:
                         await accepting.start(
-                            partial(trio.serve_listeners, self._serve_connection, listeners, handler_nursery=connections)
+                            partial(trio.serve_listeners, self._serve_connection, listeners,
+                                    handler_nursery=connections)
                         )
                         task_status.started()
             finally:
@@ -236,7 +237,7 @@ class HttpServer:
         else:
             with trio.fail_at(deadline):
                 with self._first_byte_wait(evictable=False) as waiting:
-                    initial = await stream.receive_some(len(H2_PREFACE))
+                    initial = bytes(await stream.receive_some(len(H2_PREFACE)))
                 if waiting.cancelled_caught:
                     return
                 while initial and len(initial) < len(H2_PREFACE) and H2_PREFACE.startswith(initial):
@@ -323,7 +324,7 @@ class HttpServer:
                     data = await stream.receive_some(65536)
                 if waiting.cancelled_caught:
                     return
-                conn.receive_data(data)
+                conn.receive_data(bytes(data))
             if not first:
                 deadline = trio.current_time() + HEAD_TIMEOUT
             try:
@@ -439,7 +440,7 @@ async def _next_event(conn: h11.Connection, stream: trio.abc.Stream) -> object:
         if event is not h11.NEED_DATA:
             return event
         data = await stream.receive_some(65536)
-        conn.receive_data(data)
+        conn.receive_data(bytes(data))
 
 
 async def _send_h11(conn: h11.Connection, stream: trio.abc.Stream, response: Response) -> None:

@@ -25,9 +25,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Callable, Iterator
 
 from relay.core.ratelimit import TokenBucket
 
@@ -77,7 +77,7 @@ class PeerLogLimit(logging.Filter):
         if peer is None:
             return True
         now = self._clock()
-        bucket, dropped = self._peers.pop(peer, None) or (TokenBucket(1 / PEER_INTERVAL, PEER_BURST), 0)
+        bucket, dropped = self._peers.pop(peer, (TokenBucket(1 / PEER_INTERVAL, PEER_BURST), 0))
         allowed = bucket.take(now) == 0.0 and self._all.take(now) == 0.0
         self._peers[peer] = (bucket, 0 if allowed else dropped + 1)
         if len(self._peers) > MAX_PEERS:

@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-async def run_relay(config: RelayConfig, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_relay(
+    config: RelayConfig, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Run the relay until SIGTERM or SIGINT.  Raises `StoreBusy` when
     another process holds the state directory (see `relay.net.admin_socket`)."""
     state = state_dir(config.state_dir)
@@ -87,7 +89,9 @@ async def _serve_relay(config: RelayConfig, app: RelayApp,
             nursery.cancel_scope.cancel()
 
 
-async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_hub(
+    config: HubConfig, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
     path = state_dir(config.state_dir) / "hub.db"
     async with Store.open(path, hub_queue.MIGRATIONS, _key_ring(path.parent)) as store:
         app = HubApp(config, store)
@@ -121,4 +125,4 @@ def _key_ring(directory: Path) -> KeyRing:
 
 
 def _names(listeners: list[trio.SocketListener]) -> str:
-    return ", ".join("%s:%s" % l.socket.getsockname()[:2] for l in listeners)
+    return ", ".join("{}:{}".format(*listener.socket.getsockname()[:2]) for listener in listeners)
