@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import ssl
 from dataclasses import replace
 
@@ -15,6 +16,7 @@ from conftest import STEP, Space
 
 from relay.appliance.local_api import LocalApi
 from relay.core.ratelimit import TokenBucket
+from relay.net import local_server
 from relay.pki import authority
 
 
@@ -294,3 +296,100 @@ async def test_local_tls_with_client_certificates(stopped_space: Space) -> None:
                                  timeout=STEP) as anonymous:
         with pytest.raises(httpx.TransportError):
             await anonymous.get("/v1/events")
+
+
+def _rows(relay) -> dict[str, int]:
+    """How many rows each table of the relay's store holds (read only)."""
+    db = relay.config.state_dir / "relay.db"
+    conn = sqlite3.connect(f"{db.absolute().as_uri()}?mode=ro", uri=True)
+    try:
+        tables = [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {name: conn.execute(f"SELECT count(*) FROM \"{name}\"").fetchone()[0]  # noqa: S608 (our own table names)
+                for name in tables}
+    finally:
+        conn.close()
+
+
+async def test_nothing_unauthenticated_writes_to_the_store(space: Space, protocol: dict) -> None:
+    """Every refusal a client without a valid token can get (wrong method on
+    /healthz, no or a bad token on each route, oversized, malformed): the
+    store is untouched.  A refused write of an authenticated system is
+    still audited."""
+    before = _rows(space.a)
+    limit = space.a.config.local_api.max_body_bytes
+    bad = {"Authorization": "Bearer not-a-token"}
+    async with httpx.AsyncClient(base_url=space.a.url, timeout=STEP, **protocol) as anonymous:
+        answers = [
+            await anonymous.post("/healthz", json={}),
+            await anonymous.put("/healthz"),
+            await anonymous.delete("/healthz", headers=bad),
+            await anonymous.post("/v1/messages", json={"body": "x"}),
+            await anonymous.post("/v1/messages", json={"body": "x"}, headers=bad),
+            await anonymous.post("/v1/messages/abc/read", headers=bad),
+            await anonymous.post("/v2/nowhere", headers=bad),
+            await anonymous.get("/v1/events", headers=bad),
+            await anonymous.post("/v1/messages", content=b"x" * (limit + 1), headers=bad),
+        ]
+    assert [a.status_code for a in answers] == [405, 405, 405, 401, 401, 401, 401, 401, 413]
+    assert _rows(space.a) == before
+    async with space.a.client(**protocol) as client:
+        refused = await client.post("/healthz", json={})
+        invalid = await client.post("/v1/messages", json={"from": "alice@chu-nord.test", "to": [], "body": "x"})
+    assert (refused.status_code, invalid.status_code) == (405, 400)
+    after = _rows(space.a)
+    after.pop("sqlite_sequence"), before.pop("sqlite_sequence")  # (the audit table's first AUTOINCREMENT)
+    # POST /healthz is refused before authentication, and so is never audited;
+    # the invalid submission of an authenticated system is.
+    assert after == {**before, "audit": before["audit"] + 1}
+
+
+def _oversized(tmp_path, size: int) -> bytes:
+    path = tmp_path / "big.json"
+    path.write_bytes(b'{"body": "' + b"x" * size + b'"}')
+    return path
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+@pytest.mark.parametrize("streamed", [False, True], ids=["content-length", "streamed"])
+@pytest.mark.parametrize("flag", ["--http1.1", "--http2-prior-knowledge"])
+async def test_curl_reads_the_413_of_an_oversized_body(space: Space, tmp_path, flag: str, streamed: bool) -> None:
+    """Debian 12's curl (7.88) reported `(92) Stream error in the HTTP/2
+    framing layer` when the relay answered early and then reset the stream
+    while curl was still sending: it takes any RST_STREAM then, NO_ERROR
+    included, for a failure.  The body is past everything the relay would
+    read and drop, with a declared length and streamed without one
+    (HTTP/1.1 chunked; HTTP/2 DATA with no content-length)."""
+    path = _oversized(tmp_path, local_server.DRAIN_LIMIT + 4 * 1024 * 1024)
+    upload = ["-T", "-", "-X", "POST"] if streamed else ["--data-binary", f"@{path}"]
+    if streamed and flag == "--http1.1":
+        upload += ["-H", "Transfer-Encoding: chunked"]
+    with trio.fail_after(STEP):
+        done = await trio.run_process(
+            ["curl", "-sS", flag, f"{space.a.url}/v1/messages", "-H", f"Authorization: Bearer {space.a.token}",
+             "-H", "Content-Type: application/json", *upload, "-o", "-", "-w", "\n%{http_code}"],
+            stdin=path.read_bytes() if streamed else b"", capture_stdout=True, capture_stderr=True, check=False)
+    assert done.returncode == 0, done.stderr
+    body, status = done.stdout.rsplit(b"\n", 1)
+    assert status == b"413" and json.loads(body)["error"]["code"] == "too_large"
+    await space.send(space.a, ["bob@clinique-sud.test"], "still fine")
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["content-length", "streamed"])
+async def test_httpx_reads_the_413_of_an_oversized_body(space: Space, protocol: dict, streamed: bool) -> None:
+    """httpx sends its whole body before it reads the answer, and takes a
+    RST_STREAM before then for a failure: what the relay does not read of
+    an oversized body it still drops, up to `DRAIN_LIMIT`."""
+    limit = space.a.config.local_api.max_body_bytes
+    chunk = b"x" * 65536
+
+    async def stream():
+        for _ in range(limit // len(chunk) + 16):
+            yield chunk
+
+    content = stream() if streamed else chunk * (limit // len(chunk) + 16)
+    async with space.a.client(**protocol) as client:
+        response = await client.post("/v1/messages", content=content, headers={"content-type": "application/json"})
+        assert (response.status_code, response.json()["error"]["code"]) == (413, "too_large")
+        again = await client.post("/v1/messages", json={"from": "alice@chu-nord.test", "to": ["bob@clinique-sud.test"],
+                                                        "body": "next"})
+    assert again.status_code == 202

@@ -29,6 +29,8 @@ class RawPeer:
         self.stream = stream
         self.encoder = hpack.Encoder()
         self.authority = authority
+        self.decoder = hpack.Decoder()  # for `_statuses`, which also keeps
+        self.pending = b""  # what it read past the last whole frame
 
     @classmethod
     async def to_hub(cls, space: Space) -> RawPeer:
@@ -234,13 +236,52 @@ async def test_the_local_api_checks_what_h2_no_longer_checks(space: Space) -> No
 
 async def _statuses(peer: RawPeer, count: int) -> dict[int, str]:
     """The :status of the first ``count`` responses, by stream."""
-    decoder, received, statuses = hpack.Decoder(), b"", {}
+    statuses: dict[int, str] = {}
     with trio.fail_after(STEP):
         while len(statuses) < count:
-            received += await peer.stream.receive_some(65536)
+            received = peer.pending + await peer.stream.receive_some(65536)
             while len(received) >= 9 and len(received) >= 9 + (length := int.from_bytes(received[:3], "big")):
                 kind, stream_id = received[3], int.from_bytes(received[5:9], "big") & 0x7FFFFFFF
                 if kind == 0x1:
-                    statuses[stream_id] = dict(decoder.decode(received[9:9 + length]))[":status"]
+                    statuses[stream_id] = dict(peer.decoder.decode(received[9:9 + length]))[":status"]
                 received = received[9 + length:]
+            peer.pending = received
     return statuses
+
+
+async def test_a_declared_oversized_body_is_refused_before_it_is_sent(space: Space) -> None:
+    """HEADERS declaring a content-length over the limit, and no DATA yet:
+    the 413 comes at once, from the declaration, and the stream is not
+    reset while the client still sends (curl 7.88 reports any reset then,
+    NO_ERROR included, as `(92) Stream error`).  The client then abandons
+    its upload; the connection serves the next request."""
+    limit = space.a.config.local_api.max_body_bytes
+    peer = await RawPeer.to_local_api(space)
+    try:
+        await peer.send(peer.headers(1, "POST", "/v1/messages", end_stream=False,
+                                     extra=[("content-length", str(limit + 1))]))
+        assert await _statuses(peer, 1) == {1: "413"}  # (within STEP: the old code waited 30 s for a body)
+        more, ping = hf.DataFrame(1), hf.PingFrame(0)
+        more.data, ping.opaque_data = b"x" * 1024, b"after413"
+        await peer.send(more, ping)  # the PING's answer comes after the server has taken the DATA
+        received = peer.pending
+        with trio.fail_after(STEP):
+            while b"after413" not in received:
+                received += await peer.stream.receive_some(65536)
+        assert (0x3, 1) not in set(_frames(received))  # no RST_STREAM on stream 1
+        peer.pending = b""  # (nothing but the PING's answer can follow the 413's frames)
+        cancel = hf.RstStreamFrame(1)
+        cancel.error_code = 8  # CANCEL: the client gives up its upload
+        await peer.send(cancel, peer.headers(3, "GET", "/healthz", end_stream=True))
+        assert await _statuses(peer, 1) == {3: "200"}
+    finally:
+        await peer.aclose()
+
+
+def _frames(data: bytes):
+    """(type, stream id) of each whole frame in ``data``."""
+    offset = 0
+    while offset + 9 <= len(data):
+        length = int.from_bytes(data[offset:offset + 3], "big")
+        yield data[offset + 3], int.from_bytes(data[offset + 5:offset + 9], "big") & 0x7FFFFFFF
+        offset += 9 + length

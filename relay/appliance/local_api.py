@@ -49,6 +49,9 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: Sequence[tuple[str, str]] = ()) -> None:
         super().__init__(message)
         self.status, self.code, self.headers = status, code, list(headers)
+        # The system whose request this refuses, once it is authenticated
+        # and within its rate limit: only then is a refusal audited.
+        self.system: LocalSystem | None = None
 
     def response(self) -> Response:
         return Response.json(self.status, {"error": {"code": self.code, "message": str(self)}}, self.headers)
@@ -82,12 +85,14 @@ class LocalApi:
         try:
             return await self._route(request)
         except ApiError as exc:
-            # Refusals of an authenticated system's writes are audited; the
-            # anonymous and the throttled are only logged, or they could
-            # fill the store with audit entries.
-            if request.method == "POST" and exc.status not in (401, 429):
-                await self._audit_refusal(request, exc)
-            elif exc.status in (401, 429):
+            # Refusals of an authenticated system's writes are audited, each
+            # charged to its rate limit.  Nothing a request without a valid
+            # token does (a 401, a POST /healthz) writes to the store, nor
+            # does a throttled one: only the log hears of them, and
+            # `relay.net.peerlog` bounds what each peer can make it say.
+            if exc.system is not None and request.method == "POST":
+                await self._audit_refusal(exc.system, request, exc)
+            elif exc.system is None:  # the unauthenticated and the throttled
                 log.info("local API: %s %s refused: %s %s", request.method, request.path[:100], exc.status, exc.code)
             return exc.response()
         except StoreUnavailable:
@@ -95,11 +100,9 @@ class LocalApi:
             return ApiError(503, "unavailable", "the relay cannot store messages right now; retry later",
                             [("retry-after", RETRY_AFTER_SECONDS)]).response()
 
-    async def _audit_refusal(self, request: Request, exc: ApiError) -> None:
-        """A refused write goes into the audit trail (metadata only)."""
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        system = self.config.system_for_token(token.strip()) if scheme.lower() == "bearer" else None
-        actor = f"system:{system.name}" if system else "unauthenticated"
+    async def _audit_refusal(self, system: LocalSystem, request: Request, exc: ApiError) -> None:
+        """A system's refused write goes into the audit trail (metadata only)."""
+        actor = f"system:{system.name}"
         outcome = f"{exc.status} {exc.code}"
         path, now = request.path[:100], self.clock()
         try:
@@ -114,6 +117,13 @@ class LocalApi:
             return Response.json(200, {"status": "ok", "uplink": self._uplink_state()})
         system = self._authenticate(request)
         self._throttle(system)
+        try:
+            return await self._serve(system, request)
+        except ApiError as exc:
+            exc.system = system
+            raise
+
+    async def _serve(self, system: LocalSystem, request: Request) -> Response:
         if request.path == "/v1/messages":
             _method(request, "POST")
             return await self._submit(system, request)

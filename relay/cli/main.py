@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
+import time
 from pathlib import Path
 
 import trio
@@ -14,12 +16,12 @@ from relay.cli import check_config, demo, doctor, ops, pki
 from relay.cli.arguments import add_config_option, config_path
 from relay.config.model import load_hub_config, load_relay_config
 from relay.config.reader import ConfigError, NotConfigured
-from relay.net.admin_socket import StoreBusy
+from relay.net.admin_socket import StateLock, StoreBusy
 from relay.runtime import logs
 from relay.runtime.daemon import run_hub, run_relay
 from relay.runtime.permissions import exposed_secrets
 from relay.store import audit, sealing
-from relay.store.sealing import KeyRingError
+from relay.store.sealing import KEY_FILE, KeyRingError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,13 +40,46 @@ def main(argv: list[str] | None = None) -> int:
     check_config.register(commands)
     demo.register(commands)
     pki.register(commands)
-    sealing.register(commands)
+    rotate = commands.add_parser("rotate-key", help="add a new key for encryption at rest (old data stays readable)")
+    rotate.add_argument("--state-dir", type=Path, required=True, metavar="DIR",
+                        help=f"the stopped relay's or hub's state directory, holding {KEY_FILE}")
+    rotate.set_defaults(func=_rotate_key)
     audit.register(commands)
     ops.register(commands)
     doctor.register(commands)
 
     args = parser.parse_args(argv)
     return args.func(args)
+
+
+def _rotate_key(args: argparse.Namespace) -> int:
+    """Append a key to the ring and record it in the audit trail of the
+    store(s) there.  The daemon must be stopped (it seals with the new key
+    only from its next start anyway): the state directory's lock keeps it
+    from starting meanwhile, and the store has one writer at a time."""
+    state, stores = args.state_dir, ("relay.db", "hub.db")
+    if not (state / KEY_FILE).is_file():
+        print(f"eimis-relay rotate-key: no key ring {state / KEY_FILE}", file=sys.stderr)
+        return 1
+    try:
+        with StateLock(state) as lock:
+            lock.acquire("eimis-relay rotate-key")
+            key_id = sealing.rotate(state / KEY_FILE)
+            for db in (state / name for name in stores if (state / name).exists()):
+                audit.record_offline(db, "admin", "rotate-key", f"key {key_id} added", now=time.time())
+    except StoreBusy as exc:
+        print(f"eimis-relay rotate-key: {exc}: stop it first (systemctl stop eimis-relay), rotate, start it",
+              file=sys.stderr)
+        return 1
+    except KeyRingError as exc:
+        print(f"eimis-relay rotate-key: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:
+        print(f"eimis-relay rotate-key: key added to {state / KEY_FILE}, but not recorded in the audit trail: {exc}",
+              file=sys.stderr)
+        return 1
+    print(f"{state / KEY_FILE}: key {key_id} added; start the daemon to seal new data with it")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:

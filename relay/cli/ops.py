@@ -37,7 +37,7 @@ from relay.core.errors import describe_error
 from relay.net import admin_socket
 from relay.pki import authority
 from relay.runtime.paths import state_dir
-from relay.store import relay_queue
+from relay.store import audit, relay_queue
 from relay.store.engine import Store, backup
 from relay.store.sealing import KEY_FILE, KeyRing, KeyRingError, SealedConnection, Unreadable, install, unseal
 
@@ -362,6 +362,7 @@ def _restore(args: argparse.Namespace) -> int:
                 if Path(f"{target}{suffix}").exists():
                     os.rename(f"{target}{suffix}", f"{kept}{suffix}")
         os.rename(partial, target)
+        audit.record_offline(target, "admin", "restore", f"from {args.source.absolute()}"[:200], now=time.time())
     print(f"restored {target} from {args.source}" + (f"; the previous store is kept as {kept}" if kept else ""))
     print("Start the relay: queued messages go out again (the hub drops duplicates); messages received"
           " after the backup was taken are not in it.")

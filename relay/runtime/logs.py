@@ -14,6 +14,7 @@ import logging
 import sys
 
 from relay.core import timeformat
+from relay.net.peerlog import PeerLogLimit
 
 # Attributes every LogRecord has; anything else came from ``extra``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
@@ -52,6 +53,7 @@ def _logfmt_value(value: object) -> str:
 def setup(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else LogfmtFormatter())
+    handler.addFilter(PeerLogLimit())  # what a network peer can make us log is bounded
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

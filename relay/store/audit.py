@@ -23,6 +23,7 @@ from json.encoder import encode_basestring_ascii as _quote  # json's own (C) str
 from pathlib import Path
 
 from relay.core import timeformat
+from relay.store.engine import connect
 
 MIGRATION = [
     """CREATE TABLE audit (
@@ -71,6 +72,24 @@ def record_many(conn: sqlite3.Connection, entries: list[Entry], *, now: float) -
         "INSERT INTO audit (seq, at, actor, action, message_id, peer, outcome, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         rows,
     )
+
+
+def record_offline(db: Path, actor: str, action: str, outcome: str, *, now: float) -> None:
+    """Append one entry to the store ``db`` from a command that holds the
+    state directory's lock (`relay.net.admin_socket.StateLock`), so that no
+    daemon writes to it meanwhile: an admin action done with the daemon
+    stopped (``rotate-key``, ``restore``) is in the trail like the others."""
+    conn = connect(db)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            record(conn, actor, action, None, None, outcome, now=now)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
 
 
 def prune(conn: sqlite3.Connection, now: float, retention: float = RETENTION) -> int:

@@ -31,7 +31,6 @@ keep backups of the store apart from the key ring (docs/security.md).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import logging
 import os
@@ -229,21 +228,3 @@ def sync_directory(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("rotate-key", help="add a new key for encryption at rest (old data stays readable)")
-    parser.add_argument("--state-dir", type=Path, required=True, metavar="DIR",
-                        help=f"the relay's or hub's state directory, holding {KEY_FILE}")
-    parser.set_defaults(func=_rotate_command)
-
-
-def _rotate_command(args: argparse.Namespace) -> int:
-    path = args.state_dir / KEY_FILE
-    try:
-        key_id = rotate(path)
-    except KeyRingError as exc:
-        print(f"eimis-relay rotate-key: {exc}")
-        return 1
-    print(f"{path}: key {key_id} added; restart the daemon to seal new data with it")
-    return 0
