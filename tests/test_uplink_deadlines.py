@@ -117,7 +117,7 @@ def test_stalls_make_the_status_degraded_and_an_outage_unhealthy(tmp_path: Path)
              "unanswered": "POST /v1/transactions/abc"}
     snapshot = {
         "uplink": {"state": "connected", "since": 0.0, "last_error": None, "stalls": [stall]},
-        "certificates": [], "reload": {"errors": []},
+        "certificates": [], "reload": {"errors": []}, "cleartext": [],
         "store": {"error": None, "used_bytes": 0, "max_bytes": 1, "high_water": 0.8},
         "queues": {"oldest_queued_at": None},
     }
