@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 Two things on disk tell a command about the daemon of a configuration:
 
-* ``relay.lock`` in the state directory.  The daemon holds an exclusive
+* ``relay.lock`` (the hub's: ``hub.lock``) in the state directory.  The daemon holds an exclusive
   ``flock`` on it for as long as it has the store open, and writes its pid
   and its admin socket's path into it.  The kernel drops the lock when the
   process dies, however it dies, so the lock is the reliable answer to "is a
