@@ -164,6 +164,8 @@ class Hub:
             await trio.sleep(self.config.expiry_interval)
 
     async def sweep(self) -> None:
+        """One round: fail the expired messages, prune the audit trail and
+        the replay records past the window (a unit per batch)."""
         config = self.config
         woken = await self.store.run_patiently("expire", lambda c: hub_queue.expire(c, time.time()))
         await self.store.run_patiently(
