@@ -102,7 +102,7 @@ async def run(args: argparse.Namespace, directory: Path, report: Report) -> None
                 await space.start()  # a failed scenario may have left a daemon down
                 async with bench.profiling(name):
                     await SCENARIOS[name](bench)
-            except Exception as exc:  # one broken scenario must not hide the others' figures
+            except Exception as exc:  # noqa: BLE001 -- one broken scenario must not hide the others' figures
                 with (directory / "bench-errors.log").open("a") as log:
                     traceback.print_exception(exc, file=log)
                 report.note(f"{name} failed: {_describe(exc)} (traceback in {directory / 'bench-errors.log'})")
@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     report = Report("quick" if args.quick else "full")
     if args.relay_src:
         _use_relay_source(args.relay_src.resolve(), report)
-    for program, reason in ensure_installed(["postfix", "smtp-source", "smtp-sink", "h2load"],
-                                            allow_install=not args.no_install).items():
+    for reason in ensure_installed(["postfix", "smtp-source", "smtp-sink", "h2load"],
+                                   allow_install=not args.no_install).values():
         report.note(reason)
     directory = (args.dir or Path(tempfile.mkdtemp(prefix="eimis-bench-"))).resolve()
     started = time.perf_counter()

@@ -34,8 +34,9 @@ import json
 import math
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Protocol
+from typing import Protocol
 
 import h2.config
 import h2.connection

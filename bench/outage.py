@@ -162,7 +162,8 @@ async def soak(bench: Bench) -> None:
                     await trio.sleep(plan.soak_seconds / SOAK_SAMPLES)
 
             nursery.start_soon(sample)
-            result = await open_loop(opener(Target.from_url(space.a.url), "h2"), post_to(space.a, space.b.users[:1], tag),
+            result = await open_loop(opener(Target.from_url(space.a.url), "h2"),
+                                     post_to(space.a, space.b.users[:1], tag),
                                      rate=plan.latency_rate, duration=plan.soak_seconds)
             nursery.cancel_scope.cancel()
         check_result(bench, "soak", result)
@@ -173,7 +174,8 @@ async def soak(bench: Bench) -> None:
     for index, daemon in enumerate(daemons):
         series = [s[index] for _, s in samples]
         by_daemon[daemon.name] = {"first_mib": series[0], "quarter_mib": quarter[0][index], "last_mib": series[-1],
-                                  "max_mib": max(series), "growth_after_first_quarter_mib": series[-1] - quarter[0][index]}
+                                  "max_mib": max(series),
+                                  "growth_after_first_quarter_mib": series[-1] - quarter[0][index]}
     growth = by_daemon[space.a.daemon.name]["growth_after_first_quarter_mib"]
     bench.report.data["figures"]["soak"] = {
         "seconds": plan.soak_seconds, "rate": plan.latency_rate, "accepted": result.accepted,

@@ -9,10 +9,10 @@ three minutes, 50 destination domains).
 from __future__ import annotations
 
 import itertools
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import AsyncIterator
 
 import trio
 

@@ -20,9 +20,9 @@ import collections
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator
 
 import trio
 
@@ -84,6 +84,8 @@ def summarize(path: Path) -> dict:
         total += int(count)
         threads[frames[0].split(": ", 1)[-1]] += int(count)
         own[frames[-1]] += int(count)
-    share = lambda n: round(100 * n / total, 1) if total else 0.0
+    def share(n: int) -> float:
+        return round(100 * n / total, 1) if total else 0.0
+
     return {"samples": total, "file": str(path), "threads_pct": {t: share(n) for t, n in threads.items()},
             "top_own_pct": [(f, share(n)) for f, n in own.most_common(TOP)]}

@@ -53,7 +53,9 @@ class Report:
         cells = [[r.figure, r.value, r.spread, r.baseline, r.ratio, r.target,
                   "" if r.met is None else ("yes" if r.met else "NO")] for r in self.rows]
         widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
-        line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"
+        def line(values: list[str]) -> str:
+            return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"
+
         return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
                           *(line(c) for c in cells)])
 
@@ -97,10 +99,12 @@ def machine() -> dict:
             versions[module] = __import__(module).__version__
         except (ImportError, AttributeError):
             versions[module] = "?"
-    import sqlite3
+    import sqlite3  # noqa: PLC0415 -- only here, for its version
     try:
-        git = lambda *argv: subprocess.run(["git", *argv], capture_output=True, text=True, timeout=10,
-                                           cwd=Path(__file__).parent).stdout.strip()
+        def git(*argv: str) -> str:
+            return subprocess.run(["git", *argv], capture_output=True, text=True, timeout=10, check=False,
+                                  cwd=Path(__file__).parent).stdout.strip()
+
         commit = git("rev-parse", "--short", "HEAD")
         if git("status", "--porcelain", "--", "relay"):
             commit += " (relay/ has uncommitted changes)"

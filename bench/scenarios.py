@@ -110,7 +110,7 @@ async def ingress(bench: Bench) -> None:
     # Each relay run is paired with the ceiling run just before it (same
     # minute of the VM's drift): the median of those paired ratios is the
     # figure; the ratio of the two medians is kept in the JSON beside it.
-    paired = {http: {str(s): summary([r / c for r, c in zip(rates[http][s], rates["ceiling"][s]) if c])
+    paired = {http: {str(s): summary([r / c for r, c in zip(rates[http][s], rates["ceiling"][s], strict=False) if c])
                      for s in CONCURRENCY} for http in ("h2", "h1")}
     ingress_data["paired_ratio_vs_ceiling"] = paired
     for http in ("h2", "h1"):
@@ -190,7 +190,8 @@ async def end_to_end(bench: Bench, *, label: str = "end to end A -> hub -> B", r
     destinations = destinations or [space.b]
     recipients = recipients or space.b.users[:1]
     rates, ingress_rates = [], []
-    databases = {"relay A": space.a.state_dir / "relay.db", "hub": space.hub_db, "relay B": space.b.state_dir / "relay.db"}
+    databases = {"relay A": space.a.state_dir / "relay.db", "hub": space.hub_db,
+                 "relay B": space.b.state_dir / "relay.db"}
     await bench.settle()
     db_before = {name: db_bytes(path) for name, path in databases.items()}
     async with bench.reading(*destinations) as readers:
@@ -203,7 +204,7 @@ async def end_to_end(bench: Bench, *, label: str = "end to end A -> hub -> B", r
                                        streams=100, connections=4, total=plan.e2e_messages, timeout=600)
             check_result(bench, label, result)
             expected = _expected_per_domain(recipients, plan.e2e_messages)
-            for reader, relay in zip(readers, destinations):
+            for reader, relay in zip(readers, destinations, strict=True):
                 if not await reader.wait_for(tag, expected.get(relay.domain, 0), timeout=600):
                     bench.report.note(f"{label}: only {len(reader.arrivals[tag])} of {expected[relay.domain]} "
                                       f"messages reached {relay.domain} within 600 s")
@@ -285,7 +286,8 @@ async def urgent(bench: Bench) -> None:
                         bg: dict[str, LoadResult] = {}
 
                         async def run_background() -> None:
-                            bg["result"] = await closed_loop(opener(target, "h2"), background, streams=100,
+                            # B023: called in the nursery below, which ends within this iteration
+                            bg["result"] = await closed_loop(opener(target, "h2"), background, streams=100,  # noqa: B023
                                                              connections=4, duration=plan.urgent_seconds + 1.0)
 
                         nursery.start_soon(run_background)

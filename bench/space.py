@@ -58,7 +58,7 @@ class Daemon:
         with self.log.open("ab") as log:
             self.exec_at = time.perf_counter()
             self.popen = subprocess.Popen(self.argv, cwd=self.cwd, stdout=log, stderr=log,
-                                          stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                          stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)  # noqa: PLW1509 -- prctl only
 
     async def stop(self, sig: int = signal.SIGTERM) -> None:
         """Signal the process and wait for it (bounded); SIGKILL if it lingers."""
@@ -150,7 +150,7 @@ class Space:
         self.directory = directory
         python = sys.executable
         self.hub = Daemon("hub", [python, "-m", "relay", "hub", "--config", manifest["hub"]["config"]], directory)
-        state = re.search(r'^state_dir\s*=\s*"([^"]+)"', Path(manifest["hub"]["config"]).read_text(), re.M)
+        state = re.search(r'^state_dir\s*=\s*"([^"]+)"', Path(manifest["hub"]["config"]).read_text(), re.MULTILINE)
         self.hub_db = directory / (state.group(1) if state else ".") / "hub.db"
         self.relays = [self._relay(entry) for entry in manifest["relays"]]
         self.extra: list[Relay] = []
@@ -170,7 +170,7 @@ class Space:
     def _relay(self, entry: dict) -> Relay:
         config = Path(entry["config"])
         name = config.stem
-        state = re.search(r'^state_dir\s*=\s*"([^"]+)"', config.read_text(), re.M)
+        state = re.search(r'^state_dir\s*=\s*"([^"]+)"', config.read_text(), re.MULTILINE)
         daemon = Daemon(name, [sys.executable, "-m", "relay", "run", "--config", str(config)], self.directory)
         return Relay(entry["domain"], entry["local_api"], entry["token"], list(entry["users"]), config, daemon,
                      self.directory / (state.group(1) if state else "."))
@@ -189,7 +189,7 @@ class Space:
 
     def _add_domains(self, count: int) -> None:
         """Extra destination relays, cloned from relay B's config (see the module docstring)."""
-        from relay.pki import authority  # the demo CA's own issuer: certificates of the shipped shape
+        from relay.pki import authority  # noqa: PLC0415 -- the demo CA's own issuer: certificates of the shipped shape
 
         pki_dir = self.directory / "pki"
         template = self.b.config.read_text()
@@ -200,7 +200,7 @@ class Space:
             port = free_port()
             text = template.replace(self.b.domain, domain).replace(self.b.daemon.name, f"relay-{domain}")
             text, replaced = re.subn(r'^listen\s*=\s*"127\.0\.0\.1:\d+"', f'listen = "127.0.0.1:{port}"', text,
-                                     flags=re.M)
+                                     flags=re.MULTILINE)
             if replaced != 1:
                 raise SpaceError(f"cannot find [local_api].listen in {self.b.config}")
             config = self.directory / f"relay-{domain}.toml"
@@ -211,7 +211,7 @@ class Space:
         hub_toml = Path(self.hub.argv[-1])
         text, replaced = re.subn(r"^domains\s*=\s*\[(.*)\]$",
                                  lambda m: "domains = [" + ", ".join([m.group(1), *(f'"{d}"' for d in domains)]) + "]",
-                                 hub_toml.read_text(), flags=re.M)
+                                 hub_toml.read_text(), flags=re.MULTILINE)
         if replaced != 1:
             raise SpaceError(f"cannot find [hub].domains in {hub_toml}")
         hub_toml.write_text(text)
@@ -222,7 +222,7 @@ class Space:
         users = [f"u{n:04d}@{relay.domain}" for n in range(count)]
         listed = ", ".join(f'"{u}"' for u in [*relay.users, *users])
         text, replaced = re.subn(r"^users\s*=\s*\[.*\]$", f"users = [{listed}]", relay.config.read_text(),
-                                 flags=re.M)
+                                 flags=re.MULTILINE)
         if replaced != 1:
             raise SpaceError(f"cannot find [[local_system]].users in {relay.config}")
         relay.config.write_text(text)

@@ -1,6 +1,7 @@
 """Test doubles for the relay's peers on loopback: a local system's webhook
-endpoint, a TCP forwarder that can go silent like a dead link, and a client
-that speaks the national protocol to the hub the way a relay does."""
+endpoint, a TCP forwarder that can go silent like a dead link, a client
+that speaks the national protocol to the hub the way a relay does, and a
+hub that keeps a connection alive but leaves requests unanswered."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from processes import STEP
 
 from relay.core import h2session, protocol, routes
 from relay.net import h2connection
-from relay.net.tls import relay_client_context
+from relay.net.tls import hub_server_context, relay_client_context
 
 
 class LoopbackServer:
@@ -169,3 +170,79 @@ class HubClient:
                 items += decoder.feed(await stream.receive_some())
         stream.reset()
         return items
+
+
+class StallingHub(LoopbackServer):
+    """A hub played on loopback with the demo hub's certificate: real TLS,
+    real HTTP/2, PINGs answered (the connection's reader does that).  It
+    takes the inbox request and keeps the stream quiet, and leaves every
+    transaction (or, with ``stall="ack"``, every ack) unanswered until the
+    test sets ``answering``; then it answers them.  For each message it
+    took it sends a ``delivered`` receipt on the inbox stream, and again on
+    each new inbox stream until the relay's ack of it is answered.
+
+    ``requests`` records (connection number, path, message ids) of every
+    transaction and ack it received."""
+
+    def __init__(self, pki: Path, *, stall: str = "transaction") -> None:
+        self.context = hub_server_context(pki / "hub.eimis.test.pem", pki / "hub.eimis.test.key", pki / "ca.pem")
+        self.stall = stall
+        self.connections = 0
+        self.requests: list[tuple[int, str, list[str]]] = []
+        self.answering = trio.Event()
+        self._inbox: dict[int, h2connection.H2Stream] = {}
+        self._seq = 0
+        self._unacked: dict[int, bytes] = {}
+
+    async def _handle(self, tcp: trio.SocketStream) -> None:
+        self.connections += 1
+        number = self.connections
+        tls = trio.SSLStream(tcp, self.context, server_side=True)
+        try:
+            with trio.fail_after(STEP):
+                await tls.do_handshake()
+        except (trio.TooSlowError, trio.BrokenResourceError):
+            await trio.aclose_forcefully(tls)
+            return
+        conn = h2connection.Http2Connection(tls, client=False, name=f"relay {number}",
+                                            settings=h2session.Http2Settings(keepalive_interval=None))
+        try:
+            await conn.run(lambda stream: self._serve(number, stream))
+        finally:
+            self._inbox.pop(number, None)
+
+    async def _serve(self, number: int, stream: h2connection.H2Stream) -> None:
+        path = h2session.header(stream.headers, b":path").decode()
+        if path == routes.PATH_INBOX:
+            stream.send_headers([(b":status", b"200"), (b"content-type", protocol.MSGPACK)])
+            self._inbox[number] = stream
+            if self._unacked:
+                await stream.send_data(b"".join(self._unacked.values()))
+            await trio.sleep_forever()
+        body = await stream.read_body(protocol.MAX_TRANSACTION_BYTES)
+        if path.startswith(routes.PATH_TRANSACTION):
+            envelopes = [protocol.Envelope.from_wire(e) for e in protocol.decode_transaction(body)]
+            self.requests.append((number, path, [e.id for e in envelopes]))
+            if self.stall == "transaction":
+                await self.answering.wait()
+            answer = protocol.encode_outcomes([protocol.Outcome(True)] * len(envelopes))
+            await stream.send_response(200, [(b"content-type", protocol.MSGPACK)], answer)
+            frames = b""
+            for envelope in envelopes:
+                self._seq += 1
+                receipt = protocol.Receipt(envelope.id, tuple(envelope.rcpt), "delivered")
+                self._unacked[self._seq] = routes.inbox_frame(self._seq, "receipt", protocol.pack(receipt.to_wire()))
+                frames += self._unacked[self._seq]
+            if number in self._inbox:
+                await self._inbox[number].send_data(frames)
+        elif path == routes.PATH_ACK:
+            seqs, _ = protocol.decode_ack(body)
+            self.requests.append((number, path, [str(seq) for seq in seqs]))
+            if self.stall == "ack":
+                await self.answering.wait()
+            for seq in seqs:
+                self._unacked.pop(seq, None)
+            await stream.send_response(200, [(b"content-type", protocol.MSGPACK)],
+                                       protocol.pack({"v": protocol.VERSION}))
+        else:
+            await stream.send_response(200, [(b"content-type", protocol.MSGPACK)], protocol.encode_outcomes([]))

@@ -85,7 +85,7 @@ async def test_a_message_leaves_metadata_only_entries_at_every_hop(space: Space)
         assert all(body not in " ".join(map(str, row)) for row in rows)
         actions[name.split("/")[0]] = [(action, message_id) for _, action, message_id, _, _ in rows]
         result = subprocess.run([sys.executable, "-m", "relay", "audit-verify", "--db", str(path)],
-                                capture_output=True, text=True, timeout=30)
+                                capture_output=True, check=False, text=True, timeout=30)
         assert result.returncode == 0 and "intact" in result.stdout
     assert ("accepted", ident) in actions["state-relay-a"] and ("sent", ident) in actions["state-relay-a"]
     assert ("receipt delivered", ident) in actions["state-relay-a"]

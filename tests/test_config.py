@@ -87,6 +87,7 @@ def test_relay_defaults(tmp_path):
     assert uplink.server_name == "127.0.0.1"
     assert uplink.proxy is None
     assert (uplink.connect_timeout, uplink.keepalive_interval, uplink.keepalive_timeout) == (10.0, 20.0, 10.0)
+    assert uplink.request_timeout == 60.0
     assert (uplink.backoff_initial, uplink.backoff_max, uplink.batch_max) == (0.5, 5.0, 500)
     assert config.local_api == LocalApi(listen=Address("127.0.0.1", 0))
 
@@ -102,6 +103,7 @@ proxy = "http://me:p%40ss@proxy.example:3128"
 connect_timeout = 3
 keepalive_interval = 1.5
 keepalive_timeout = 2
+request_timeout = 45
 backoff_initial = 1
 backoff_max = 1
 batch_max = 1""",
@@ -124,6 +126,7 @@ max_connections = 2""",
     assert uplink.proxy == Proxy("proxy.example", 3128, "me", "p@ss")
     assert (uplink.connect_timeout, uplink.keepalive_interval, uplink.keepalive_timeout) == (3.0, 1.5, 2.0)
     assert isinstance(uplink.connect_timeout, float)
+    assert uplink.request_timeout == 45.0
     assert (uplink.backoff_initial, uplink.backoff_max, uplink.batch_max) == (1.0, 1.0, 1)
     assert config.local_api == LocalApi(
         listen=Address("::1", 8080),
@@ -326,6 +329,11 @@ def test_systems_serving(tmp_path):
         ),
         (
             'hub_url = "https://127.0.0.1:8443"',
+            'hub_url = "https://127.0.0.1:8443"\nrequest_timeout = 0',
+            "relay-a.toml: [uplink].request_timeout: expected seconds > 0, got 0",
+        ),
+        (
+            'hub_url = "https://127.0.0.1:8443"',
             'hub_url = "https://127.0.0.1:8443"\nbatch_max = 501',
             "relay-a.toml: [uplink].batch_max: expected an integer 1..500, got 501",
         ),
@@ -367,7 +375,8 @@ def test_systems_serving(tmp_path):
         (
             'users = ["labo@chu-nord.test", "Urgences@CHU-Nord.test"]',
             'users = ["labo@chu-nord.test", "bob@other.test"]',
-            "relay-a.toml: [local_system][1].users[1]: expected an address at chu-nord.test or \"*\", got 'bob@other.test'",
+            ("relay-a.toml: [local_system][1].users[1]: expected an address at chu-nord.test or \"*\","
+             " got 'bob@other.test'"),
         ),
         (
             'users = ["*"]',
@@ -433,7 +442,7 @@ def test_relay_problem(tmp_path, old, new, problem):
          "hub.toml: [hub].max_connections_per_domain: expected an integer 1..100, got 101"),
         ("max_handshakes = true", "hub.toml: [hub].max_handshakes: expected an integer 1..10000, got True"),
         ("handshake_timeout = 0.1", "hub.toml: [hub].handshake_timeout: expected seconds between 0.5 and 60, got 0.1"),
-        ('replay_window = "7d"', "hub.toml: [hub].replay_window: expected a duration of at least 8 days, got '7d'"),
+        ('replay_window = "21d"', "hub.toml: [hub].replay_window: expected a duration of at least 22 days, got '21d'"),
         ("replay_window = -1", "hub.toml: [hub].replay_window: expected a duration > 0 (seconds, or a string like"
                                ' "15m", "12h", "7d"), got -1'),
     ],
@@ -459,7 +468,8 @@ def test_every_problem_is_reported_together(tmp_path):
             "relay-a.toml: [uplink].hub_url: expected an https:// URL, got 'ftp://x'",
             "relay-a.toml: [uplink].batch_max: expected an integer 1..500, got 0",
             "relay-a.toml: [local_api].listen: expected HOST:PORT, got 'abc'",
-            "relay-a.toml: [local_system][0].users[1]: expected an address at chu-nord.test or \"*\", got 'bob@other.test'",
+            ("relay-a.toml: [local_system][0].users[1]: expected an address at chu-nord.test or \"*\","
+             " got 'bob@other.test'"),
             "relay-a.toml: [local_system][0].users[2]: expected an address at chu-nord.test or \"*\", got 'bad'",
             "relay-a.toml: [relay].colour: unknown key",
         ]

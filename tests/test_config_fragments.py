@@ -216,7 +216,7 @@ def test_no_settings_at_all_says_what_to_do(tmp_path, fragments):
 def test_an_unconfigured_hub_points_at_the_hub_example(tmp_path):
     path = lay_out(tmp_path, HEADER, {}, name="hub")
 
-    with pytest.raises(NotConfigured, match="hub.example.toml"):
+    with pytest.raises(NotConfigured, match=r"hub\.example\.toml"):
         load_hub_config(path)
 
 

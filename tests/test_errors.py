@@ -13,7 +13,7 @@ from relay.net.errors import reason
 
 
 def test_an_os_error_names_the_file_and_the_reason(tmp_path: Path):
-    with pytest.raises(OSError) as caught:
+    with pytest.raises(OSError, match="No such file") as caught:
         (tmp_path / "ca.pem").read_bytes()
     assert describe_error(caught.value) == f"{tmp_path / 'ca.pem'}: No such file or directory"
     assert describe_error(ConnectionRefusedError(errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED))) == \

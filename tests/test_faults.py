@@ -25,6 +25,7 @@ import subprocess
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -120,7 +121,7 @@ def judge(traffic: Traffic, events: list[dict]) -> Verdict:
         lost += len(set(expected) - set(got))
         position = {ident: n for n, ident in enumerate(expected)}
         seen = list(dict.fromkeys(got))
-        out_of_order += sum(position[x] > position[y] for x, y in zip(seen, seen[1:]))
+        out_of_order += sum(position[x] > position[y] for x, y in pairwise(seen))
     return Verdict(traffic.count, lost, duplicated, out_of_order)
 
 
@@ -210,7 +211,7 @@ async def test_hub_down_longer_than_keepalive(space: DemoSpace, capsys) -> None:
     # Not a tight loop: each wait is within what the policy gives that
     # attempt (the log rounds to a tenth of a second).
     assert delays and all(low - 0.05 <= delay <= high + 0.05
-                          for delay, (low, high) in zip(delays, reconnect_bounds(FAST_POLICY))), delays
+                          for delay, (low, high) in zip(delays, reconnect_bounds(FAST_POLICY), strict=False)), delays
     events = await collect(space.a, space.b)
     report(capsys, "4 hub down", judge(traffic, events), 1, f", accepted during outage {during}, "
            f"reconnect waits {delays}")
@@ -237,7 +238,7 @@ def reconnect_bounds(policy: RetryPolicy):
 
 
 def test_reconnect_waits_are_exact_data() -> None:
-    waits = list(zip(range(7), reconnect_bounds(FAST_POLICY)))
+    waits = list(zip(range(7), reconnect_bounds(FAST_POLICY), strict=False))
     assert [bounds for _, bounds in waits] == [(0.1, 0.2), (0.2, 0.4), (0.4, 0.8), (0.8, 1.6), (1.0, 2.0),
                                                (1.0, 2.0), (1.0, 2.0)]
 

@@ -27,6 +27,7 @@ import hpack
 import hyperframe.frame
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from relay.core.h2session import (
@@ -367,7 +368,7 @@ KEEPALIVE = Http2Settings(keepalive_interval=5, keepalive_timeout=2)
 async def test_keepalive_unanswered_closes_at_interval_plus_timeout(autojump_clock: trio.abc.Clock) -> None:
     """The peer never speaks (half-open TCP): first PING at 5 s, no answer
     by 7 s, the connection is declared dead and its streams fail."""
-    client_end, server_end = trio.testing.memory_stream_pair()
+    client_end, _server_end = trio.testing.memory_stream_pair()
     client = Http2Connection(client_end, client=True, settings=KEEPALIVE, name="server")
     failures: list[Exception] = []
 
@@ -573,7 +574,7 @@ async def test_reset_by_the_client_reaches_the_handler() -> None:
             with pytest.raises(StreamReset):
                 await stream.send_data(b"more")
             while len(seen) < 2:
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
             assert seen == [b"first", StreamReset]
             assert await post(pair.client, "/echo", b"abc") == (200, b"3")
 
@@ -727,7 +728,8 @@ async def test_abandoned_bodies_are_credited_back(
 
     async def handler(stream: H2Stream) -> None:
         if path_of(stream) == "/echo":
-            return await echo_length(stream)
+            await echo_length(stream)
+            return
         await trio.sleep(1)  # a whole stream window is buffered by then
         await abandon(stream)
 
@@ -755,7 +757,8 @@ async def test_cancelled_send_data_leaves_the_connection_usable(autojump_clock: 
 
     async def handler(stream: H2Stream) -> None:
         if path_of(stream) == "/echo":
-            return await echo_length(stream)
+            await echo_length(stream)
+            return
         await trio.sleep_forever()  # never reads: the sender parks
 
     with trio.fail_after(VIRTUAL_STEP):

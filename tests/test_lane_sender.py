@@ -15,9 +15,11 @@ from __future__ import annotations
 import collections
 import functools
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import trio
@@ -153,7 +155,7 @@ def slow(store: Store):
 async def submit(store: Store, *idents: str, priority: str = "normal") -> None:
     for ident in idents:
         message = Submission(ident, "chu-nord.test", "messenger", None, ALICE, (BOB,), None, priority, "Bonjour")
-        await store.run("submit", functools.partial(relay_queue.submit, msg=message))
+        await store.run("submit", functools.partial(relay_queue.submit, msg=message, now=time.time()))
 
 
 async def outbox(store: Store) -> list[str]:

@@ -7,6 +7,7 @@ a reviewer's head.
 """
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -81,8 +82,24 @@ def test_imports_run_down_the_layers(path: Path) -> None:
 
 
 def test_the_checker_sees_imports_against_the_direction() -> None:
-    source = "import trio\nfrom relay.appliance import uplink\nfrom . import wire\n\ndef f():\n    from ..hub import server\n"
+    source = ("import trio\nfrom relay.appliance import uplink\nfrom . import wire\n\n"
+              "def f():\n    from ..hub import server\n")
     found = imports_of(source, "relay.core")
     assert found == [(1, "trio"), (2, "relay.appliance"), (3, "relay.core"), (6, "relay.hub")]
     assert [w.split(":")[0] for w in violations("core", found)] == ["line 1", "line 2", "line 6"]
     assert violations("hub", [(1, "relay.appliance.uplink")]) and not violations("cli", [(1, "relay.hub.server")])
+
+
+def test_docs_architecture_names_every_module_and_only_those() -> None:
+    """docs/architecture.md names each module as ``floor/`` then ``module.py``
+    within that floor's paragraph: the picture a newcomer reads is the tree."""
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    floors = text.split("## The floors, one by one", 1)[1].split("\n## ", 1)[0]
+    named = set()
+    for paragraph in floors.split("\n- **`")[1:]:
+        floor = paragraph.split("/`", 1)[0]
+        named |= {f"{elsewhere or floor}/{name}"
+                  for elsewhere, name in re.findall(r"`(?:([a-z]+)/)?([a-z_0-9]+\.py)`", paragraph)}
+    on_disk = {str(p.relative_to(PACKAGE)) for p in modules() if p.name != "__init__.py"}
+    assert on_disk - named == set(), "modules docs/architecture.md does not name"
+    assert named - on_disk == set(), "modules docs/architecture.md names that do not exist"

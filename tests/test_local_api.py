@@ -154,7 +154,7 @@ async def test_events_long_poll_wakes_when_a_message_arrives(local_apis: list[Lo
     space = stopped_space
     await space.start()
     [api_b] = [api for api in local_apis if api.config.domain == space.b.domain]
-    arrival = api_b.signal("demo-messenger")
+    arrival = api_b.events.signal("demo-messenger")
     async with space.b.client() as client:
         started = trio.current_time()
         async with trio.open_nursery(strict_exception_groups=True) as nursery:

@@ -224,7 +224,7 @@ async def test_metrics_readyz_and_healthz(ops: OpsSpace) -> None:
         assert expires == identity.peer_identity(cert.public_bytes(serialization.Encoding.DER)).not_after.timestamp()
         assert ("eimis_relay_certificate_expiry_timestamp_seconds", (("certificate", "hub"),)) in samples
         assert (await scraper.get("/healthz")).status_code == 200
-        assert (await scraper.get("/readyz")).json() == {"ready": True, "reasons": []}
+        assert (await scraper.get("/readyz")).json() == {"ready": True, "status": "ready", "reasons": []}
 
         ops.hub.kill()
         await ops.a.uplink("down")
@@ -487,3 +487,32 @@ async def test_sighup_puts_a_renewed_local_api_certificate_in_use(ops: OpsSpace)
     assert await served() != before
     async with httpx.AsyncClient(verify=context, timeout=STEP) as client:
         assert (await client.get(f"https://127.0.0.1:{port}/healthz")).status_code == 200
+
+
+async def test_queue_retry_reaches_a_destination_after_the_hub_failed_the_message(ops: OpsSpace) -> None:
+    """The hub took the message, then failed it (its time-to-live ran out
+    while relay B was down): every envelope has left relay A.  ``queue
+    retry`` sends it again under a new envelope id, which the hub does not
+    drop as a duplicate; relay B gets it once, under the message's id, and
+    relay A's local system sees that id delivered."""
+    ops.edit("relay-a.toml", "[relay]\n", '[relay]\nmessage_ttl = "4s"\n')
+    ops.edit("hub.toml", "[hub]\n", "[hub]\nexpiry_interval = 0.2\n")
+    await ops.start_hub()
+    await ops.start_relay(ops.a)
+    await ops.a.uplink("connected")
+    ident = await ops.a.send(BOB, "retried after the hub failed it")
+    with trio.fail_after(STEP * 2):
+        while (status := await ops.a.status(ident)) != "failed":
+            assert status in ("queued", "sent"), status
+            await trio.sleep(0.05)
+    async with ops.a.client() as client:
+        assert (await client.get(f"/v1/messages/{ident}")).json()["recipients"][BOB]["reason"] == "expired"
+
+    await ops.start_relay(ops.b)
+    await ops.b.uplink("connected")
+    result = await cli("queue", "retry", ident, "--config", ops.config_a)
+    assert result.returncode == 0 and f"{ident}: retried".encode() in result.stdout, result
+    await ops.a.wait_delivered([ident])
+    await ops.a.settled()  # nothing more can reach relay B from relay A
+    [event] = await ops.b.events(1)
+    assert (event["message"]["id"], event["message"]["body"]) == (ident, "retried after the hub failed it")

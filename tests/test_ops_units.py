@@ -9,6 +9,7 @@ import socket
 import stat
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -74,9 +75,11 @@ def test_retry_queues_failed_recipients_again_while_the_body_is_kept(conn) -> No
 
 def test_retry_explains_a_body_that_is_gone(conn) -> None:
     submit(conn, "msg-00000001", to=(ZOE,))
-    refuse(conn, "msg-00000001", "late.test")  # its last envelope: the body is dropped
+    refuse(conn, "msg-00000001", "late.test")  # its last envelope: the body is kept for the retry window
+    assert relay_queue.drop_bodies(conn, NOW + 600, 600) == 0
+    assert relay_queue.drop_bodies(conn, NOW + 601, 600) == 1
 
-    assert "body no longer kept" in relay_queue.retry_failed(conn, None, 3600, NOW)["msg-00000001"]
+    assert "body no longer kept" in relay_queue.retry_failed(conn, None, 3600, NOW + 601)["msg-00000001"]
 
 
 def test_purge_fails_queued_recipients_and_notifies_the_sender(conn) -> None:
@@ -200,7 +203,7 @@ async def test_a_stuck_event_loop_stops_the_watchdog_pings(tmp_path: Path, monke
     finally:
         listener.join(10)
         sock.close()
-    gaps = [b - a for a, b in zip(pings, pings[1:])]
-    during = [b - a for a, b in zip(pings, pings[1:]) if a <= stuck_at + 0.05 <= b]
+    gaps = [b - a for a, b in pairwise(pings)]
+    during = [b - a for a, b in pairwise(pings) if a <= stuck_at + 0.05 <= b]
     assert during and during[0] >= 0.5, gaps
     assert sorted(gaps)[len(gaps) // 2] < 0.2  # otherwise every 50 ms or so

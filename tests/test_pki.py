@@ -5,7 +5,7 @@ import socket
 import ssl
 import stat
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
@@ -65,7 +65,7 @@ def test_issued_certificate_shape(ca, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "role, usages",
+    ("role", "usages"),
     [
         ("relay", {ExtendedKeyUsageOID.CLIENT_AUTH}),
         ("hub", {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH}),
@@ -78,7 +78,7 @@ def test_role_sets_extended_key_usage(ca, tmp_path, role, usages):
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    ("kwargs", "message"),
     [
         ({"role": "admin"}, "unknown role"),
         ({"domain": "../etc"}, "not a DNS name"),
@@ -154,7 +154,7 @@ def make_rsa_ca(out_dir):
     """An RSA CA, as the national PKI's are: the demo CA is ECDSA."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "RSA CA")])
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -190,7 +190,7 @@ def test_rsa_ca_signature_is_verified(tmp_path):
 
 
 def test_expired(ca, tmp_path):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     cert, key = issue(
         ca, tmp_path, not_before=now - timedelta(days=30), not_after=now - timedelta(days=1)
     )
@@ -200,7 +200,7 @@ def test_expired(ca, tmp_path):
 
 
 def test_not_yet_valid(ca, tmp_path):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     cert, key = issue(ca, tmp_path, not_before=now + timedelta(days=1))
     findings = identity.check_identity(cert, key, ca[0], DOMAIN)
     assert levels(findings) == ["error", "info"]
@@ -208,7 +208,7 @@ def test_not_yet_valid(ca, tmp_path):
 
 
 def test_expiring_soon_is_a_warning(ca, tmp_path):
-    now = datetime.now(timezone.utc).replace(microsecond=0)  # certificates hold whole seconds
+    now = datetime.now(UTC).replace(microsecond=0)  # certificates hold whole seconds
     cert, key = issue(ca, tmp_path, not_after=now + timedelta(days=10))
     findings = identity.check_identity(cert, key, ca[0], DOMAIN, now=now)
     assert levels(findings) == ["warning", "info"]
@@ -289,7 +289,7 @@ def test_peer_identity(ca, tmp_path):
     assert peer.org_id == ORG_ID
     assert peer.serial == cert.serial_number
     assert peer.not_after.tzinfo is not None
-    assert peer.not_after - datetime.now(timezone.utc) > timedelta(days=800)
+    assert peer.not_after - datetime.now(UTC) > timedelta(days=800)
 
 
 def test_peer_identity_without_org_id(ca, tmp_path):
@@ -387,5 +387,5 @@ def test_tls_rejects_a_relay_certificate_as_server(ca, tmp_path):
 def test_tls_rejects_local_certificate_as_client(ca, tmp_path):
     hub = issue(ca, tmp_path / "hub", domain="hub.test", role="hub")
     local = issue(ca, tmp_path / "local", domain="localhost", role="local")
-    with pytest.raises(ssl.SSLError, match="(?i)unsupported certificate"):
+    with pytest.raises(ssl.SSLError, match=r"(?i)unsupported certificate"):
         handshake(hub, local, ca[0], "hub.test")

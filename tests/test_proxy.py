@@ -29,7 +29,7 @@ class ConnectProxy(LoopbackServer):
                 return
             self.requests.append(head)
             request_line = head.split(b"\r\n")[0].decode()
-            method, target, _ = request_line.split(" ")
+            _method, target, _ = request_line.split(" ")
             if self.credentials is not None:
                 expected = base64.b64encode(":".join(self.credentials).encode())
                 if b"Proxy-Authorization: Basic " + expected not in head:
@@ -78,3 +78,33 @@ async def test_proxy_refusal_is_reported_and_retried(stopped_space: Space) -> No
     async with space.a.client() as client:
         health = (await client.get("/healthz")).json()
     assert health["uplink"] in ("down", "connecting")
+
+
+class MuteProxy(LoopbackServer):
+    """A proxy that takes the TCP connection and never answers CONNECT."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        self.connections += 1
+        async with client:
+            await trio.sleep_forever()
+
+
+async def test_a_proxy_that_never_answers_connect_is_given_up_named_and_retried(stopped_space: Space) -> None:
+    space = stopped_space
+    proxy = MuteProxy()
+    await space.nursery.start(proxy.serve)
+    await space.start_hub()
+    space.a.config = replace(space.a.config, uplink=replace(
+        space.a.config.uplink, proxy=Proxy("127.0.0.1", proxy.port, None, None), connect_timeout=0.3,
+        backoff_initial=0.05))
+    await space.start_relay(space.a, wait_connected=False)
+    with trio.fail_after(10):
+        while proxy.connections < 2:  # given up after connect_timeout, then tried again
+            await trio.sleep(0.02)
+        while not (status := await space.daemon_status(space.a))["uplink"]["last_error"]:
+            await trio.sleep(0.02)
+    assert status["uplink"]["last_error"] == ("TCP connection to the proxy and its answer to CONNECT not done"
+                                              " within connect_timeout (0.3 s)")

@@ -111,28 +111,29 @@ def test_next_batch_is_urgent_first_then_submission_order(conn) -> None:
     for ident, priority in [("n1-aaaaaaaa", "normal"), ("u1-aaaaaaaa", "urgent"), ("n2-aaaaaaaa", "normal"),
                             ("u2-aaaaaaaa", "urgent")]:
         relay_queue.submit(conn, submission(ident, to=(BOB,), priority=priority), now=NOW)
-    batch = relay_queue.next_batch(conn, HOME, 10, now=NOW)
+    batch = relay_queue.next_batch(conn, HOME, 10, now=NOW).envelopes
     assert [env.id for _, env in batch] == ["u1-aaaaaaaa", "u2-aaaaaaaa", "n1-aaaaaaaa", "n2-aaaaaaaa"]
     assert [env.priority for _, env in batch] == ["urgent", "urgent", "normal", "normal"]
     # Within a lane, the queue positions grow.
     assert batch[0][0] < batch[1][0] and batch[2][0] < batch[3][0]
-    assert [env.id for _, env in relay_queue.next_batch(conn, HOME, 3, now=NOW)] == [e.id for _, e in batch[:3]]
+    first_three = relay_queue.next_batch(conn, HOME, 3, now=NOW).envelopes
+    assert [env.id for _, env in first_three] == [e.id for _, e in batch[:3]]
     # Another domain's outbox is not this one's.
-    assert relay_queue.next_batch(conn, "other.test", 10, now=NOW) == []
+    assert relay_queue.next_batch(conn, "other.test", 10, now=NOW).envelopes == []
     # One lane at a time, past what is already with the hub.
-    normal = relay_queue.next_batch(conn, HOME, 10, lane=relay_queue.NORMAL, now=NOW)
+    normal = relay_queue.next_batch(conn, HOME, 10, lane=relay_queue.NORMAL, now=NOW).envelopes
     assert [env.id for _, env in normal] == ["n1-aaaaaaaa", "n2-aaaaaaaa"]
     assert [env.id for _, env in relay_queue.next_batch(conn, HOME, 10, lane=relay_queue.NORMAL,
-                                                        after=normal[0][0], now=NOW)] == ["n2-aaaaaaaa"]
+                                                        after=normal[0][0], now=NOW).envelopes] == ["n2-aaaaaaaa"]
     assert [env.id for _, env in relay_queue.next_batch(conn, HOME, 10, lane=relay_queue.URGENT,
-                                                        after=batch[0][0], now=NOW)] == ["u2-aaaaaaaa"]
+                                                        after=batch[0][0], now=NOW).envelopes] == ["u2-aaaaaaaa"]
 
 
 def test_next_batch_builds_one_envelope_per_destination_domain(conn) -> None:
     relay_queue.submit(conn, submission("msg-00000001", to=(BOB, DAVE, CAROL), thread="t", body="x"), now=NOW)
     accepted_at, expires_at = conn.execute("SELECT accepted_at, expires_at FROM message").fetchone()
     assert expires_at == accepted_at + 7 * 86400  # the default time-to-live
-    batch = relay_queue.next_batch(conn, HOME, 10, now=NOW)
+    batch = relay_queue.next_batch(conn, HOME, 10, now=NOW).envelopes
     envelopes = {env.dest: env for _, env in batch}
     assert set(envelopes) == {"clinique-sud.test", "ehpad-est.test"}
     assert envelopes["clinique-sud.test"] == Envelope(
@@ -147,14 +148,14 @@ def test_next_batch_builds_one_envelope_per_destination_domain(conn) -> None:
 
 def test_apply_outcomes_moves_recipients_and_empties_the_outbox(conn) -> None:
     relay_queue.submit(conn, submission("msg-00000001", to=(BOB, CAROL, DAVE)), now=NOW)
-    batch = relay_queue.next_batch(conn, HOME, 10, now=NOW)
+    batch = relay_queue.next_batch(conn, HOME, 10, now=NOW).envelopes
     outcomes = {
         "clinique-sud.test": Outcome(True),
         "ehpad-est.test": Outcome(False, protocol.UNKNOWN_DOMAIN, "no relay"),
     }
     relay_queue.apply_outcomes(conn, [(seq, env, outcomes[env.dest]) for seq, env in batch], now=NOW)
     assert count(conn, "outbox") == 0
-    assert relay_queue.next_batch(conn, HOME, 10, now=NOW) == []
+    assert relay_queue.next_batch(conn, HOME, 10, now=NOW).envelopes == []
     assert statuses(conn, "msg-00000001") == {
         BOB: ("sent", None),
         CAROL: ("sent", None),
@@ -173,7 +174,7 @@ def no_systems(address: str) -> list[str]:
 
 def test_statuses_only_move_forward(conn) -> None:
     relay_queue.submit(conn, submission("msg-00000001", to=(BOB, CAROL)), now=NOW)
-    [(seq, env)] = relay_queue.next_batch(conn, HOME, 10, now=NOW)
+    [(seq, env)] = relay_queue.next_batch(conn, HOME, 10, now=NOW).envelopes
     # The receipt overtakes the hub's answer (the answer was lost and resent).
     relay_inbox.take_inbound(conn, HOME, [receipt(1, env.id, (BOB,), "delivered")], no_systems, now=NOW)
     relay_inbox.take_inbound(
@@ -193,7 +194,7 @@ def test_statuses_only_move_forward(conn) -> None:
 
 def test_a_receipt_moves_queued_and_sent_recipients(conn) -> None:
     relay_queue.submit(conn, submission("msg-00000001", to=(BOB, CAROL)), now=NOW)
-    [(seq, env)] = relay_queue.next_batch(conn, HOME, 10, now=NOW)
+    [(seq, env)] = relay_queue.next_batch(conn, HOME, 10, now=NOW).envelopes
     relay_queue.apply_outcomes(conn, [(seq, env, Outcome(True))], now=NOW)
     assert statuses(conn, env.id)[BOB] == ("sent", None)
     relay_inbox.take_inbound(conn, HOME, [receipt(1, env.id, (BOB, CAROL), "delivered")], no_systems, now=NOW)
@@ -220,7 +221,7 @@ def test_overall_status(statuses_: list[str], overall: str) -> None:
 
 def test_message_status_only_for_the_sending_system(conn) -> None:
     relay_queue.submit(conn, submission("msg-00000001", to=(BOB, DAVE)), now=NOW)
-    batch = relay_queue.next_batch(conn, HOME, 10, now=NOW)
+    batch = relay_queue.next_batch(conn, HOME, 10, now=NOW).envelopes
     relay_queue.apply_outcomes(conn, [
         (seq, env, Outcome(True) if env.dest == "clinique-sud.test" else Outcome(False, "unknown_domain"))
         for seq, env in batch
@@ -339,7 +340,7 @@ def test_events_page_in_cursor_order(conn) -> None:
         pages.append([e["message"]["id"] for e in page])
         after = page[-1]["cursor"]
     assert [len(p) for p in pages] == [3, 3, 1]
-    assert sum(pages, []) == [e["message"]["id"] for e in every]
+    assert [e for p in pages for e in p] == [e["message"]["id"] for e in every]
     assert relay_inbox.events(conn, "messenger", cursors[-1], 10) == []
     # Another system's events do not consume this system's cursor space.
     assert relay_inbox.events(conn, "lab", 0, 100) == []
@@ -389,7 +390,7 @@ async def test_units_through_a_store_survive_a_reopen(tmp_path: Path) -> None:
             await store.run("take", lambda c: relay_inbox.take_inbound(c, HOME, [inbound(1)], serving, now=NOW))
 
         async with Store.open(path, relay_queue.MIGRATIONS) as store:
-            batch = await store.run("next_batch", lambda c: relay_queue.next_batch(c, HOME, 10, now=NOW))
+            batch = await store.run("next_batch", lambda c: relay_queue.next_batch(c, HOME, 10, now=NOW).envelopes)
             page = await store.run("events", lambda c: relay_inbox.events(c, "lab", 0, 10))
     assert sorted(env.dest for _, env in batch) == ["clinique-sud.test", "ehpad-est.test"]
     assert {env.id for _, env in batch} == {first}
@@ -410,7 +411,7 @@ def test_a_version_1_database_migrates_with_its_data(tmp_path: Path) -> None:
                (HOME, BOB, protocol.pack([ALICE])))
     db.execute("INSERT INTO event (system, inbound) VALUES ('messenger', 1)")
     assert migrate(db, relay_queue.MIGRATIONS, "v2") == len(relay_queue.MIGRATIONS)
-    [(seq, envelope)] = relay_queue.next_batch(db, HOME, 10, now=2000.0)
+    [(_seq, envelope)] = relay_queue.next_batch(db, HOME, 10, now=2000.0).envelopes
     assert (envelope.id, envelope.body, envelope.expires_at) == ("msg-00000001", "old", 1000.0 + 7 * 86400)
     [event] = relay_inbox.events(db, "messenger", 0, 10)
     assert (event["cursor"], event["type"], event["message"]["body"]) == (1, "message", "hello")

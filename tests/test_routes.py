@@ -110,7 +110,7 @@ def test_match(method: bytes | None, path: str, expected: tuple[Route, str] | No
 
 @pytest.mark.parametrize("txn_id", ["", "short", "x" * 65, "has space", "a/b/c/d/e/f", "dots.are.not.ok"])
 def test_a_transaction_id_that_is_not_a_token_is_a_bad_request(txn_id: str) -> None:
-    with pytest.raises(ProtocolViolation, match="^transaction id: expected 8-64 characters"):
+    with pytest.raises(ProtocolViolation, match=r"^transaction id: expected 8-64 characters"):
         routes.match(b"POST", "/v1/transactions/" + txn_id)
 
 
@@ -153,7 +153,7 @@ def test_frames_fed_byte_by_byte_come_out_as_each_one_completes() -> None:
     decoder = routes.InboxDecoder()
     got = [(offset + 1, item) for offset in range(len(stream)) for item in decoder.feed(stream[offset:offset + 1])]
     ends = [sum(len(frame(i)) for i in items()[:n + 1]) for n in range(len(items()))]
-    assert got == list(zip(ends, items()))
+    assert got == list(zip(ends, items(), strict=True))
 
 
 def test_one_feed_larger_than_the_decoders_bound_is_decoded_in_slices() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import Space
 
-from relay.store.sealing import KEY_FILE, KeyRing, KeyRingError, rotate
+from relay.store.sealing import KEY_FILE, KeyRing, KeyRingError, Unreadable, rotate
 
 SECRET = "Patient Martin, 45 ans: suspicion d'embolie pulmonaire"
 
@@ -20,7 +20,8 @@ def test_seal_and_unseal_round_trip_bound_to_their_context(tmp_path: Path) -> No
     assert SECRET.encode() not in sealed
     assert ring.unseal(sealed, "msg-1") == SECRET
     assert ring.unseal(ring.seal(b"\x00bytes", "d"), "d") == b"\x00bytes"
-    assert ring.unseal(sealed, "msg-2") is None  # moved to another row: no longer opens (and is logged)
+    with pytest.raises(Unreadable, match="msg-2"):  # moved to another row: no longer opens
+        ring.unseal(sealed, "msg-2")
     assert ring.unseal("written before encryption", "msg-1") == "written before encryption"
 
 

@@ -219,7 +219,7 @@ async def test_the_local_api_checks_what_h2_no_longer_checks(space: Space) -> No
     peer = await RawPeer.to_local_api(space)
     try:
         frames = []
-        for stream_id, headers in zip(range(1, 2 * len(requests), 2), requests):
+        for stream_id, headers in zip(range(1, 2 * len(requests), 2), requests, strict=True):
             head, data = hf.HeadersFrame(stream_id), hf.DataFrame(stream_id)
             head.data, data.data = peer.encoder.encode(headers), body
             head.flags.add("END_HEADERS")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import ssl
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from relay.core.protocol import Envelope
 from relay.net import h2connection
 from relay.pki import authority
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 
 def _context(cert: Path | None, key: Path | None, ca: Path, *, tls12_only: bool = False,
@@ -150,7 +150,8 @@ async def test_relay_refuses_a_revoked_hub_and_a_hub_of_another_organisation(sto
     authority.make_crl(ca, space.directory / "pki" / "ca.key", crl, revoked=[hub_cert])
     await space.start_hub()
     space.a.config = replace(space.a.config, uplink=replace(space.a.config.uplink, tls=TlsPolicy(crl_files=(crl,))))
-    space.b.config = replace(space.b.config, uplink=replace(space.b.config.uplink, hub_org_ids=frozenset({"1999999999"})))
+    space.b.config = replace(space.b.config,
+                             uplink=replace(space.b.config.uplink, hub_org_ids=frozenset({"1999999999"})))
     for relay in space.relays:
         await space.start_relay(relay, wait_connected=False)
     for relay in space.relays:

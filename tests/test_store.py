@@ -14,8 +14,9 @@ import os
 import sqlite3
 import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import trio
@@ -105,7 +106,7 @@ class Gate:
 async def collect(store: Store, name: str, fn: Callable[[sqlite3.Connection], Any], into: dict) -> None:
     try:
         into[name] = await store.run(name, fn)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 -- the test compares each unit's outcome
         into[name] = exc
 
 
@@ -428,7 +429,7 @@ async def test_a_cancelled_caller_does_not_stop_its_unit_from_committing(tmp_pat
 async def test_leaving_the_store_finishes_queued_units(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     gate = Gate()
-    async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as nursery:  # noqa: SIM117 -- nested: the store is left while the nursery runs
         async with Store.open(path, MIGRATIONS) as store:
             await gate.close(store, nursery)
             for i in range(5):

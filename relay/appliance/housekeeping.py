@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import trio
 
@@ -54,6 +54,8 @@ class Housekeeping:
         delayed = await self.store.run_patiently(
             "notice_delays", lambda c: relay_queue.notice_delays(c, now, self.delivery.delay_warning)
         )
+        window = self.delivery.retry_window
+        await self.store.run_patiently("drop_bodies", lambda c: relay_queue.drop_bodies(c, now, window))
         retention = self.delivery.event_retention
         pruned = await self.store.run_patiently("prune_events", lambda c: relay_inbox.prune(c, now, retention))
         if pruned:

@@ -17,6 +17,16 @@ looks at the store again every `ROOM_POLL` seconds.
 The hub never ends the stream by itself: the receiver raises when it ends
 or breaks (and the connection is given up), and `stop` resets it for a
 graceful close.
+
+Deadlines (``[uplink] request_timeout``): the hub must answer the inbox
+request (its headers) and each ack in time, or the connection is given up
+(`HubTimeout`) and the hub sends the unacknowledged items again on the
+next one.  The stream itself is long-lived and may rightly stay quiet for
+hours: a dead connection under it is found by the PINGs, and a hub that
+holds items back on a live stream cannot be seen from here at all
+(docs/operations.md, "Health").  A stall of the acks ends once the hub
+answers one, or once the stream has been quiet for ``request_timeout``
+with no ack outstanding: nothing is left to acknowledge then.
 """
 
 from __future__ import annotations
@@ -25,11 +35,11 @@ import collections
 import logging
 import sqlite3
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import trio
 
-from relay.appliance.uplink_connection import HubSession
+from relay.appliance.uplink_connection import HubSession, HubTimeout, Progress
 from relay.config.model import RelayConfig
 from relay.core import protocol, routes
 from relay.core.h2session import ConnectionClosed, status_of
@@ -66,6 +76,10 @@ class InboxReceiver:
         self._counts = counts
         self._scope = trio.CancelScope()
         self._stream: H2Stream | None = None
+        # Whether the hub answers the acks, and the inbox request.
+        self.acks = Progress("acks", "the inbox acknowledgements")
+        self.stream = Progress("inbox", "the inbox stream")
+        self._acks_out = 0
 
     def stop(self) -> None:
         """End the inbox stream now, for a graceful close: reset at once, so
@@ -87,12 +101,25 @@ class InboxReceiver:
                 stream.reset()
 
     async def _consume(self, session: HubSession, stream: H2Stream) -> None:
-        routes.check_inbox_status(status_of(await stream.receive_headers()))
+        with trio.move_on_after(session.timeout) as deadline:
+            headers = await stream.receive_headers()
+        if deadline.cancelled_caught:
+            self.stream.timed_out(f"GET {routes.PATH_INBOX}")
+            raise HubTimeout(f"the hub did not answer GET {routes.PATH_INBOX} within {session.timeout:g} s")
+        routes.check_inbox_status(status_of(headers))
+        self.stream.moving()
         decoder = routes.InboxDecoder()
         slots = trio.Semaphore(ACKS_MAX)
         async with trio.open_nursery(strict_exception_groups=True) as acks:
             while True:
-                data = await stream.receive_some()
+                # Quiet is normal here; quiet with no ack outstanding means
+                # that nothing is left to acknowledge.
+                with trio.move_on_after(session.timeout) as quiet:
+                    data = await stream.receive_some()
+                if quiet.cancelled_caught:
+                    if not self._acks_out:
+                        self.acks.moving()
+                    continue
                 if not data:
                     raise ConnectionClosed("the hub ended the inbox stream")
                 items = decoder.feed(data)
@@ -127,9 +154,11 @@ class InboxReceiver:
                    slots: trio.Semaphore) -> None:
         """Acknowledge committed positions, while the stream goes on: a lost
         ack only means the hub sends them again, and they are dropped here."""
+        self._acks_out += 1
         try:
-            await session.post(routes.ack(seqs, failures))
+            await session.post(routes.ack(seqs, failures), self.acks)
         finally:
+            self._acks_out -= 1
             slots.release()
 
     async def _wait_for_room(self) -> None:
@@ -138,7 +167,7 @@ class InboxReceiver:
         ceiling = self._config().store.max_bytes
         if self._store.used_bytes > ceiling:
             log.warning("store above its ceiling (%d bytes): not taking messages from the hub", ceiling)
-            while self._store.used_bytes > ceiling:
+            while self._store.used_bytes > ceiling:  # noqa: ASYNC110 -- no event: the writer thread sets it
                 await trio.sleep(ROOM_POLL)
             log.info("store below its ceiling again: taking messages from the hub")
 

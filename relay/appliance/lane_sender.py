@@ -18,8 +18,9 @@ the next transaction is already out (settling).  An envelope whose answer
 is not committed yet is left out of the next reads; were that commit lost,
 the envelope would simply go again and the hub would recognise it.
 
-A transaction whose answer was lost (connection drop, cancel) stays
-*pending*: it is kept in memory, across connections, and replayed with the
+A transaction whose answer was lost (connection drop, cancel, or no
+answer within ``[uplink] request_timeout``, which gives the connection up)
+stays *pending*: it is kept in memory, across connections, and replayed with the
 same id before anything newer, and the hub answers it from its record.  If
 the relay itself died, the envelopes go again under a new id and the hub's
 duplicate filter drops them.
@@ -31,15 +32,18 @@ tells the operations tools which messages are past stopping.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import secrets
 import time
-from typing import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
+from relay.appliance.uplink_connection import Progress
 from relay.config.model import RelayConfig
 from relay.core import protocol, routes
+from relay.core.priority import URGENT
 from relay.net.wakeup import Signal
 from relay.store import relay_queue
 from relay.store.engine import Store
@@ -71,6 +75,9 @@ class LaneSender:
         self._outbox_changed = outbox_changed
         self._on_events = on_events
         self._counts = counts
+        name = "urgent" if lane == URGENT else "normal"
+        # Whether the hub answers the lane's transactions (`HubSession.post`).
+        self.progress = Progress(name, f"the {name} lane")
         # The transaction sent and not answered yet: replayed with the same
         # id, before anything newer, if its answer is lost.
         self._pending: tuple[str, Batch] | None = None
@@ -123,16 +130,26 @@ class LaneSender:
                 await slots.acquire()
                 self._pending = None
                 self._settling.update((seq, envelope.id) for seq, envelope in batch)
-                settling.start_soon(self._settle, [(seq, env, o) for (seq, env), o in zip(batch, outcomes)], slots)
+                settling.start_soon(self._settle,
+                                    [(seq, env, o) for (seq, env), o in zip(batch, outcomes, strict=True)], slots)
 
     async def _next_batch(self, sent: Iterable[tuple[int, protocol.Envelope]] = ()) -> Batch:
         """The lane's next batch, past the envelopes ``sent`` and those settling."""
         config = self._config()
         domain, limit, lane = config.domain, config.uplink.batch_max, self.lane
         after = max((*self._settling, *(seq for seq, _ in sent)), default=0)
-        now = time.time()
-        return await self._store.read("next_batch",
-                                      lambda c: relay_queue.next_batch(c, domain, limit, now=now, lane=lane, after=after))
+        while True:
+            now = time.time()
+            found = await self._store.read("next_batch", functools.partial(
+                relay_queue.next_batch, domain=domain, limit=limit, now=now, lane=lane, after=after))
+            if not found.damaged:
+                return found.envelopes
+            # Rows that cannot be read are failed (their senders told), never sent nor left to block the lane.
+            fail = functools.partial(relay_queue.fail_damaged, damaged=found.damaged, now=now)
+            notified = await self._store.run("fail_damaged", fail)
+            self._on_events(notified)
+            if found.envelopes:
+                return found.envelopes
 
     async def _read_ahead(self, sent: Batch) -> None:
         """Read the batch after ``sent``.  Only a full one is used as is: a

@@ -19,7 +19,8 @@ import json
 import logging
 import re
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import trio
 
@@ -45,7 +46,7 @@ _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: list[tuple[str, str]] = ()) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: Sequence[tuple[str, str]] = ()) -> None:
         super().__init__(message)
         self.status, self.code, self.headers = status, code, list(headers)
 
@@ -72,7 +73,7 @@ class LocalApi:
         self.clock = clock
         self.store = store
         self.outbox_changed = outbox_changed
-        self._events = events
+        self.events = events
         self._uplink_state = uplink_state
         self._on_accepted = on_accepted
         self._buckets: dict[tuple[str, float, int], TokenBucket] = {}
@@ -181,7 +182,7 @@ class LocalApi:
     def _validate(self, system: LocalSystem, doc: dict[str, Any], idem_key: str | None) -> Submission:
         unknown = set(doc) - {"from", "to", "body", "thread", "priority"}
         if unknown:
-            raise _invalid(sorted(unknown)[0], "unknown field")
+            raise _invalid(min(unknown), "unknown field")
         sender = doc.get("from")
         if not is_address(sender):
             raise _invalid("from", "expected an address like alice@" + self.config.domain)
@@ -252,7 +253,7 @@ class LocalApi:
     async def _events_page(self, system: LocalSystem, request: Request) -> Response:
         after = _int_param(request, "after", 0, minimum=0)
         wait = _float_param(request, "wait", 0.0, maximum=MAX_WAIT)
-        signal = self._events.signal(system.name)
+        signal = self.events.signal(system.name)
         deadline = trio.current_time() + wait
         while True:
             arrived = signal.watch()

@@ -4,10 +4,13 @@
 
   GET /metrics   the Prometheus text format, made by prometheus_client
   GET /healthz   200 as long as the event loop answers (alive: a liveness
-                 probe restarts the relay when this fails)
-  GET /readyz    200 when the store is open and the uplink connected to the
-                 hub, else 503 with the reasons: "messages are accepted but
-                 do not leave" is what not ready means here
+                 probe restarts the relay when this fails); the body says
+                 "degraded", with the reasons, while a lane gets no answers
+                 from the hub (a restart would not help: the hub is the cause)
+  GET /readyz    200 when the store is open, the uplink connected to the
+                 hub and every lane getting answers, else 503 with the
+                 reasons ("degraded" when only lanes are stalled): "messages
+                 are accepted but do not leave" is what not ready means here
 
 Each daemon has its own `CollectorRegistry` (the tests run several relays
 in one process).  Counters the relay keeps anyway (the uplink's, the
@@ -22,14 +25,15 @@ from __future__ import annotations
 
 import platform
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from relay import __version__
 from relay.appliance.housekeeping import Housekeeping
-from relay.appliance.operations import certificates
+from relay.appliance.operations import certificates, stall_reasons
 from relay.appliance.uplink import Uplink, UplinkState
 from relay.appliance.webhook import WebhookPusher
 from relay.config.model import RelayConfig
@@ -105,10 +109,15 @@ class RelayMetrics:
                 pass  # the store cannot commit: the last figures read, and the rest, still tell a story
             return Response(200, generate_latest(self.registry), [("content-type", CONTENT_TYPE_LATEST)])
         if request.path == "/healthz":
-            return Response.json(200, {"status": "alive"})
+            stalls = self.stalls()
+            return Response.json(200, {"status": "alive", "health": "degraded" if stalls else "healthy",
+                                       "reasons": stalls})
         if request.path == "/readyz":
-            reasons = self.not_ready()
-            return Response.json(503 if reasons else 200, {"ready": not reasons, "reasons": reasons})
+            stalls = self.stalls()
+            reasons = self.not_ready() + stalls
+            status = "not ready" if len(reasons) > len(stalls) else "degraded" if stalls else "ready"
+            return Response.json(503 if reasons else 200, {"ready": not reasons, "status": status,
+                                                           "reasons": reasons})
         return Response(404, b"not found: /metrics, /healthz and /readyz are\n", [("content-type", "text/plain")])
 
     def not_ready(self) -> list[str]:
@@ -118,6 +127,10 @@ class RelayMetrics:
         if self.uplink.state is not UplinkState.CONNECTED:
             reasons.append(f"the uplink to the hub is {self.uplink.state.value}")
         return reasons
+
+    def stalls(self) -> list[str]:
+        """The lanes that get no answers from the hub, in words."""
+        return stall_reasons(self.uplink.stalls(), self.config().uplink.request_timeout, time.time())
 
 
 class _RelayCollector:
@@ -146,6 +159,16 @@ class _RelayCollector:
                                 value=int(uplink.state is UplinkState.CONNECTED))
         yield CounterMetricFamily("eimis_relay_uplink_reconnects", "Connection attempts after the first",
                                   value=max(0, uplink.attempts - 1))
+        stalled = GaugeMetricFamily("eimis_relay_uplink_stalled",
+                                    "1 while the hub leaves this lane's requests unanswered (degraded)",
+                                    labels=["lane"])
+        timeouts = CounterMetricFamily("eimis_relay_uplink_request_timeouts",
+                                       "Requests the hub left unanswered past request_timeout", labels=["lane"])
+        for progress in uplink.progress:
+            stalled.add_metric([progress.lane], int(progress.stalled_since is not None))
+            timeouts.add_metric([progress.lane], progress.timeouts)
+        yield stalled
+        yield timeouts
         failures = CounterMetricFamily("eimis_relay_webhook_failures", "Failed webhook delivery attempts",
                                        labels=["system"])
         for pusher in self.webhooks():

@@ -8,7 +8,9 @@ and the store, and is what the admin channel (`relay.net.admin_socket`) serves:
 * ``status``: one snapshot (version, uplink state and since when, queue
   depths, oldest queued message, certificates) plus its assessment: the
   *problems* that make the relay unhealthy (the exit code of ``eimis-relay
-  status``) and the *warnings* that do not.
+  status``) and the *warnings* that do not.  ``health`` sums them up:
+  "healthy", "degraded" (connected, but a lane gets no answers from the
+  hub: `stall_reasons`) or "unhealthy".
 * ``queue.*``: `QueueTools`, a thin layer over `relay_store`'s units.  The
   same class serves a command that works on the store directly when no
   daemon runs (it then holds the state directory's lock).
@@ -25,9 +27,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import trio
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -97,7 +100,7 @@ class QueueTools:
         found = await self.store.run("queue_show", lambda c: relay_queue.queue_message(c, ident, body))
         if found is None:
             raise AdminError(f"no message {ident} was sent from this relay (or it was forgotten after the retention)")
-        found["in_flight"] = ident in self._in_flight()
+        found["in_flight"] = self._is_in_flight(ident)
         return found
 
     async def retry(self, args: dict[str, Any]) -> dict[str, str]:
@@ -120,7 +123,10 @@ class QueueTools:
             raise AdminError(f"no message {ident} was sent from this relay")
         purged, notified = outcome
         self._on_events(notified)
-        return {"id": ident, "purged": purged, "in_flight": ident in self._in_flight()}
+        return {"id": ident, "purged": purged, "in_flight": self._is_in_flight(ident)}
+
+    def _is_in_flight(self, ident: str) -> bool:
+        return ident in {relay_queue.message_id_of(envelope) for envelope in self._in_flight()}
 
 
 @dataclass
@@ -187,8 +193,22 @@ def due_warning(days_left: float, warned: set[int]) -> int | None:
     return threshold
 
 
+def stall_reasons(stalls: list[dict[str, Any]], timeout: float, now: float) -> list[str]:
+    """The lanes that get no answers from the hub (`Uplink.stalls`), in words."""
+    return [f"degraded: {s['what']} got no answer from the hub for {span(now - s['since'])}"
+            f" ({s['unanswered']} unanswered within {timeout:g} s, {s['timeouts']} time(s);"
+            " the relay reconnects and sends it again)" for s in stalls]
+
+
+def health(problems: list[str], stalls: list[str]) -> str:
+    """"healthy", "degraded" (only lanes stalled) or "unhealthy"."""
+    if any(p not in stalls for p in problems):
+        return "unhealthy"
+    return "degraded" if stalls else "healthy"
+
+
 def assess(snapshot: dict[str, Any], config: RelayConfig, now: float) -> tuple[list[str], list[str]]:
-    """The problems (unhealthy) and warnings of a status snapshot."""
+    """The problems (unhealthy, or degraded) and warnings of a status snapshot."""
     problems: list[str] = []
     warnings: list[str] = []
     uplink = snapshot["uplink"]
@@ -196,6 +216,7 @@ def assess(snapshot: dict[str, Any], config: RelayConfig, now: float) -> tuple[l
         since = span(now - uplink["since"])
         problems.append(f"not connected to the hub ({uplink['state']} for {since})"
                         + (f": {uplink['last_error']}" if uplink["last_error"] else ""))
+    problems += stall_reasons(uplink["stalls"], config.uplink.request_timeout, now)
     for cert in snapshot["certificates"]:
         days = (cert["expires"] - now) / 86400
         what = f"certificate {cert['name']}" + (f" ({cert['file']})" if cert["file"] else "")
@@ -255,7 +276,8 @@ class RelayOperations:
             "version": __version__, "domain": config.domain, "pid": os.getpid(), "started": self.started,
             "config": str(config.path),
             "uplink": {"state": up.state.value, "since": up.since, "hub_url": config.uplink.hub_url,
-                       "last_error": up.last_error, "reconnects": max(0, up.attempts - 1)},
+                       "last_error": up.last_error, "reconnects": max(0, up.attempts - 1),
+                       "stalls": up.stalls()},
             "queues": self._queues,
             "store": {"path": str(self.store.path), "used_bytes": self.store.used_bytes, "error": store_error,
                       "max_bytes": config.store.max_bytes, "high_water": config.store.high_water},
@@ -263,16 +285,21 @@ class RelayOperations:
             "reload": self._reload_state(),
         }
         problems, warnings = assess(snapshot, config, now)
-        snapshot.update(healthy=not problems, problems=problems, warnings=warnings)
+        stalls = stall_reasons(snapshot["uplink"]["stalls"], config.uplink.request_timeout, now)
+        snapshot.update(healthy=not problems, health=health(problems, stalls), problems=problems,
+                        warnings=warnings)
         return snapshot
 
 
 def status_line(config: RelayConfig, uplink: Uplink, queues: dict[str, Any] | None) -> str:
-    """What systemd shows as the service's status: the hub link and the queue."""
+    """What systemd shows as the service's status: the hub link, the lanes
+    that get no answers, and the queue."""
     if uplink.state is UplinkState.CONNECTED:
         link = f"connected to {config.uplink.server_name}"
     else:
         link = f"hub {uplink.state.value}" + (f" ({uplink.last_error})" if uplink.last_error else "")
+    if stalls := uplink.stalls():
+        link += "; DEGRADED: no answer from the hub for " + ", ".join(s["what"] for s in stalls)
     if queues is None:
         return link
     out = queues["outbound"]

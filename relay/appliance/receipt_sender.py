@@ -3,14 +3,17 @@
 A local system reported a message read; the receipt waits in the store
 until the hub has answered it, whatever the answer.  Receipts are
 idempotent (a second ``read`` changes nothing at the origin), so an answer
-lost to a broken connection just means sending them again.
+lost to a broken connection (or not given within ``[uplink]
+request_timeout``, which gives the connection up) just means sending them
+again.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
+from relay.appliance.uplink_connection import Progress
 from relay.config.model import RelayConfig
 from relay.core import protocol, routes
 from relay.net.wakeup import Signal
@@ -28,6 +31,8 @@ class ReceiptSender:
         self._config = config
         self._store = store
         self._outbox_changed = outbox_changed
+        # Whether the hub answers them (`HubSession.post`).
+        self.progress = Progress("receipts", "the read receipts")
 
     async def run(self, post: Callable[[routes.Request], Awaitable[bytes]]) -> None:
         """Send pending read receipts with ``post`` until it raises."""
@@ -42,7 +47,7 @@ class ReceiptSender:
             body = await post(routes.receipts([r for _, r in pending]))
             outcomes = protocol.decode_outcomes(body, len(pending))
             await self._store.run("drop_receipts",
-                                  lambda c: relay_queue.drop_receipts(c, [seq for seq, _ in pending]))
-            for (_, receipt), outcome in zip(pending, outcomes):
+                                  lambda c: relay_queue.drop_receipts(c, [seq for seq, _ in pending]))  # noqa: B023 -- run() awaits it
+            for (_, receipt), outcome in zip(pending, outcomes, strict=True):
                 if not outcome.accepted:
                     log.warning("hub refused the read receipt of message %s: %s", receipt.id, outcome.reason)

@@ -18,7 +18,9 @@ in its own module and owns its state:
 Over each connection `Uplink` runs them side by side: the urgent lane
 first, the normal lane once the urgent one has sent what waited for the
 connection (or found nothing), the receipts and the inbox at once.
-Whatever one of them raises ends the connection, and the others with it;
+Whatever one of them raises ends the connection, and the others with it
+(a request the hub leaves unanswered past ``[uplink] request_timeout``
+raises too: see `HubSession`);
 their state outlives it, so the next connection picks up where this one
 stopped.  `relay.core.routes` is the wire contract they all speak.
 """
@@ -27,14 +29,14 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import trio
 
 from relay.appliance.inbox_receiver import InboxReceiver
 from relay.appliance.lane_sender import LaneSender
 from relay.appliance.receipt_sender import ReceiptSender
-from relay.appliance.uplink_connection import HubSession, UplinkConnection, UplinkState
+from relay.appliance.uplink_connection import HubSession, Progress, UplinkConnection, UplinkState
 from relay.config.model import RelayConfig
 from relay.core.priority import NORMAL, URGENT
 from relay.net.wakeup import Signal
@@ -117,6 +119,17 @@ class Uplink:
         """Cut the wait before the next dial short (``eimis-relay queue retry``)."""
         self._connection.retry_now()
 
+    @property
+    def progress(self) -> tuple[Progress, ...]:
+        """Whether each kind of request gets answers: urgent, normal,
+        receipts, inbox acks, the inbox stream (for the health reports)."""
+        return (self._urgent.progress, self._normal.progress, self._receipts.progress, self._inbox.acks,
+                self._inbox.stream)
+
+    def stalls(self) -> list[dict]:
+        """The lanes making no progress (`Progress.stall`), for the health reports."""
+        return [stall for p in self.progress if (stall := p.stall()) is not None]
+
     def in_flight(self) -> set[str]:
         """Ids of the messages sent to the hub whose answer is not committed
         here yet: purging one of them cannot stop it any more."""
@@ -135,7 +148,11 @@ class Uplink:
         # starts once the urgent one has sent what it had, or found nothing.
         urgent_sent = trio.Event()
         async with trio.open_nursery(strict_exception_groups=True) as nursery:
-            nursery.start_soon(functools.partial(self._urgent.run, session.post, caught_up=urgent_sent))
-            nursery.start_soon(functools.partial(self._normal.run, session.post, start=urgent_sent))
-            nursery.start_soon(self._receipts.run, session.post)
+            nursery.start_soon(functools.partial(
+                self._urgent.run, functools.partial(session.post, progress=self._urgent.progress),
+                caught_up=urgent_sent))
+            nursery.start_soon(functools.partial(
+                self._normal.run, functools.partial(session.post, progress=self._normal.progress),
+                start=urgent_sent))
+            nursery.start_soon(self._receipts.run, functools.partial(session.post, progress=self._receipts.progress))
             nursery.start_soon(self._inbox.run, session)

@@ -16,6 +16,15 @@ CA, CRLs or the way to the hub changed it rolls the connection over:
 answer (a graceful close), and the relay dials again at once with the new
 material, without backing off.  Nothing queued is touched: the outbox is
 in the store, and the inbox resumes at the hub's last acknowledged item.
+
+Deadlines: every request to the hub (`HubSession.post`) must be answered
+within ``[uplink] request_timeout``.  A hub that keeps the connection up
+(it answers PINGs) but leaves a request unanswered would otherwise stop
+that lane for good; past the deadline the request fails with `HubTimeout`,
+a `ConnectionClosed`: the connection is given up, and what was unanswered
+is replayed on the next one under the same id.  Each kind of request keeps
+a `Progress`, which the health reports read: stalled from the first
+timeout until the hub answers one of its requests again.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import enum
 import logging
 import ssl
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -59,24 +68,79 @@ class UplinkError(Exception):
     """The hub is not one this relay can go on with (ALPN, organisation)."""
 
 
+class HubTimeout(ConnectionClosed):
+    """The hub left a request unanswered past ``[uplink] request_timeout``:
+    the connection is treated as broken (the request is replayed on a new one)."""
+
+
+class Progress:
+    """Whether one kind of request to the hub (a lane, the read receipts,
+    the inbox acks, the inbox stream) is getting answers: for ``status``,
+    ``/readyz``, systemd's STATUS= line and the metrics.
+
+    Stalled from a request's timeout until the hub answers one of that
+    kind again (`moving`), across reconnections: a lane whose transaction
+    times out on every connection makes no progress although the
+    connection comes back each time.  Wall-clock times, as the reports
+    show them."""
+
+    def __init__(self, lane: str, what: str) -> None:
+        self.lane = lane  # the metrics' label
+        self.what = what  # for people: "the urgent lane"
+        self.timeouts = 0  # requests left unanswered since the start
+        self.stalled_since: float | None = None
+        self.stalled_timeouts = 0  # ...since stalled_since
+        self.unanswered = ""  # the last request left unanswered
+
+    def moving(self) -> None:
+        """The hub answered (or, for the inbox acks, has nothing left to acknowledge)."""
+        if self.stalled_since is not None:
+            log.info("uplink: %s is moving again", self.what)
+        self.stalled_since, self.stalled_timeouts = None, 0
+
+    def timed_out(self, request: str) -> None:
+        self.timeouts += 1
+        self.stalled_timeouts += 1
+        self.unanswered = request
+        if self.stalled_since is None:
+            self.stalled_since = time.time()
+
+    def stall(self) -> dict | None:
+        """The stall as the status snapshot shows it; None when moving."""
+        if self.stalled_since is None:
+            return None
+        return {"lane": self.lane, "what": self.what, "since": self.stalled_since,
+                "timeouts": self.stalled_timeouts, "unanswered": self.unanswered}
+
+
 class HubSession:
     """The relay<->hub requests (`relay.core.routes`) over one connection.
 
     Error handling: besides what the connection raises (`ConnectionClosed`,
     `StreamReset`), `post` raises `routes.HubAnswerError` for an answer
-    other than 200; either way the connection is given up."""
+    other than 200, and `HubTimeout` for none within ``timeout`` seconds;
+    either way the connection is given up."""
 
-    def __init__(self, conn: Http2Connection, authority: str) -> None:
+    def __init__(self, conn: Http2Connection, authority: str, timeout: float) -> None:
         self._conn = conn
         self._authority = authority
+        self.timeout = timeout
 
-    async def post(self, request: routes.Request) -> bytes:
-        """Send ``request`` and return the body of the hub's 200 answer."""
-        status, answer = await self._conn.request(
-            request.method, request.path, request.body, authority=self._authority,
-            content_type=request.content_type, limit=routes.ANSWER_LIMIT,
-        )
-        return routes.answer_body(request, status, answer)
+    async def post(self, request: routes.Request, progress: Progress) -> bytes:
+        """Send ``request`` and return the body of the hub's 200 answer;
+        ``progress`` learns whether it came in time."""
+        with trio.move_on_after(self.timeout) as deadline:
+            status, answer = await self._conn.request(
+                request.method, request.path, request.body, authority=self._authority,
+                content_type=request.content_type, limit=routes.ANSWER_LIMIT,
+            )
+        if deadline.cancelled_caught:
+            what = f"{request.method} {request.path}"
+            progress.timed_out(what)
+            raise HubTimeout(f"the hub did not answer {what} within {self.timeout:g} s")
+        body = routes.answer_body(request, status, answer)
+        progress.moving()
+        return body
 
     def open_inbox(self) -> H2Stream:
         """Start ``GET /v1/inbox``; the caller reads the answer and resets the stream."""
@@ -174,14 +238,19 @@ class UplinkConnection:
 
     async def _connect_and_serve(self) -> None:
         up = self.config.uplink
-        with trio.fail_after(up.connect_timeout):
+        # One deadline for the whole setup; the step it caught is named.
+        step = "TCP connection" + (" to the proxy and its answer to CONNECT" if up.proxy else "")
+        with trio.move_on_after(up.connect_timeout) as deadline:
             tcp = await dial(up.hub_host, up.hub_port, up.proxy)
+            step = "TLS handshake"
             tls = trio.SSLStream(tcp, self._ssl, server_hostname=up.server_name)
             try:
                 await tls.do_handshake()
             except BaseException:
                 await trio.aclose_forcefully(tls)
                 raise
+        if deadline.cancelled_caught:  # what was opened is closed already
+            raise HubTimeout(f"{step} not done within connect_timeout ({up.connect_timeout:g} s)")
         try:
             self._check_hub(tls)
         except (UplinkError, Revoked):
@@ -196,7 +265,7 @@ class UplinkConnection:
             self._set_state(UplinkState.CONNECTED)
             self.last_error = None
             log.info("uplink connected to %s", up.hub_url)
-            nursery.start_soon(self._serve, HubSession(conn, up.server_name))
+            nursery.start_soon(self._serve, HubSession(conn, up.server_name, up.request_timeout))
         raise ConnectionClosed("connection to the hub ended")
 
     def _check_hub(self, tls: trio.SSLStream) -> None:

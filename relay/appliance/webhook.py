@@ -48,6 +48,7 @@ class WebhookFailed(Exception):
 class WebhookPusher:
     def __init__(self, system: LocalSystem, store: Store, arrived: Signal, *, retry: RetryPolicy = RETRY) -> None:
         assert system.webhook_url is not None and system.webhook_secret is not None
+        self._url, self._secret = system.webhook_url, system.webhook_secret
         self.system = system
         self.store = store
         self.arrived = arrived
@@ -60,7 +61,7 @@ class WebhookPusher:
         cursor = await self.store.run_patiently("webhook_position", lambda c: relay_inbox.webhook_position(c, name))
         while True:
             arrived = self.arrived.watch()
-            page = await self.store.run_patiently("events", lambda c: relay_inbox.events(c, name, cursor, PAGE))
+            page = await self.store.run_patiently("events", lambda c: relay_inbox.events(c, name, cursor, PAGE))  # noqa: B023 -- awaited
             if not page:
                 await arrived.wait()
                 continue
@@ -68,12 +69,12 @@ class WebhookPusher:
                 await self._deliver(event)
                 cursor = event["cursor"]
                 await self.store.run_patiently(
-                    "webhook_advance", lambda c, at=cursor: relay_inbox.set_webhook_position(c, name, at)
+                    "webhook_advance", lambda c: relay_inbox.set_webhook_position(c, name, cursor)  # noqa: B023 -- awaited
                 )
 
     async def _deliver(self, event: dict) -> None:
         body = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
-        signature = hmac.new(self.system.webhook_secret, body, hashlib.sha256).hexdigest()
+        signature = hmac.new(self._secret, body, hashlib.sha256).hexdigest()
         headers = [
             ("content-type", "application/json"),
             ("event-id", str(event["cursor"])),
@@ -84,7 +85,7 @@ class WebhookPusher:
         while True:
             try:
                 with trio.fail_after(self.system.webhook_timeout):
-                    status = await post(self.system.webhook_url, body, headers, self._tls)
+                    status = await post(self._url, body, headers, self._tls)
                 if 200 <= status < 300:
                     return
                 reason = f"answered {status}"
@@ -102,6 +103,7 @@ class WebhookPusher:
 async def post(url: str, body: bytes, headers: list[tuple[str, str]], tls: ssl.SSLContext) -> int:
     """One HTTP/1.1 POST on a fresh connection; returns the status code."""
     parts = urlsplit(url)
+    assert parts.hostname is not None  # [local_system].webhook_url was checked
     port = parts.port or (443 if parts.scheme == "https" else 80)
     stream: trio.abc.Stream = await trio.open_tcp_stream(parts.hostname, port)
     try:
@@ -118,7 +120,7 @@ async def post(url: str, body: bytes, headers: list[tuple[str, str]], tls: ssl.S
                 data = await stream.receive_some(16384)
                 if not data:
                     raise WebhookFailed("connection closed before an answer")
-                conn.receive_data(data)
+                conn.receive_data(bytes(data))
             elif isinstance(event, h11.Response):
                 return event.status_code
     finally:

@@ -49,6 +49,7 @@ def check_files(config: RelayConfig | HubConfig) -> list[identity.Finding]:
     findings += _first_name_is_domain(up.cert_file, config.domain)
     local = config.local_api
     if local.tls_cert_file is not None:
+        assert local.tls_key_file is not None  # the config requires both
         try:
             local_server_context(local.tls_cert_file, local.tls_key_file)
         except (OSError, ssl.SSLError) as exc:

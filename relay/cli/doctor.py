@@ -104,7 +104,8 @@ def run_checks(path: Path) -> list[Check]:
     try:
         config = load_relay_config(path)
     except ConfigError as exc:
-        return [Check("failed", "config", problem, f"edit {path} (see config.example.toml)") for problem in exc.problems]
+        return [Check("failed", "config", problem, f"edit {path} (see config.example.toml)")
+                for problem in exc.problems]
     checks = [Check("ok", "config", f"{config.path} is valid")]
     checks += permissions(config)
     checks += certificate(config)
@@ -172,7 +173,8 @@ def key_size(key_file: Path) -> list[Check]:
     elif isinstance(key, rsa.RSAPrivateKey):
         level = "ok" if key.key_size >= 3072 else "warning" if key.key_size >= 2048 else "failed"
         checks.append(Check(level, "key size", f"RSA {key.key_size} bits",
-                            "" if level == "ok" else "ANSSI asks 3072 bits from 2031: enrol a P-256 key at the next renewal"))
+                            "" if level == "ok"
+                            else "ANSSI asks 3072 bits from 2031: enrol a P-256 key at the next renewal"))
     else:
         checks.append(Check("warning", "key size", f"{type(key).__name__}: not a key type the national PKI issues for"))
     return checks
@@ -207,7 +209,7 @@ async def network(config: RelayConfig) -> list[Check]:
     try:
         with trio.fail_after(up.connect_timeout):
             addresses = await trio.socket.getaddrinfo(first_hop[0], first_hop[1], type=socket.SOCK_STREAM)
-        shown = sorted({a[4][0] for a in addresses})
+        shown = sorted({str(a[4][0]) for a in addresses})
         checks.append(Check("ok", "dns", f"{first_hop[0]} resolves to {', '.join(shown)}"))
     except (OSError, trio.TooSlowError) as exc:
         return checks + [Check("failed", "dns", f"{first_hop[0]} does not resolve: {reason(exc)}",
@@ -299,7 +301,7 @@ async def _clock(config: RelayConfig, stream: trio.SSLStream) -> Check:
                 after = time.time()
                 probe.reset()
                 conn.abort()
-    except Exception as exc:  # the handshake was fine; the hub refused this relay at the HTTP/2 level
+    except Exception as exc:  # noqa: BLE001 -- the handshake was fine; the hub refused this relay at the HTTP/2 level
         return Check("failed", "hub", f"the hub closed the connection after the handshake: {reason(exc)}",
                      "the hub may not know this relay's domain, or has revoked its certificate: ask its operator")
     if date is None:

@@ -42,7 +42,7 @@ from relay.pki import authority
 from relay.runtime.paths import state_dir
 from relay.store import relay_queue
 from relay.store.engine import Store, backup
-from relay.store.sealing import KEY_FILE, KeyRing, KeyRingError, install
+from relay.store.sealing import KEY_FILE, KeyRing, KeyRingError, SealedConnection, Unreadable, install, unseal
 
 DB_NAME = "relay.db"
 EXIT_UNKNOWN = 3
@@ -143,9 +143,10 @@ def ask(args: argparse.Namespace, op: str, request: dict[str, Any] | None = None
     try:
         state = store_dir(load(args))
     except CommandFailed as problem:
-        state = _state_dir_of_broken(config_path(args))
-        if state is None:
+        broken = _state_dir_of_broken(config_path(args))
+        if broken is None:
             raise
+        state = broken
         print(f"warning: {str(problem).splitlines()[0]} (eimis-relay check-config); asking the running daemon"
               " anyway", file=sys.stderr)
     return admin_socket.call(admin_socket.find_daemon(state), op, request)
@@ -216,7 +217,7 @@ def render_status(s: dict[str, Any], now: float) -> str:
     oldest = queues["oldest_queued_at"]
     lines = [
         f"eimis-relay {s['version']}  {s['domain']}  pid {s['pid']}, up {span(now - s['started'])}",
-        f"health       {'ok' if s['healthy'] else 'UNHEALTHY'}",
+        f"health       {'ok' if s['healthy'] else s.get('health', 'unhealthy').upper()}",
         *(f"  problem    {p}" for p in s["problems"]),
         *(f"  warning    {w}" for w in s["warnings"]),
         f"uplink       {up['state']} since {timeformat.second(up['since'])} ({span(now - up['since'])}),"
@@ -231,7 +232,8 @@ def render_status(s: dict[str, Any], now: float) -> str:
         where = f"  {cert['file']}" if cert["file"] else ""
         lines.append(f"certificate  {cert['name']} expires {timeformat.second(cert['expires'])}"
                      f" ({(cert['expires'] - now) / 86400:.0f} days){where}")
-    lines.append(f"store        {store['path']}, {store['used_bytes'] / 1e6:.1f} MB of {store['max_bytes'] / 1e6:.0f} MB")
+    lines.append(f"store        {store['path']},"
+                 f" {store['used_bytes'] / 1e6:.1f} MB of {store['max_bytes'] / 1e6:.0f} MB")
     reload = s["reload"]
     last = "never reloaded" if reload["at"] is None else (
         f"last reload {'ok' if reload['ok'] else 'REFUSED'} at {timeformat.second(reload['at'])} ({reload['trigger']})")
@@ -379,10 +381,11 @@ def _restore(args: argparse.Namespace) -> int:
 
 def check_backup(path: Path, ring: KeyRing | None) -> str | None:
     """Why ``path`` is not a relay store this version can run on with the
-    key ring ``ring``, or None."""
+    key ring ``ring``, or None.  Every body it holds must open: a backup
+    restored beside the wrong key ring (or none) would fail its messages."""
     if not path.is_file():
         return "no such file"
-    conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+    conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, factory=SealedConnection)
     try:
         install(conn, ring)
         verdict = conn.execute("PRAGMA integrity_check").fetchone()[0]
@@ -392,10 +395,17 @@ def check_backup(path: Path, ring: KeyRing | None) -> str | None:
             return f"damaged: {verdict}"
         if "outbox" not in tables or not 1 <= version <= len(relay_queue.MIGRATIONS):
             return f"not a relay store this version understands (schema version {version})"
-        try:  # one sealed body is enough to know whether the key ring opens them
-            conn.execute("SELECT unseal(body, id) FROM message WHERE length(body) > 0 LIMIT 1").fetchall()
-        except sqlite3.OperationalError:
-            return f"its bodies do not open with the key ring {KEY_FILE} here: put back the key ring of that time"
+        unreadable, first = 0, None
+        for value, context in conn.execute(
+                "SELECT body, id FROM message WHERE body != '' UNION ALL SELECT body, id FROM inbound"):
+            try:
+                unseal(conn, value, context)
+            except Unreadable as exc:
+                unreadable, first = unreadable + 1, first or exc.why
+        if unreadable:
+            where = f"the key ring {KEY_FILE} here" if ring is not None else f"no key ring here (no {KEY_FILE})"
+            return (f"{unreadable} of its bodies do not open with {where} ({first}): put back the key ring of"
+                    " that time")
     except sqlite3.Error as exc:
         return f"not a readable relay store ({exc})"
     finally:

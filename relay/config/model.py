@@ -15,7 +15,7 @@ import hashlib
 import hmac
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit
@@ -143,6 +143,9 @@ class Uplink:
     connect_timeout: float = 10.0
     keepalive_interval: float = 20.0  # seconds between HTTP/2 PINGs
     keepalive_timeout: float = 10.0  # no PING ack within this: the connection is dead
+    # No answer to a request (a transaction, receipts, an ack) within this:
+    # the connection is given up as broken and the request replayed on a new one.
+    request_timeout: float = 60.0
     backoff_initial: float = 0.5
     backoff_max: float = 5.0
     batch_max: int = 500  # envelopes per transaction
@@ -173,6 +176,9 @@ class Delivery:
     delay_warning: float = 15 * 60  # not delivered after this: a "delayed" event
     event_retention: float = 30 * 86400  # events a system never read are dropped after this
     audit_retention: float = 183 * 86400  # six months, the French norm for health messaging
+    # A failed message's body is kept this long after the failure, for
+    # `eimis-relay queue retry`; at most event_retention (docs/guarantees.md).
+    retry_window: float = 7 * 86400
 
 
 @dataclass(frozen=True)
@@ -267,10 +273,11 @@ class HubConfig:
 
 EXPIRY_INTERVALS = (0.1, 3600.0)
 HANDSHAKE_TIMEOUTS = (0.5, 60.0)
-# The reference relay retries an envelope until its time-to-live (7 days by
-# default) and expiry grace are over: a shorter window would refuse its
-# last retries as expired.
-REPLAY_WINDOW_MIN = 8 * 86400
+# The reference relay, with its defaults, sends an envelope until 21 days
+# after accepting it (its ``sent_at``): its time-to-live (7 days), then a
+# `queue retry` within the retry window (7 days) gives it another 7.  A
+# shorter window would refuse those last retries as expired.
+REPLAY_WINDOW_MIN = 22 * 86400
 
 
 def _handshake_timeout(value: object) -> float:
@@ -308,6 +315,13 @@ def load_relay_config(path: str | os.PathLike) -> RelayConfig:
         event_retention=relay.get("event_retention", duration, Delivery.event_retention),
         audit_retention=relay.get("audit_retention", duration, Delivery.audit_retention),
     )
+    # A destination recognises a retry of a message it has while it keeps it
+    # (its event_retention): later, a retry could show it twice.
+    retry_window = relay.get("retry_window", duration, None)
+    if retry_window is not None and retry_window > delivery.event_retention:
+        relay.problem("retry_window", "must not be longer than event_retention")
+    delivery = replace(delivery, retry_window=min(delivery.event_retention,
+                                                  Delivery.retry_window if retry_window is None else retry_window))
     uplink = _read_uplink(file.root.table("uplink"))
     local_api = _read_local_api(file.root.table("local_api", required=False))
     store = _read_store(file.root.table("store", required=False))
@@ -315,6 +329,8 @@ def load_relay_config(path: str | os.PathLike) -> RelayConfig:
     shutdown_grace = relay.get("shutdown_grace", duration, RelayConfig.shutdown_grace)
     metrics = _read_metrics(file.root.table("metrics", required=False))
     file.finish()
+    # finish() raised if any table had a problem: each was built.
+    assert uplink is not None and local_api is not None and store is not None and metrics is not None
     return RelayConfig(
         path=file.path,
         domain=domain,
@@ -336,7 +352,7 @@ def load_hub_config(path: str | os.PathLike) -> HubConfig:
     file = ConfigFile(path, example="hub.example.toml")
     hub = file.root.table("hub")
     domains = hub.get_list("domains", _domain, ())
-    values = dict(
+    values: dict[str, Any] = dict(
         name=hub.get("name", _domain),
         listen=hub.get("listen", _address),
         state_dir=hub.get("state_dir", file.resolve, None),
@@ -375,7 +391,7 @@ def _read_uplink(table: Table) -> Uplink | None:
         table.problem(
             "backoff_max", f"expected seconds >= backoff_initial ({backoff_initial}), got {backoff_max!r}"
         )
-    values = dict(
+    values: dict[str, Any] = dict(
         ca_file=table.get("ca_file", table.file.resolve),
         cert_file=table.get("cert_file", table.file.resolve),
         key_file=table.get("key_file", table.file.resolve),
@@ -383,12 +399,14 @@ def _read_uplink(table: Table) -> Uplink | None:
         connect_timeout=table.get("connect_timeout", seconds, Uplink.connect_timeout),
         keepalive_interval=table.get("keepalive_interval", seconds, Uplink.keepalive_interval),
         keepalive_timeout=table.get("keepalive_timeout", seconds, Uplink.keepalive_timeout),
+        request_timeout=table.get("request_timeout", seconds, Uplink.request_timeout),
         batch_max=table.get("batch_max", integer(1, 500), Uplink.batch_max),
         tls=_read_tls_policy(table),
         hub_org_ids=frozenset(table.get_list("hub_org_ids", _org_id, ()) or ()),  # None: already reported
     )
     if not table.valid:  # the load fails; there is nothing to build
         return None
+    assert hub.hostname is not None  # _server_url checked it
     return Uplink(
         hub_url=hub.geturl(),
         hub_host=hub.hostname,
@@ -413,7 +431,7 @@ def _read_local_api(table: Table) -> LocalApi | None:
                        ("tls_cert_file", "tls_client_ca_file")]:
         if other in table and key not in table:
             table.problem(key, f"missing, required when {other} is set")
-    values = dict(
+    values: dict[str, Any] = dict(
         listen=table.get("listen", _address, LocalApi.listen),
         tls_cert_file=table.get("tls_cert_file", table.file.resolve, None),
         tls_key_file=table.get("tls_key_file", table.file.resolve, None),
@@ -425,7 +443,7 @@ def _read_local_api(table: Table) -> LocalApi | None:
 
 
 def _read_store(table: Table) -> StoreLimits | None:
-    values = dict(
+    values: dict[str, Any] = dict(
         max_bytes=table.get("max_size", size, StoreLimits.max_bytes),
         high_water=table.get("high_water", fraction, StoreLimits.high_water),
     )
@@ -580,8 +598,10 @@ def _proxy(value: object) -> Proxy:
     if url is None or url.port is None or (url.username is None) != (url.password is None):
         # The value is not repeated: it may hold a password, and problems get logged.
         raise Invalid("expected http://HOST:PORT or http://USER:PASSWORD@HOST:PORT")
+    assert url.hostname is not None  # _server_url checked it
     if url.username is None:
         return Proxy(url.hostname, url.port, None, None)
+    assert url.password is not None  # both or neither, checked above
     return Proxy(url.hostname, url.port, unquote(url.username), unquote(url.password))
 
 
@@ -603,6 +623,6 @@ def _webhook_url(value: object) -> str:
         )
     except ValueError:  # a bad port or IPv6 literal
         valid = False
-    if not valid:
+    if not valid or not isinstance(value, str):
         raise expected("an http:// or https:// URL", value)
     return value

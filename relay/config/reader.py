@@ -27,7 +27,7 @@ import re
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 
 class ConfigError(Exception):
@@ -119,7 +119,8 @@ class ConfigFile:
         self.problems.append(f"{self.name_of(origin or self.path)}: {where}: {message}")
 
     def resolve(self, value: object) -> Path:
-        """Parse a path; a relative one is relative to the file it is written in, so that a config moves with its files."""
+        """Parse a path; a relative one is relative to the file it is written in,
+        so that a config moves with its files."""
         if isinstance(value, str) and value:
             return self.reading.parent / value
         raise expected("a path", value)
@@ -134,6 +135,10 @@ class ConfigFile:
 
 
 _REQUIRED: Any = object()  # the default of a key that must be present
+# What get() returns for a key it reported a problem about: typed as the
+# value, since no loader builds anything from a table with problems
+# (`table.valid`, `file.finish()` raises ConfigError first).
+_REPORTED: Any = None
 
 
 class Table:
@@ -168,35 +173,35 @@ class Table:
         self.file.problem(self.where(key), message, self._origins.get(key.partition("[")[0], self.origin))
         self.valid = False
 
-    def get(self, key: str, parse: Parser[_T], default: _T = _REQUIRED) -> _T | None:
+    def get(self, key: str, parse: Parser[_T], default: _T = _REQUIRED) -> _T:
         """The parsed value of `key`, `default` when absent, or None after reporting a problem."""
         self._read.add(key)
         if key not in self._data:
             # The keys of a missing table are not reported: the table was.
             if default is _REQUIRED and self._present:
                 self.problem(key, "missing required key")
-            return None if default is _REQUIRED else default
+            return _REPORTED if default is _REQUIRED else default
         self.file.reading = self._origins.get(key, self.origin)
         try:
             return parse(self._data[key])
         except Invalid as invalid:
             self.problem(key, str(invalid))
-            return None
+            return _REPORTED
 
     def get_list(
         self, key: str, parse_item: Parser[_T], default: tuple[_T, ...] = _REQUIRED
-    ) -> tuple[_T, ...] | None:
+    ) -> tuple[_T, ...]:
         """Like get, for an array; each bad item is a problem of its own, e.g. "users[2]"."""
-        items = self.get(key, _array, default)
+        items: list | tuple = self.get(key, _array, default)
         if items is None:
-            return None
+            return _REPORTED
         values = []
         for index, item in enumerate(items):
             try:
                 values.append(parse_item(item))
             except Invalid as invalid:
                 self.problem(f"{key}[{index}]", str(invalid))
-        return tuple(values) if len(values) == len(items) else None
+        return tuple(values) if len(values) == len(items) else _REPORTED
 
     def table(self, key: str, *, required: bool = True) -> Table:
         """A sub-table; an absent optional one reads as empty, so its keys take their defaults."""
@@ -205,7 +210,7 @@ class Table:
 
     def tables(self, key: str) -> list[Table]:
         """The tables of an optional array of tables ([[key]] in TOML)."""
-        items = self.get(key, _array_of_tables, []) or []
+        items: list[dict] = self.get(key, _array_of_tables, []) or []
         # Numbered within their own file, which is the one their problems name.
         return [Table(self.file, f"{self.where(key)}[{_index_in_file(data, index)}]", data)
                 for index, data in enumerate(items)]
@@ -246,7 +251,7 @@ def _index_in_file(data: dict[str, Any], index: int) -> int:
     return index if own is None else own
 
 
-def _is_tables(value: object) -> bool:
+def _is_tables(value: object) -> TypeGuard[list[dict]]:
     return isinstance(value, list) and all(isinstance(item, dict) for item in value)
 
 
@@ -298,9 +303,8 @@ def integer(low: int, high: int | None = None) -> Parser[int]:
     what = f"an integer {low}..{high}" if high is not None else f"an integer >= {low}"
 
     def parse(value: object) -> int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            if low <= value and (high is None or value <= high):
-                return value
+        if isinstance(value, int) and not isinstance(value, bool) and low <= value and (high is None or value <= high):
+            return value
         raise expected(what, value)
 
     return parse
@@ -356,7 +360,7 @@ def fraction(value: object) -> float:
     raise expected("a fraction > 0 and <= 1", value)
 
 
-def _array(value: object) -> list:
+def _array(value: object) -> Any:  # a list; Any, so that get() takes get_list's tuple default
     if isinstance(value, list):
         return value
     raise expected("an array", value)

@@ -11,8 +11,8 @@ nothing else is meant by their contents.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 
 def file_stamp(path: Path) -> tuple:

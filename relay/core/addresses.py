@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from typing import TypeGuard
 
 MAX_NAME = 253
 MAX_LOCAL_PART = 64
@@ -57,7 +58,7 @@ def is_host(text: object) -> bool:
     return True
 
 
-def is_address(text: object) -> bool:
+def is_address(text: object) -> TypeGuard[str]:
     """Whether `text` is a lowercase ``local@domain`` messaging address."""
     if not isinstance(text, str) or len(text) > MAX_ADDRESS:
         return False

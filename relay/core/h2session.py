@@ -37,8 +37,9 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import ClassVar
 
 import h2.config
 import h2.connection
@@ -316,6 +317,7 @@ class H2Session:
         return received
 
     def _dispatch(self, event: h2.events.Event, received: Received) -> None:
+        stream: StreamState | None
         if isinstance(event, h2.events.RequestReceived):
             stream = self._track(event.stream_id)
             stream.headers_received(list(event.headers))
@@ -434,7 +436,8 @@ class H2Session:
         ever will, so fail the stream rather than leave the client waiting.
         A body left unread is credited back."""
         if not (stream.ended and stream.sent_end):
-            self.reset(stream, h2.errors.ErrorCodes.NO_ERROR if stream.sent_end else h2.errors.ErrorCodes.INTERNAL_ERROR)
+            self.reset(stream,
+                       h2.errors.ErrorCodes.NO_ERROR if stream.sent_end else h2.errors.ErrorCodes.INTERNAL_ERROR)
         self._drop_unread(stream)
         self._forget_if_done(stream)
 
@@ -527,7 +530,7 @@ class FloodGuard:
     """Counts what a peer makes us do for nothing, in fixed windows of
     `FLOOD_WINDOW` seconds of the caller's clock."""
 
-    _KINDS = {
+    _KINDS: ClassVar[dict[type[h2.events.Event], str]] = {
         h2.events.StreamReset: "reset",
         h2.events.PingReceived: "ping",
         h2.events.RemoteSettingsChanged: "settings",

@@ -114,6 +114,11 @@ class Envelope:
     # Stamped by the hub beside ``origin``: the organisation identifier
     # (subject OU: 1 + FINESS or 3 + SIRET) of the sending relay's certificate.
     origin_org: str = ""
+    # Set by the sending relay on a retry (`eimis-relay queue retry`): the
+    # id of the message this envelope carries again under a new envelope id
+    # (the hub drops an envelope id it has seen).  The destination relay
+    # files it under that id, so a copy it already has is not shown twice.
+    retry_of: str = ""
 
     @property
     def dest(self) -> str:
@@ -136,6 +141,8 @@ class Envelope:
             wire["expires_at"] = self.expires_at
         if self.origin_org:
             wire["origin_org"] = self.origin_org
+        if self.retry_of:
+            wire["retry_of"] = self.retry_of
         return wire
 
     @classmethod
@@ -173,7 +180,10 @@ class Envelope:
         origin_org = m.get("origin_org", "")
         if not isinstance(origin_org, str) or len(origin_org) > 64:
             raise ProtocolViolation("envelope.origin_org: expected a string of at most 64 characters")
-        return cls(ident, sender, to, rcpt, body, thread, priority, sent_at, origin, expires_at, origin_org)
+        retry_of = m.get("retry_of", "")
+        if retry_of != "" and not is_token(retry_of):
+            raise ProtocolViolation("envelope.retry_of: expected 8-64 characters of [A-Za-z0-9_-]")
+        return cls(ident, sender, to, rcpt, body, thread, priority, sent_at, origin, expires_at, origin_org, retry_of)
 
 
 @dataclass(frozen=True)

@@ -149,7 +149,7 @@ class InboxDecoder:
                 items += [InboxItem.from_wire(obj) for obj in self._unpacker]
         except ProtocolViolation:
             raise
-        except Exception as exc:  # msgpack's own errors: BufferFull, ExtraData, ...
+        except Exception as exc:  # noqa: BLE001 -- msgpack's own errors: BufferFull, ExtraData, ...
             raise ProtocolViolation(f"inbox stream: undecodable item ({exc.__class__.__name__})") from None
         return items
 

@@ -19,7 +19,7 @@ time in seconds or a timezone-aware `datetime`.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 
 def span(seconds: float) -> str:
@@ -58,5 +58,5 @@ def _seconds(moment: float | datetime) -> float:
 
 def _utc(moment: float | datetime) -> datetime:
     if isinstance(moment, datetime):
-        return moment.astimezone(timezone.utc)
-    return datetime.fromtimestamp(moment, timezone.utc)
+        return moment.astimezone(UTC)
+    return datetime.fromtimestamp(moment, UTC)

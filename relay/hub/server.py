@@ -115,7 +115,9 @@ class Hub:
     def link(self, domain: str) -> DomainLink:
         return self.links.setdefault(domain, DomainLink())
 
-    async def serve(self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         await self.store.run("register_configured_domains",
                              lambda c: hub_queue.register_domains(c, self.config.domains, learnt=False,
                                                                   now=time.time()))
@@ -131,7 +133,7 @@ class Hub:
                     accepting.start_soon(self._sweep_periodically)
                     self.accepting = True
                     log.info("hub %s listening on %s", self.config.name,
-                             ", ".join(_sockname(l) for l in listeners))
+                             ", ".join(_sockname(listener) for listener in listeners))
                     task_status.started(listeners)
                 for listener in listeners:
                     await trio.aclose_forcefully(listener)
@@ -418,7 +420,7 @@ class HubConnection:
                 if room > 0:
                     rows = await self.hub.store.read_patiently(  # the 200 is sent: no 503 now
                         "fetch_inbox",
-                        lambda c: hub_queue.fetch_inbox(c, self.domain, sent, min(room, INBOX_FETCH),
+                        lambda c: hub_queue.fetch_inbox(c, self.domain, sent, min(room, INBOX_FETCH),  # noqa: B023 -- awaited
                                                         now=time.time()),
                     )
                     await self._drop_unreadable(rows)

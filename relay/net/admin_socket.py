@@ -38,8 +38,9 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -168,7 +169,9 @@ class AdminServer:
         self.path = path
         self.handlers = handlers
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         if len(os.fsencode(self.path)) > MAX_SOCKET_PATH:
             raise OSError(errno.ENAMETOOLONG, f"admin socket path longer than {MAX_SOCKET_PATH} bytes", str(self.path))
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -257,7 +260,7 @@ def call(path: Path, op: str, args: dict[str, Any] | None = None, *, timeout: fl
                 if not chunk:
                     break
                 data += chunk
-        except socket.timeout:
+        except TimeoutError:
             raise DaemonUnreachable(f"the daemon did not answer within {timeout:g} s on {path}") from None
         except OSError as exc:
             raise DaemonUnreachable(f"cannot reach the daemon's admin socket {path}: {exc.strerror or exc}") from None

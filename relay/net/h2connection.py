@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import h2.errors
 import trio
@@ -308,7 +308,7 @@ class Http2Connection:
                 for stream in received.requests:
                     nursery.start_soon(self._serve_stream, stream)
             try:
-                data = await self._stream.receive_some(READ_CHUNK)
+                data = bytes(await self._stream.receive_some(READ_CHUNK))  # bytes(b) is b: no copy
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._die(ConnectionClosed(f"connection to {self.name} lost: {exc}"))
                 return
@@ -328,7 +328,7 @@ class Http2Connection:
         finally:
             self._session.finish(stream)
 
-    async def _close_when_idle(self, timeout: float) -> None:
+    async def _close_when_idle(self, timeout: float) -> None:  # noqa: ASYNC109 -- an idle period, not a deadline
         while True:
             idle = self._no_streams
             await idle.wait()
@@ -340,6 +340,7 @@ class Http2Connection:
 
     async def _keepalive(self) -> None:
         interval = self._settings.keepalive_interval
+        assert interval is not None  # started only when set
         while True:
             await trio.sleep(interval)
             self._pong = trio.Event()

@@ -16,9 +16,9 @@ import json
 import logging
 import re
 import ssl
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Awaitable, Callable
 from urllib.parse import parse_qsl, urlsplit
 
 import h11
@@ -58,7 +58,7 @@ class Response:
     headers: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod
-    def json(cls, status: int, document: object, headers: list[tuple[str, str]] = ()) -> Response:
+    def json(cls, status: int, document: object, headers: Sequence[tuple[str, str]] = ()) -> Response:
         body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
         return cls(status, body, [("content-type", "application/json"), *headers])
 
@@ -96,7 +96,8 @@ class HttpServer:
                     # ENOBUFS) and raise on anything else.
                     async with trio.open_nursery(strict_exception_groups=True) as accepting:
                         await accepting.start(
-                            partial(trio.serve_listeners, self._serve_connection, listeners, handler_nursery=connections)
+                            partial(trio.serve_listeners, self._serve_connection, listeners,
+                                    handler_nursery=connections)
                         )
                         task_status.started()
             finally:
@@ -226,7 +227,7 @@ class HttpServer:
             if not conn.trailing_data[0]:  # between requests: the client may idle a while
                 with trio.fail_after(IDLE_TIMEOUT):
                     data = await stream.receive_some(65536)
-                conn.receive_data(data)
+                conn.receive_data(bytes(data))
             try:
                 # Then the whole request must arrive in time (slowloris).
                 with trio.fail_after(REQUEST_TIMEOUT):
@@ -301,7 +302,7 @@ async def _next_event(conn: h11.Connection, stream: trio.abc.Stream) -> object:
         if event is not h11.NEED_DATA:
             return event
         data = await stream.receive_some(65536)
-        conn.receive_data(data)
+        conn.receive_data(bytes(data))
 
 
 async def _send_h11(conn: h11.Connection, stream: trio.abc.Stream, response: Response) -> None:

@@ -55,7 +55,7 @@ class RevocationList:
         loaded = self._current()
         if loaded.problem is not None:
             raise Revoked(loaded.problem)
-        now = now or datetime.datetime.now(datetime.timezone.utc)
+        now = now or datetime.datetime.now(datetime.UTC)
         for path, next_update in loaded.next_updates:
             if next_update < now:
                 message = f"CRL {path} is stale (next update was due {timeformat.minute(next_update)})"
@@ -110,5 +110,5 @@ def _next_update(crl: x509.CertificateRevocationList) -> datetime.datetime:
     if hasattr(crl, "next_update_utc"):  # cryptography >= 42
         moment = crl.next_update_utc
     else:
-        moment = crl.next_update and crl.next_update.replace(tzinfo=datetime.timezone.utc)
-    return moment or datetime.datetime.max.replace(tzinfo=datetime.timezone.utc)
+        moment = crl.next_update and crl.next_update.replace(tzinfo=datetime.UTC)
+    return moment or datetime.datetime.max.replace(tzinfo=datetime.UTC)

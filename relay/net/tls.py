@@ -32,7 +32,9 @@ def _harden(ctx: ssl.SSLContext, policy: TlsPolicy) -> ssl.SSLContext:
     return ctx
 
 
-def hub_server_context(cert_file: Path, key_file: Path, ca_file: Path, policy: TlsPolicy = TlsPolicy()) -> ssl.SSLContext:
+def hub_server_context(
+    cert_file: Path, key_file: Path, ca_file: Path, policy: TlsPolicy = TlsPolicy(),
+) -> ssl.SSLContext:
     """The hub's side: every relay must present a certificate from the national CA."""
     ctx = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), policy)
     ctx.load_cert_chain(cert_file, key_file)
@@ -42,7 +44,9 @@ def hub_server_context(cert_file: Path, key_file: Path, ca_file: Path, policy: T
     return ctx
 
 
-def relay_client_context(cert_file: Path, key_file: Path, ca_file: Path, policy: TlsPolicy = TlsPolicy()) -> ssl.SSLContext:
+def relay_client_context(
+    cert_file: Path, key_file: Path, ca_file: Path, policy: TlsPolicy = TlsPolicy(),
+) -> ssl.SSLContext:
     """The relay's side: present our certificate, verify the hub's chain and name."""
     ctx = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), policy)
     ctx.load_cert_chain(cert_file, key_file)

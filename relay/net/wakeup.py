@@ -7,7 +7,7 @@ looking at the store, and wait on it only if the look found nothing.  A
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import trio
 

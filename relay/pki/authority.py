@@ -9,7 +9,7 @@ It supports cryptography 38 (Debian 12), so it uses no API newer than 38.
 import ipaddress
 import os
 from collections.abc import Iterable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -50,7 +50,7 @@ def create_ca(
             x509.NameAttribute(NameOID.COMMON_NAME, common_name),
         ]
     )
-    not_before = datetime.now(timezone.utc) - _CLOCK_SKEW
+    not_before = datetime.now(UTC) - _CLOCK_SKEW
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -102,7 +102,7 @@ def issue_certificate(
 
     key = ec.generate_private_key(ec.SECP256R1())
     if not_before is None:
-        not_before = datetime.now(timezone.utc) - _CLOCK_SKEW
+        not_before = datetime.now(UTC) - _CLOCK_SKEW
     if not_after is None:
         not_after = not_before + timedelta(days=days)
     cert = (
@@ -119,7 +119,7 @@ def issue_certificate(
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key()),
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),  # the issuer's (checked)
             critical=False,
         )
         .sign(issuer_key, hashes.SHA256())
@@ -145,7 +145,7 @@ def make_crl(
     issuer_key = load_private_key(Path(ca_key))
     if not same_public_key(issuer.public_key(), issuer_key.public_key()):
         raise ValueError(f"{ca_key}: CA key does not match CA certificate {ca_cert}")
-    last_update = last_update or datetime.now(timezone.utc) - _CLOCK_SKEW
+    last_update = last_update or datetime.now(UTC) - _CLOCK_SKEW
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(issuer.subject)

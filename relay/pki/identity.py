@@ -14,7 +14,7 @@ no API newer than 38.
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -94,7 +94,7 @@ def check_identity(
         )
 
     if now is None:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
     not_before, not_after = valid_from(cert), valid_until(cert)
     if now < not_before:
         message = f"{cert_file}: certificate not valid before {timeformat.minute(not_before)}"
@@ -154,14 +154,14 @@ def valid_from(cert: x509.Certificate) -> datetime:
     """Start of validity, timezone-aware: the ``_utc`` attributes appeared in cryptography 42."""
     if hasattr(cert, "not_valid_before_utc"):
         return cert.not_valid_before_utc
-    return cert.not_valid_before.replace(tzinfo=timezone.utc)
+    return cert.not_valid_before.replace(tzinfo=UTC)
 
 
 def valid_until(cert: x509.Certificate) -> datetime:
     """End of validity, timezone-aware (see :func:`valid_from`)."""
     if hasattr(cert, "not_valid_after_utc"):
         return cert.not_valid_after_utc
-    return cert.not_valid_after.replace(tzinfo=timezone.utc)
+    return cert.not_valid_after.replace(tzinfo=UTC)
 
 
 def load_chain(path: Path) -> list[x509.Certificate]:
@@ -209,11 +209,14 @@ def signed_by(
     else:
         data = signed.tbs_certificate_bytes
     key = issuer.public_key()
+    hash_algorithm = signed.signature_hash_algorithm
+    if hash_algorithm is None:  # EdDSA: not an ECDSA or RSA signature
+        return False
     try:
         if isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(signed.signature, data, ec.ECDSA(signed.signature_hash_algorithm))
+            key.verify(signed.signature, data, ec.ECDSA(hash_algorithm))
         elif isinstance(key, rsa.RSAPublicKey):
-            key.verify(signed.signature, data, padding.PKCS1v15(), signed.signature_hash_algorithm)
+            key.verify(signed.signature, data, padding.PKCS1v15(), hash_algorithm)
         else:
             return False
     except (InvalidSignature, UnsupportedAlgorithm, TypeError, ValueError):

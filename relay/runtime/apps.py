@@ -57,6 +57,7 @@ class RelayApp:
         local = config.local_api
         self.local_tls = None
         if local.tls_cert_file is not None:
+            assert local.tls_key_file is not None  # the config requires both
             self.local_tls = local_server_context(local.tls_cert_file, local.tls_key_file, local.tls_client_ca_file)
         self.uplink = Uplink(config, store, self.outbox_changed, self.events.fire, counters.observe_delivery)
         self.api = LocalApi(config, store, self.outbox_changed, self.events,

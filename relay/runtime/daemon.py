@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-async def run_relay(config: RelayConfig, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_relay(
+    config: RelayConfig, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Run the relay until SIGTERM or SIGINT.  Raises `StoreBusy` when
     another process holds the state directory (see `relay.net.admin_socket`)."""
     state = state_dir(config.state_dir)
@@ -147,4 +149,4 @@ def _key_ring(directory: Path) -> KeyRing:
 
 
 def _names(listeners: list[trio.SocketListener]) -> str:
-    return ", ".join("%s:%s" % l.socket.getsockname()[:2] for l in listeners)
+    return ", ".join("{}:{}".format(*listener.socket.getsockname()[:2]) for listener in listeners)

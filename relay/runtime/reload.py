@@ -31,9 +31,10 @@ import logging
 import signal
 import ssl
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Generic, Iterable, TypeVar
+from typing import Any, Generic, TypeVar
 
 import trio
 
@@ -71,8 +72,11 @@ class Reloader(Generic[C]):
 
     def __init__(self, config: C, *, load: Callable[[Path], C], prepare: Callable[[C, C], C],
                  apply: Callable[[C], Awaitable[None]], files: Callable[[C], Iterable[Path | None]]) -> None:
-        self.config = config
-        self._load, self._prepare, self._apply, self._files = load, prepare, apply, files
+        self.config: C = config
+        self._load: Callable[[Path], C] = load
+        self._prepare: Callable[[C, C], C] = prepare
+        self._apply: Callable[[C], Awaitable[None]] = apply
+        self._files: Callable[[C], Iterable[Path | None]] = files
         self.reloaded = Signal()
         self.last: dict[str, Any] = {"at": None, "trigger": None, "ok": None, "errors": []}
 
@@ -145,8 +149,9 @@ def prepare_relay(old: RelayConfig, new: RelayConfig) -> RelayConfig:
     up, local = new.uplink, new.local_api
     problems += _loads(lambda: relay_client_context(up.cert_file, up.key_file, up.ca_file, up.tls), "[uplink]")
     if local.tls_cert_file is not None:
-        problems += _loads(lambda: local_server_context(local.tls_cert_file, local.tls_key_file,
-                                                        local.tls_client_ca_file), "[local_api]")
+        cert_file, key_file = local.tls_cert_file, local.tls_key_file
+        assert key_file is not None  # the config requires both
+        problems += _loads(lambda: local_server_context(cert_file, key_file, local.tls_client_ca_file), "[local_api]")
     for key, before, after in [("[relay].domain", old.domain, new.domain),
                                ("[relay].state_dir", old.state_dir, new.state_dir)]:
         if before != after:
@@ -154,7 +159,7 @@ def prepare_relay(old: RelayConfig, new: RelayConfig) -> RelayConfig:
     if problems:
         raise ReloadRefused(problems)
     def fixed(config: RelayConfig) -> object:  # what of the local API a reload cannot change
-        return replace(config.local_api, tls_cert_file=config.local_api.tls_cert_file is None, tls_key_file=None)
+        return replace(config.local_api, tls_cert_file=None, tls_key_file=None), config.local_api.tls_cert_file is None
 
     if not _restart_only({"[local_api] listen, limits or TLS": (fixed(old), fixed(new)),
                           "[metrics].listen": (old.metrics, new.metrics)}):

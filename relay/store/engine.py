@@ -37,9 +37,10 @@ import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -102,12 +103,12 @@ _STOP = object()
 
 def connect(path: Path, ring: KeyRing | None = None) -> sqlite3.Connection:
     """Open the database with the durability settings the guarantees rely on,
-    and SQL's ``seal()``/``unseal()`` bound to ``ring`` (see `relay.store.sealing`)."""
+    and SQL's ``seal()`` and `sealing.unseal` bound to ``ring`` (see `relay.store.sealing`)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not path.exists():
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         sealing.sync_directory(path.parent)  # SQLite syncs its WAL's name, not the database's
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=sealing.SealedConnection)
     conn.execute("PRAGMA journal_mode=WAL")
     unsafe = os.environ.get(UNSAFE_NO_FSYNC_FOR_TESTS) == "1"
     conn.execute("PRAGMA synchronous=OFF" if unsafe else "PRAGMA synchronous=FULL")
@@ -174,6 +175,22 @@ class Store:
     def is_open(self) -> bool:
         """Whether the writer thread is there to take units (readiness)."""
         return self._thread.is_alive()
+
+    def start(self) -> None:
+        """Start the writer thread (`Store.open` does, once the database is ready)."""
+        self._thread.start()
+
+    async def close(self) -> None:
+        """Finish every queued unit and close the database (`Store.open`'s
+        exit does, shielded: a cancel must not leave the writer running)."""
+        # Readers first: the last connection to close checkpoints the WAL
+        # into the database, and only the writer can.
+        for _ in range(READERS):  # every read finished; none may start
+            await self._reading.acquire_on_behalf_of(object())
+        for reader in self._readers:
+            reader.close()
+        self._queue.put(_STOP)
+        await trio.to_thread.run_sync(self._thread.join)
 
     async def run(self, name: str, fn: Unit[T], *, urgent: bool = False) -> T:
         """Run ``fn(conn)`` in the next group transaction and return its result.
@@ -244,6 +261,7 @@ class Store:
                 if item is _STOP:
                     stopping = True
                     break
+                assert isinstance(item, _Job)  # the queue holds jobs and _STOP
                 group.append(item)
                 if len(group) >= MAX_GROUP:
                     break
@@ -272,7 +290,7 @@ class Store:
                     job.result = job.fn(conn)
                 except sqlite3.OperationalError:
                     raise  # disk full, I/O error...: the whole group fails
-                except Exception as exc:  # the unit's own failure, e.g. a constraint
+                except Exception as exc:  # noqa: BLE001 -- the unit's own failure, e.g. a constraint
                     job.error = exc
                     conn.execute("ROLLBACK TO unit")
                 conn.execute("RELEASE unit")
@@ -382,7 +400,7 @@ class _StoreContext:
 
         def open_reader() -> sqlite3.Connection:
             reader = sqlite3.connect(f"{self._path.absolute().as_uri()}?mode=ro", uri=True, isolation_level=None,
-                                     check_same_thread=False)
+                                     check_same_thread=False, factory=sealing.SealedConnection)
             sealing.install(reader, self._ring)
             reader.execute(f"PRAGMA cache_size=-{READER_CACHE_KIB}")
             return reader
@@ -391,24 +409,16 @@ class _StoreContext:
         readers: list[sqlite3.Connection] = []
         try:
             for _ in range(READERS):
-                readers.append(await trio.to_thread.run_sync(open_reader))
+                readers.append(await trio.to_thread.run_sync(open_reader))  # noqa: PERF401 -- kept as opened, to close
         except BaseException:
             for connection in [conn, *readers]:
                 connection.close()
             raise
         self._store = self._cls(conn, readers, self._path, self._on_commit)
-        self._store._thread.start()
+        self._store.start()
         return self._store
 
     async def __aexit__(self, *exc_info: object) -> None:
-        store = self._store
-        assert store is not None
+        assert self._store is not None
         with trio.CancelScope(shield=True):
-            # Readers first: the last connection to close checkpoints the WAL
-            # into the database, and only the writer can.
-            for _ in range(READERS):  # every read finished; none may start
-                await store._reading.acquire_on_behalf_of(object())
-            for reader in store._readers:
-                reader.close()
-            store._queue.put(_STOP)
-            await trio.to_thread.run_sync(store._thread.join)
+            await self._store.close()

@@ -22,7 +22,7 @@ import sqlite3
 from relay.core import protocol
 from relay.core.priority import NORMAL, URGENT, lane_of
 from relay.core.protocol import Envelope, Failure, Outcome, Receipt
-from relay.store import audit
+from relay.store import audit, sealing
 
 MIGRATIONS: list[list[str]] = [
     [
@@ -93,8 +93,13 @@ def accept_transaction(
     """
     row = conn.execute("SELECT results FROM txn WHERE origin = ? AND id = ?", (origin, txn_id)).fetchone()
     if row is not None:
-        stored = protocol.unpack(row[0], "stored results")
-        return [Outcome.from_wire(o) for o in stored], set()
+        try:
+            stored = protocol.unpack(row[0], "stored results")
+            return [Outcome.from_wire(o) for o in stored], set()
+        except (protocol.ProtocolViolation, TypeError):
+            # A damaged answer must not refuse the replay forever: answer it
+            # afresh (the duplicate filter makes that harmless) and keep the new one.
+            conn.execute("DELETE FROM txn WHERE origin = ? AND id = ?", (origin, txn_id))
     known = known_domains(conn)
     outcomes: list[Outcome] = []
     woken: set[str] = set()
@@ -147,7 +152,15 @@ def _accept_one(
         return Outcome(True), None  # a replay of what was accepted before it expired
     if not conn.execute("INSERT OR IGNORE INTO seen (origin, id, dest, at) VALUES (?, ?, ?, ?)",
                         (origin, envelope.id, dest, now)).rowcount:
-        return Outcome(True), None  # a replay of what was accepted before: queued once is enough
+        # A replay of what was accepted before: queued once is enough.  If it
+        # was delivered, its relay may have lost the receipt (a store restored
+        # from a backup older than it): say it again, or it stays "sent".
+        delivered = conn.execute("SELECT delivered FROM seen WHERE origin = ? AND id = ? AND dest = ?",
+                                 (origin, envelope.id, dest)).fetchone()[0]
+        if delivered:
+            _queue_receipt(conn, origin, Receipt(envelope.id, envelope.rcpt, "delivered"))
+            return Outcome(True), origin
+        return Outcome(True), None
     stamped = Envelope(**{**envelope.__dict__, "origin": origin, "origin_org": origin_org})
     expires_at = envelope.expires_at
     sweep_at = None if expires_at is None else protocol.sweep_time(envelope.sent_at, expires_at)
@@ -201,14 +214,15 @@ def expire(conn: sqlite3.Connection, now: float) -> dict[str, int]:
     ``expired``.  Returns the domains to wake, with how many of their
     messages expired."""
     rows = conn.execute(
-        "SELECT seq, origin, unseal(payload, domain) FROM queue WHERE kind = 'message' AND sweep_at < ?", (now,)
+        "SELECT seq, origin, domain, payload FROM queue WHERE kind = 'message' AND sweep_at < ?", (now,)
     ).fetchall()
     woken: dict[str, int] = {}
-    for seq, origin, payload in rows:
+    for seq, origin, domain, sealed in rows:
         conn.execute("DELETE FROM queue WHERE seq = ?", (seq,))
-        if payload is None:  # unreadable (see relay.sealing): nothing to tell anyone
+        envelope = _open_envelope(conn, sealed, domain)
+        if envelope is None:  # unreadable: nothing to tell anyone, but it must not stop the sweep
+            audit.record(conn, "hub", "dropped", None, domain, f"queue item {seq} cannot be opened", now=now)
             continue
-        envelope = Envelope.from_wire(protocol.unpack(payload, "queued envelope"))
         _queue_receipt(conn, origin, Receipt(envelope.id, envelope.rcpt, "failed", protocol.EXPIRED))
         audit.record(conn, "hub", "expired", envelope.id, origin, "failed", now=now)
         woken[origin] = woken.get(origin, 0) + 1
@@ -237,6 +251,35 @@ def prune_replays(conn: sqlite3.Connection, now: float, replay_window: float,
     return {"seen": seen, "txn": txn}
 
 
+def _open(conn: sqlite3.Connection, sealed: object, domain: str) -> bytes | None:
+    """A queue item's payload, or None when it cannot be opened (see `relay.store.sealing`)."""
+    try:
+        return sealing.unseal(conn, sealed, domain, bytes)
+    except sealing.Unreadable:
+        return None
+
+
+def _open_item(conn: sqlite3.Connection, kind: str, sealed: object, domain: str) -> bytes | None:
+    """A payload to send down, or None: a message that cannot be opened, or
+    a receipt (not sealed) that does not decode, which the relay's inbox
+    would refuse, dropping the stream, every time the hub sent it again."""
+    payload = _open(conn, sealed, domain)
+    if kind == "receipt" and payload is not None:
+        try:
+            Receipt.from_wire(protocol.unpack(payload, "queued receipt"))
+        except protocol.ProtocolViolation:
+            return None
+    return payload
+
+
+def _open_envelope(conn: sqlite3.Connection, sealed: object, domain: str) -> Envelope | None:
+    payload = _open(conn, sealed, domain)
+    try:
+        return None if payload is None else Envelope.from_wire(protocol.unpack(payload, "queued envelope"))
+    except protocol.ProtocolViolation:
+        return None
+
+
 def fetch_inbox(
     conn: sqlite3.Connection, domain: str, after: dict[int, int], limit: int, *, now: float
 ) -> list[tuple[int, int, str, bytes | None]]:
@@ -248,14 +291,14 @@ def fetch_inbox(
     An item is still sent during its expiry grace: one whose first delivery
     was committed but not acknowledged then gets its ack, and its origin a
     ``delivered`` rather than an ``expired``."""
-    rows = []
+    rows: list[tuple[int, int, str, bytes | None]] = []
     for lane in (URGENT, NORMAL):  # one range scan of the (domain, lane, seq) index each
-        rows += conn.execute(
-            """SELECT seq, lane, kind, unseal(payload, domain) FROM queue
+        rows += [(seq, lane, kind, _open_item(conn, kind, sealed, domain)) for seq, lane, kind, sealed in conn.execute(
+            """SELECT seq, lane, kind, payload FROM queue
                WHERE domain = ? AND lane = ? AND seq > ? AND (sweep_at IS NULL OR sweep_at >= ?)
                ORDER BY seq LIMIT ?""",
             (domain, lane, after[lane], now, limit - len(rows)),
-        ).fetchall()
+        )]
         if len(rows) >= limit:
             break
     return rows
@@ -280,14 +323,14 @@ def apply_ack(
     An ack covers hundreds of positions at full speed, so the work is done
     a statement per kind of change, not per position."""
     failed = {f.seq: f for f in failures}
-    found: dict[int, tuple[str, str, bytes]] = {}
+    found: dict[int, tuple[str, str, bytes | None]] = {}
     for start in range(0, len(seqs), ACK_CHUNK):
         chunk = seqs[start:start + ACK_CHUNK]
-        for seq, kind, origin, payload in conn.execute(
-            f"SELECT seq, kind, origin, unseal(payload, domain) FROM queue"
+        for seq, kind, origin, sealed in conn.execute(
+            f"SELECT seq, kind, origin, payload FROM queue"
             f" WHERE domain = ? AND seq IN ({','.join('?' * len(chunk))})", (domain, *chunk),
         ):
-            found[seq] = (kind, origin, payload)
+            found[seq] = (kind, origin, _open(conn, sealed, domain) if kind == "message" else None)
     conn.executemany("DELETE FROM queue WHERE seq = ?", [(seq,) for seq in found])
     woken: set[str] = set()
     delivered: list[tuple[str, str, str]] = []
@@ -300,8 +343,12 @@ def apply_ack(
         if kind != "message" or payload is None:  # a receipt, or unreadable (see relay.sealing)
             continue
         # Written by this hub from a checked envelope: only its id and recipients are needed.
-        stored = protocol.unpack(payload, "queued envelope")
-        ident, rcpt = stored["id"], stored["rcpt"]
+        try:
+            stored = protocol.unpack(payload, "queued envelope")
+            ident, rcpt = stored["id"], stored["rcpt"]
+        except (protocol.ProtocolViolation, KeyError, TypeError):  # damaged: must not fail the whole ack
+            audit.record(conn, "hub", "dropped", None, domain, f"queue item {seq} cannot be read", now=now)
+            continue
         trail.append((f"relay:{domain}", "delivered", ident, origin, "acknowledged"))
         delivered.append((origin, ident, domain))
         failure = failed.get(seq)
@@ -310,6 +357,7 @@ def apply_ack(
         if taken:
             receipts.append((origin, Receipt(ident, taken, "delivered")))
         if lost:
+            assert failure is not None  # lost is empty without one
             receipts.append((origin, Receipt(ident, lost, "failed", failure.reason)))
         woken.add(origin)
     conn.executemany("UPDATE seen SET delivered = 1 WHERE origin = ? AND id = ? AND dest = ?", delivered)

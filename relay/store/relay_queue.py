@@ -28,15 +28,19 @@ The incoming side (inbound, event, webhook) has its units in
 from __future__ import annotations
 
 import json
+import logging
+import re
 import sqlite3
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from relay.core import protocol
 from relay.core.priority import NORMAL, URGENT, lane_of, priority_of
 from relay.core.protocol import Envelope, Outcome, Receipt
 from relay.core.timeformat import iso
-from relay.store import audit
+from relay.store import audit, sealing
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS: list[list[str]] = [
     [
@@ -104,7 +108,41 @@ MIGRATIONS: list[list[str]] = [
         # 100,000-message backlog drained at about a hundred a second.
         "CREATE INDEX outbox_by_message ON outbox (message_id)",
     ],
+    [
+        # `queue retry`: an envelope sent again gets a new envelope id (the
+        # hub's duplicate filter would drop the old one), `envelope_id`;
+        # the destination keeps the id of the envelope it took, for its
+        # read receipts.  A body is kept while a recipient may still need
+        # it (queued, sent, or failed within the retry window): the
+        # partial index finds the bodies still held.
+        "ALTER TABLE message ADD COLUMN retries INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE outbox ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE inbound ADD COLUMN envelope_id TEXT",
+        "CREATE INDEX message_holding_body ON message (accepted_at) WHERE body != ''",
+        "CREATE INDEX recipient_failed ON recipient (updated_at) WHERE status = 'failed'",
+    ],
 ]
+
+# Why a recipient failed when the relay cannot open its message's stored
+# body (a damaged row, or a key ring without its key): see `fail_damaged`.
+UNREADABLE = "unreadable"
+
+# The envelope id of a retry: the message id, then "-r" and the attempt.
+# Message ids made here are hex (`protocol.new_message_id`), so the suffix
+# cannot be part of one.
+_RETRY_SUFFIX = re.compile(r"-r([1-9][0-9]{0,5})$")
+
+
+def envelope_id(message_id: str, attempt: int) -> str:
+    """The id the hub sees for attempt ``attempt`` of a message (0: the
+    first, whose envelope id is the message id)."""
+    return message_id if attempt == 0 else f"{message_id}-r{attempt}"
+
+
+def message_id_of(envelope_id: str) -> str:
+    """The message id behind an envelope id this relay made (hub answers
+    and receipts name envelopes)."""
+    return _RETRY_SUFFIX.sub("", envelope_id)
 
 # The statuses a recipient may move to, from each status.
 _ADVANCES_FROM = {
@@ -181,20 +219,43 @@ def submit(
 BATCH_BYTES = protocol.MAX_TRANSACTION_BYTES // 4
 
 
+@dataclass(frozen=True)
+class Damaged:
+    """An outbox envelope whose stored message cannot be turned into an
+    envelope (its body does not open, its recipients do not decode): it can
+    never be sent, and must not hold up the envelopes behind it."""
+
+    seq: int
+    message_id: str
+    dest: str
+    why: str
+
+
+@dataclass
+class OutboxBatch:
+    """What `next_batch` found: the ``envelopes`` to send, by outbox
+    position, and the ``damaged`` ones the caller must hand to
+    `fail_damaged` (a read cannot write)."""
+
+    envelopes: list[tuple[int, Envelope]] = field(default_factory=list)
+    damaged: list[Damaged] = field(default_factory=list)
+
+
 def next_batch(
     conn: sqlite3.Connection, domain: str, limit: int, *, now: float,
     lane: int | None = None, after: int = 0,
-) -> list[tuple[int, Envelope]]:
+) -> OutboxBatch:
     """The next envelopes to send, urgent first (or of one ``lane`` only),
     each lane in submission order, past outbox position ``after`` (what is
     already with the hub and not settled here: always the front of a lane,
     as positions only grow); at most ``limit`` of them and about
     `BATCH_BYTES`.  Envelopes are still sent during their expiry grace: one
     the hub accepted while the answer was lost is then answered "accepted",
-    not failed here."""
+    not failed here.  A row that cannot be read is returned apart, as
+    `Damaged` (one bad row must not stop the lane, nor crash the uplink)."""
     lanes = (URGENT, NORMAL) if lane is None else (lane,)
     rows = conn.execute(
-        f"""SELECT o.seq, o.dest, m.id, m.sender, m.recipients, m.thread, m.priority, unseal(m.body, m.id),
+        f"""SELECT o.seq, o.dest, o.attempt, m.id, m.sender, m.recipients, m.thread, m.priority, m.body,
                   m.accepted_at, m.expires_at
            FROM outbox o JOIN message m ON m.id = o.message_id
            WHERE o.domain = ? AND o.lane IN ({",".join("?" * len(lanes))}) AND o.seq > ?
@@ -202,17 +263,53 @@ def next_batch(
            ORDER BY o.lane DESC, o.seq LIMIT ?""",
         (domain, *lanes, after, now, limit),
     )
-    batch = []
+    found = OutboxBatch()
     size = 0
-    for seq, dest, ident, sender, recipients, thread, priority, body, accepted_at, expires_at in rows:
+    for seq, dest, attempt, ident, sender, recipients, thread, priority, sealed, accepted_at, expires_at in rows:
+        try:
+            body = sealing.unseal(conn, sealed, ident)
+            to = tuple(protocol.unpack(recipients, "stored recipients"))
+            rcpt = _retried_recipients(conn, ident, dest) if attempt else tuple(
+                a for a in to if protocol.domain_of(a) == dest)
+            if not rcpt:
+                raise ValueError(f"no recipient at {dest}")
+        except (sealing.Unreadable, ValueError, TypeError) as exc:
+            found.damaged.append(Damaged(seq, ident, dest, str(exc)))
+            continue
         size += len(body) * 4 + len(recipients) * 2 + 256  # bounds the UTF-8 and msgpack sizes
-        if batch and size > BATCH_BYTES:
+        if found.envelopes and size > BATCH_BYTES:
             break
-        to = tuple(protocol.unpack(recipients, "stored recipients"))
-        rcpt = tuple(a for a in to if protocol.domain_of(a) == dest)
-        envelope = Envelope(ident, sender, to, rcpt, body, thread, priority, accepted_at, expires_at=expires_at)
-        batch.append((seq, envelope))
-    return batch
+        envelope = Envelope(envelope_id(ident, attempt), sender, to, rcpt, body, thread, priority, accepted_at,
+                            expires_at=expires_at, retry_of=ident if attempt else "")
+        found.envelopes.append((seq, envelope))
+    return found
+
+
+def _retried_recipients(conn: sqlite3.Connection, ident: str, dest: str) -> tuple[str, ...]:
+    """The recipients at ``dest`` a retry goes to: those `retry_failed`
+    queued again, not those the first attempt reached."""
+    return tuple(a for (a,) in conn.execute(
+        "SELECT address FROM recipient WHERE message_id = ? AND status = 'queued' ORDER BY address", (ident,))
+        if protocol.domain_of(a) == dest)
+
+
+def fail_damaged(conn: sqlite3.Connection, damaged: Iterable[Damaged], *, now: float) -> set[str]:
+    """Fail the envelopes `next_batch` could not read: out of the outbox,
+    their recipients (from the recipient table, not the damaged row)
+    ``failed`` with reason `UNREADABLE`, their sender notified, an audit
+    entry each.  Returns the local systems notified."""
+    notified: set[str] = set()
+    for item in damaged:
+        if conn.execute("SELECT 1 FROM outbox WHERE seq = ?", (item.seq,)).fetchone() is None:
+            continue  # failed already (by another lane's read, a purge...)
+        conn.execute("DELETE FROM outbox WHERE seq = ?", (item.seq,))
+        rcpt = [a for (a,) in conn.execute("SELECT address FROM recipient WHERE message_id = ?", (item.message_id,))
+                if protocol.domain_of(a) == item.dest]
+        fail(conn, item.message_id, rcpt, UNREADABLE, notified, now=now)
+        audit.record(conn, "relay", UNREADABLE, item.message_id, item.dest, item.why, now=now)
+        log.error("message %s for %s cannot be sent and is failed: %s", item.message_id, item.dest, item.why,
+                  extra={"message_id": item.message_id})
+    return notified
 
 
 def apply_outcomes(
@@ -221,13 +318,13 @@ def apply_outcomes(
     """The hub answered a transaction: each envelope leaves the outbox.
     Returns the local systems notified of a failure."""
     results = list(results)
-    _leave_outbox(conn, [(seq, envelope.id) for seq, envelope, _ in results])
+    _leave_outbox(conn, [seq for seq, _, _ in results])
     notified: set[str] = set()
-    advance(conn, [(envelope.id, address) for _, envelope, outcome in results if outcome.accepted
+    advance(conn, [(message_id_of(envelope.id), address) for _, envelope, outcome in results if outcome.accepted
                    for address in envelope.rcpt], "sent", now=now)
     for _, envelope, outcome in results:
         if not outcome.accepted:
-            fail(conn, envelope.id, envelope.rcpt, outcome.reason, notified, now=now)
+            fail(conn, message_id_of(envelope.id), envelope.rcpt, outcome.reason, notified, now=now)
     audit.record_many(conn, [("relay", "sent", envelope.id, f"hub for {envelope.dest}", outcome.reason or "accepted")
                              for _, envelope, outcome in results], now=now)
     return notified
@@ -238,28 +335,41 @@ def expire(conn: sqlite3.Connection, now: float, notified: set[str]) -> int:
     and its grace (one may be in a transaction right now); return how many
     recipients that failed, adding their senders' systems to ``notified``."""
     rows = conn.execute(
-        """SELECT o.seq, o.dest, m.id, m.recipients FROM outbox o JOIN message m ON m.id = o.message_id
+        """SELECT o.seq, o.dest, m.id FROM outbox o JOIN message m ON m.id = o.message_id
            WHERE m.sweep_at < ?""",
         (now,),
     ).fetchall()
     failed = 0
-    _leave_outbox(conn, [(seq, ident) for seq, _, ident, _ in rows])
-    for seq, dest, ident, recipients in rows:
-        rcpt = [a for a in protocol.unpack(recipients, "stored recipients") if protocol.domain_of(a) == dest]
+    _leave_outbox(conn, [seq for seq, _, _ in rows])
+    for _seq, dest, ident in rows:
+        # From the recipient table, not the message's blob: a damaged row
+        # must not stop the expiry of every other.
+        rcpt = [a for (a,) in conn.execute("SELECT address FROM recipient WHERE message_id = ?", (ident,))
+                if protocol.domain_of(a) == dest]
         failed += fail(conn, ident, rcpt, protocol.EXPIRED, notified, now=now)
         audit.record(conn, "relay", "expired", ident, dest, "failed", now=now)
     return failed
 
 
-def _leave_outbox(conn: sqlite3.Connection, envelopes: list[tuple[int, str]]) -> None:
-    """Take envelopes (seq, message id) out of the outbox; once a message's
-    last envelope is out, its body is no longer needed here and is dropped,
-    so that the space it took is free again (the store's ceiling counts on it)."""
-    conn.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for seq, _ in envelopes])
-    conn.executemany(
-        "UPDATE message SET body = '' WHERE id = ? AND NOT EXISTS (SELECT 1 FROM outbox WHERE message_id = ?)",
-        [(ident, ident) for ident in dict.fromkeys(ident for _, ident in envelopes)],
-    )
+def _leave_outbox(conn: sqlite3.Connection, seqs: list[int]) -> None:
+    """Take envelopes out of the outbox (their bodies go later: `drop_bodies`)."""
+    conn.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in seqs])
+
+
+def drop_bodies(conn: sqlite3.Connection, now: float, retry_window: float) -> int:
+    """Drop the bodies no recipient can need any more, so that the space
+    they took is free again (the store's ceiling counts on it): a body is
+    kept while the message has an envelope in the outbox or a recipient
+    ``queued`` or ``sent`` (the hub may still fail it), and for
+    ``retry_window`` seconds after a recipient's failure (`retry_failed`
+    sends it again).  Returns how many went."""
+    return conn.execute(
+        """UPDATE message SET body = '' WHERE body != ''
+           AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = message.id)
+           AND NOT EXISTS (SELECT 1 FROM recipient r WHERE r.message_id = message.id
+                           AND (r.status IN ('queued', 'sent') OR (r.status = 'failed' AND r.updated_at >= ?)))""",
+        (now - retry_window,),
+    ).rowcount
 
 
 def prune(conn: sqlite3.Connection, now: float, retention: float) -> int:
@@ -288,9 +398,9 @@ def notice_delays(conn: sqlite3.Connection, now: float, delay: float) -> set[str
     notified: set[str] = set()
     for ident, system, accepted_at in rows:
         conn.execute("UPDATE message SET delay_noticed = 1 WHERE id = ?", (ident,))
-        waiting = {address: status for address, status in conn.execute(
+        waiting = dict(conn.execute(
             "SELECT address, status FROM recipient WHERE message_id = ? AND status IN ('queued', 'sent')"
-            " ORDER BY address", (ident,))}
+            " ORDER BY address", (ident,)))
         if waiting:
             post_notice(conn, system, "delayed", {"id": ident, "accepted_at": iso(accepted_at), "recipients": waiting},
                         now=now)
@@ -311,10 +421,19 @@ def next_receipts(conn: sqlite3.Connection, domain: str, limit: int) -> list[tup
         "SELECT seq, origin, id, rcpt, status FROM receipt_out WHERE domain = ? ORDER BY seq LIMIT ?",
         (domain, limit),
     ).fetchall()
-    return [
-        (seq, Receipt(ident, tuple(protocol.unpack(rcpt, "stored receipt")), status, origin=origin))
-        for seq, origin, ident, rcpt, status in rows
-    ]
+    return [(seq, Receipt(ident, _receipt_recipients(seq, rcpt), status, origin=origin))
+            for seq, origin, ident, rcpt, status in rows]
+
+
+def _receipt_recipients(seq: int, rcpt: bytes) -> tuple[str, ...]:
+    """A damaged row goes with no recipient: the hub refuses it as invalid
+    and the receipt sender drops it, instead of it blocking every receipt
+    behind it."""
+    try:
+        return tuple(protocol.unpack(rcpt, "stored receipt"))
+    except (ValueError, TypeError):
+        log.error("read receipt %s cannot be read: sent empty, for the hub to refuse", seq)
+        return ()
 
 
 def drop_receipts(conn: sqlite3.Connection, seqs: list[int]) -> None:
@@ -357,7 +476,7 @@ def fail(
     ]
     if moved:
         system = conn.execute("SELECT system FROM message WHERE id = ?", (ident,)).fetchone()[0]
-        post_notice(conn, system, "failed", {"id": ident, "recipients": {a: reason for a in moved}}, now=now)
+        post_notice(conn, system, "failed", {"id": ident, "recipients": dict.fromkeys(moved, reason)}, now=now)
         notified.add(system)
     return len(moved)
 
@@ -429,26 +548,33 @@ def queue_messages(conn: sqlite3.Connection, state: str | None, to_domain: str |
 
 def queue_message(conn: sqlite3.Connection, ident: str, with_body: bool) -> dict | None:
     """Everything known about one message sent from here; its body only
-    when asked, and only while the relay still holds it."""
+    when asked, and only while the relay still holds it (``body_unreadable``
+    when it holds one that cannot be opened)."""
     row = conn.execute(
-        "SELECT sender, system, priority, thread, accepted_at, expires_at, unseal(body, id), delay_noticed"
+        "SELECT sender, system, priority, thread, accepted_at, expires_at, body, delay_noticed, retries"
         " FROM message WHERE id = ?", (ident,)
     ).fetchone()
     if row is None:
         return None
-    sender, system, priority, thread, accepted_at, expires_at, body, delay_noticed = row
+    sender, system, priority, thread, accepted_at, expires_at, sealed, delay_noticed, retries = row
+    try:
+        body: str | None = sealing.unseal(conn, sealed, ident)
+    except sealing.Unreadable:
+        body = None
     waiting = [dest for (dest,) in conn.execute("SELECT dest FROM outbox WHERE message_id = ? ORDER BY seq", (ident,))]
     recipients = _recipients(conn, ident)
+    kept = sealed not in ("", b"")
     document = {
         "id": ident, "from": sender, "system": system, "priority": priority, "thread": thread,
         "accepted_at": iso(accepted_at), "expires_at": iso(expires_at) if expires_at else None,
         "status": overall_status(r["status"] for r in recipients.values()), "recipients": recipients,
-        "waiting_for_hub": waiting, "delay_noticed": bool(delay_noticed),
-        # The body is dropped once the hub has taken (or refused) every envelope.
-        "body_kept": bool(waiting), "body_bytes": len(body.encode()),
+        "waiting_for_hub": waiting, "delay_noticed": bool(delay_noticed), "retries": retries,
+        # The body is dropped once no recipient can need it (`drop_bodies`).
+        "body_kept": kept, "body_unreadable": kept and body is None,
+        "body_bytes": len(body.encode()) if body else 0,
     }
     if with_body:
-        document["body"] = body if waiting else None
+        document["body"] = body if kept else None
     return document
 
 
@@ -466,18 +592,22 @@ def retry_failed(conn: sqlite3.Connection, idents: list[str] | None, ttl: float,
     message with one, when None); return what happened to each, by id:
     `RETRIED`, or why not.
 
-    Only a message whose body is still here can go again: the relay drops a
-    body once the hub has taken or refused every envelope of it, so in
-    practice that is a message with another envelope still queued.  A
-    retried message gets a fresh time-to-live, and may be noticed as
-    delayed again.
+    A message can go again while its body is kept: for the retry window
+    after a failure (`drop_bodies`).  Each destination goes again as a new
+    attempt, under a new envelope id (`envelope_id`): the hub drops an
+    envelope id it has seen, and a retry must reach the destination; the
+    envelope names the message it retries (``retry_of``), so a destination
+    that did receive the first attempt (the hub failed it after a delivery
+    it could not confirm) recognises it and shows it no second time.  The
+    local system keeps seeing one message id and its statuses.  A retried
+    message gets a fresh time-to-live, and may be noticed as delayed again.
     """
     if idents is None:
         idents = [ident for (ident,) in conn.execute(
             "SELECT DISTINCT message_id FROM recipient WHERE status = 'failed' ORDER BY message_id")]
     results: dict[str, str] = {}
     for ident in idents:
-        row = conn.execute("SELECT priority FROM message WHERE id = ?", (ident,)).fetchone()
+        row = conn.execute("SELECT priority, body, retries FROM message WHERE id = ?", (ident,)).fetchone()
         failed = [a for (a,) in conn.execute(
             "SELECT address FROM recipient WHERE message_id = ? AND status = 'failed'", (ident,))]
         waiting = {d for (d,) in conn.execute("SELECT dest FROM outbox WHERE message_id = ?", (ident,))}
@@ -485,22 +615,32 @@ def retry_failed(conn: sqlite3.Connection, idents: list[str] | None, ttl: float,
             results[ident] = "no such message"
         elif not failed:
             results[ident] = "no failed recipient"
-        elif not waiting:
-            results[ident] = "body no longer kept (the hub took or refused every envelope): send it again"
+        elif row[1] in ("", b""):
+            results[ident] = "body no longer kept (the retry window after its failure is over): send it again"
+        elif not _opens(conn, row[1], ident):
+            results[ident] = "body cannot be opened (damaged, or sealed with a key this key ring has not got)"
         else:
             conn.executemany(
                 "UPDATE recipient SET status = 'queued', reason = NULL, updated_at = ? WHERE message_id = ?"
                 " AND address = ?", [(now, ident, a) for a in failed])
-            lane = lane_of(row[0])
+            lane, attempt = lane_of(row[0]), row[2] + 1
             dests = dict.fromkeys(protocol.domain_of(a) for a in failed)
-            conn.executemany("INSERT INTO outbox (domain, message_id, dest, lane) SELECT domain, id, ?, ?"
+            conn.executemany("INSERT INTO outbox (domain, message_id, dest, lane, attempt) SELECT domain, id, ?, ?, ?"
                              " FROM message WHERE id = ?",
-                             [(dest, lane, ident) for dest in dests if dest not in waiting])
-            conn.execute("UPDATE message SET expires_at = ?, sweep_at = ?, delay_noticed = 0 WHERE id = ?",
-                         (now + ttl, protocol.sweep_time(now, now + ttl), ident))
+                             [(dest, lane, attempt, ident) for dest in dests if dest not in waiting])
+            conn.execute("UPDATE message SET expires_at = ?, sweep_at = ?, delay_noticed = 0, retries = ?"
+                         " WHERE id = ?", (now + ttl, protocol.sweep_time(now, now + ttl), attempt, ident))
             results[ident] = RETRIED
         audit.record(conn, "admin", "queue retry", ident, None, results[ident], now=now)
     return results
+
+
+def _opens(conn: sqlite3.Connection, sealed: object, ident: str) -> bool:
+    try:
+        sealing.unseal(conn, sealed, ident)
+    except sealing.Unreadable:
+        return False
+    return True
 
 
 def purge(conn: sqlite3.Connection, ident: str, *, now: float) -> tuple[int, set[str]] | None:
@@ -513,8 +653,8 @@ def purge(conn: sqlite3.Connection, ident: str, *, now: float) -> tuple[int, set
     notified: set[str] = set()
     queued = [a for (a,) in conn.execute(
         "SELECT address FROM recipient WHERE message_id = ? AND status = 'queued'", (ident,))]
-    _leave_outbox(conn, [(seq, ident) for (seq,) in conn.execute("SELECT seq FROM outbox WHERE message_id = ?",
-                                                                  (ident,)).fetchall()])
+    _leave_outbox(conn, [seq for (seq,) in conn.execute("SELECT seq FROM outbox WHERE message_id = ?",
+                                                         (ident,)).fetchall()])
     failed = fail(conn, ident, queued, PURGED, notified, now=now)
     audit.record(conn, "admin", "queue purge", ident, None, f"{failed} recipient(s) failed", now=now)
     return failed, notified
@@ -541,10 +681,12 @@ def queue_summary(conn: sqlite3.Connection) -> dict:
 
 def delivery_facts(conn: sqlite3.Connection, idents: Iterable[str]) -> dict[str, tuple[str, float]]:
     """The priority and acceptance time of messages sent from here (for
-    the delivery counters and latency), by id; unknown ids are left out."""
+    the delivery counters and latency), by the envelope id given (a
+    retry's names its message: `message_id_of`); unknown ids are left out."""
     facts = {}
     for ident in set(idents):
-        row = conn.execute("SELECT priority, accepted_at FROM message WHERE id = ?", (ident,)).fetchone()
+        row = conn.execute("SELECT priority, accepted_at FROM message WHERE id = ?",
+                           (message_id_of(ident),)).fetchone()
         if row is not None:
             facts[ident] = (row[0], row[1])
     return facts

@@ -7,9 +7,18 @@ first start): one line per key, ``<id> <base64 key>``, the last line being
 the key that seals new data.  Rotation appends a key; older keys stay so
 that everything sealed before remains readable.
 
-SQL does the work: `install` registers ``seal(value, context)`` and
-``unseal(value, context)`` on the store's connection, so the units of work
-write ``seal(?, ?)`` and read ``unseal(body, id)`` and never handle keys.
+Writing is done by SQL: `install` registers ``seal(value, context)`` on
+the store's connection, so the units of work write ``seal(?, ?)`` and never
+handle keys.  Reading is done in Python, row by row: a unit selects the
+sealed column and calls `unseal(conn, value, context)`, which returns the
+clear value or raises `Unreadable`.  There is deliberately no SQL
+``unseal()``: a SQL function cannot fail one row without failing the whole
+statement (and the store's group of units with it), and one that returned
+NULL instead let a damaged row reach code that never expected NULL (a
+``len(None)`` that crash-looped the daemon).  `Unreadable` is one row's
+problem, which the caller must handle for that row: fail that message,
+drop that queue item, show that the body is unreadable.
+
 The context (a message id, a domain) is the AEAD's associated data: a
 sealed body moved to another row no longer opens.  Values written before
 encryption existed (plain TEXT) are read as they are.
@@ -30,6 +39,7 @@ import secrets
 import sqlite3
 import struct
 from pathlib import Path
+from typing import Any, TypeVar, overload
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -43,6 +53,25 @@ KEY_FILE = "sealing.keys"
 
 class KeyRingError(Exception):
     """The key file is missing, unreadable, exposed or malformed."""
+
+
+class Unreadable(Exception):
+    """A sealed value that cannot be opened: damaged, moved to another row,
+    sealed with a key the ring has not got (or with no key ring at all), or
+    not of the kind expected.  The message names the row's context and why,
+    never the value."""
+
+    def __init__(self, context: str, why: str) -> None:
+        super().__init__(f"the sealed value of {context} cannot be opened: {why}")
+        self.context = context
+        self.why = why
+
+
+class SealedConnection(sqlite3.Connection):
+    """A connection that knows the key ring of its store (`install`), for
+    `unseal`.  ``sqlite3.connect(..., factory=SealedConnection)``."""
+
+    ring: KeyRing | None = None
 
 
 class KeyRing:
@@ -79,7 +108,7 @@ class KeyRing:
             raise KeyRingError(f"{path}: no key")
         return cls(keys, int(lines[-2]))
 
-    def seal(self, value: str | bytes | None, context: str) -> bytes | None:
+    def seal(self, value: str | bytes | None, context: str) -> str | bytes | None:
         if value is None or value == "":
             return value
         kind, data = (0, value.encode()) if isinstance(value, str) else (1, bytes(value))
@@ -87,34 +116,74 @@ class KeyRing:
         sealed = self._aead[self.current].encrypt(nonce, data, context.encode())
         return MAGIC + _HEADER.pack(self.current, kind, nonce) + sealed
 
-    def unseal(self, value: str | bytes | None, context: str) -> str | bytes | None:
-        """The clear value; None (and an error in the log) when it cannot be
-        opened: a damaged row must not look like the whole store failing."""
+    def unseal(self, value: str | bytes, context: str) -> str | bytes:
+        """The clear value of a sealed one (a value written before
+        encryption at rest is returned as it is); raises `Unreadable`."""
         if not isinstance(value, bytes) or not value.startswith(MAGIC):
-            return value  # written before encryption at rest, or empty
+            return value
         try:
             key_id, kind, nonce = _HEADER.unpack_from(value, len(MAGIC))
-            aead = self._aead.get(key_id)
-            if aead is None:
-                raise KeyRingError(f"sealed with key {key_id}, which the key ring no longer has")
+        except struct.error:
+            raise Unreadable(context, "truncated header") from None
+        aead = self._aead.get(key_id)
+        if aead is None:
+            raise Unreadable(context, f"sealed with key {key_id}, which this key ring has not got")
+        try:
             data = aead.decrypt(nonce, value[len(MAGIC) + _HEADER.size:], context.encode())
-        except (KeyRingError, InvalidTag, struct.error) as exc:
-            log.error("sealing: a value of %s cannot be opened (%s): damaged, moved or tampered with",
-                      context, exc.__class__.__name__ if isinstance(exc, InvalidTag) else exc)
-            return None
-        return data.decode() if kind == 0 else data
+        except InvalidTag:
+            raise Unreadable(context, "authentication failed (damaged, moved or tampered with)") from None
+        if kind == 0:
+            try:
+                return data.decode()
+            except UnicodeDecodeError:
+                raise Unreadable(context, "not text") from None
+        return data
+
+
+# What `unseal` opens a value as: bodies are text, the hub's payloads bytes.
+Clear = TypeVar("Clear", str, bytes)
+
+
+def is_sealed(value: object) -> bool:
+    return isinstance(value, bytes) and value.startswith(MAGIC)
+
+
+@overload
+def unseal(conn: sqlite3.Connection, value: object, context: str) -> str: ...
+@overload
+def unseal(conn: sqlite3.Connection, value: object, context: str, kind: type[Clear]) -> Clear: ...
+def unseal(conn: sqlite3.Connection, value: object, context: str, kind: type[Any] = str) -> Any:
+    """The clear value of a column read on ``conn`` (its store's key ring,
+    see `install`): a ``kind`` (``str`` for bodies, ``bytes`` for the hub's
+    payloads).  Raises `Unreadable` when it cannot be opened, when it is
+    sealed and the connection has no key ring, or when it is not of that
+    kind (a damaged row); the error is logged once here, without the value."""
+    try:
+        if is_sealed(value):
+            ring = getattr(conn, "ring", None)
+            if ring is None:
+                raise Unreadable(context, "sealed, and there is no key ring")
+            value = ring.unseal(value, context)
+        if not isinstance(value, kind):
+            raise Unreadable(context, f"expected {kind.__name__}, found {type(value).__name__}")
+    except Unreadable as exc:
+        log.error("sealing: %s", exc)
+        raise
+    return value
 
 
 def install(conn: sqlite3.Connection, ring: KeyRing | None) -> None:
-    """Make ``seal()`` and ``unseal()`` available to SQL on ``conn``.
+    """Make ``seal()`` available to SQL on ``conn``, and ``ring`` to
+    `unseal` (``conn`` a `SealedConnection`; on another one only values
+    that are not sealed can be read).
 
-    Without a ring (tests of the SQL alone) both return the value as is."""
+    Without a ring (tests of the SQL alone) ``seal()`` returns the value as is."""
+    if isinstance(conn, SealedConnection):
+        conn.ring = ring
     if ring is None:
         conn.create_function("seal", 2, lambda value, context: value, deterministic=True)
-        conn.create_function("unseal", 2, lambda value, context: value, deterministic=True)
     else:
         conn.create_function("seal", 2, ring.seal)
-        conn.create_function("unseal", 2, ring.unseal, deterministic=True)
 
 
 def rotate(path: Path) -> int:

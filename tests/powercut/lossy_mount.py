@@ -56,7 +56,7 @@ class LossyMount:
 
     def start(self) -> LossyMount:
         try:
-            import pyfuse3  # noqa: F401  (the check only: the file system runs in its own process)
+            import pyfuse3  # noqa: F401, PLC0415  (the check only: the file system runs in its own process)
         except ImportError:
             pytest.fail(f"pyfuse3 is missing and {REQUIRED} is set: pip install -e '.[test,powercut]'")
         self.backing.mkdir(mode=0o700, exist_ok=True)

@@ -126,7 +126,7 @@ sys.stdin.read()  # until killed: no checkpoint, no clean close
 """
 
 
-@pytest.mark.parametrize("synchronous, survives", [("FULL", True), ("OFF", False)])
+@pytest.mark.parametrize(("synchronous", "survives"), [("FULL", True), ("OFF", False)])
 def test_sqlite_commits_survive_only_when_fsynced(fs: LossyMount, synchronous: str, survives: bool) -> None:
     path = fs.mountpoint / f"sqlite-{synchronous}.db"
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path), synchronous],
