@@ -34,10 +34,10 @@ import sqlite3
 import ssl
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Callable
 
 import trio
 from cryptography import x509
@@ -393,7 +393,7 @@ def _crls(config: HubConfig) -> list[Check]:
 
 
 async def _hub_listener(config: HubConfig) -> list[Check]:
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(config.listen.host, config.listen.host)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(config.listen.host, config.listen.host)  # noqa: S104
     where = f"{host}:{config.listen.port}"
     context = ssl.create_default_context(cafile=config.ca_file)
     context.set_alpn_protocols([protocol.ALPN])

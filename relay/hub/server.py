@@ -257,25 +257,31 @@ class Hub:
             return
         self.counters.handshakes.labels("ok").inc()
         if stream.selected_alpn_protocol() != protocol.ALPN:
-            return await self._refuse(stream, "no_alpn", f"{peer} did not negotiate ALPN h2; closing")
+            await self._refuse(stream, "no_alpn", f"{peer} did not negotiate ALPN h2; closing")
+            return
         der = stream.getpeercert(binary_form=True)
         identity = peer_identity(der)
         domain = identity.dns_names[0].lower() if identity.dns_names else ""
         try:
             self._revocation.check(der)
         except Revoked as exc:
-            return await self._refuse(stream, "revoked", f"refused {peer} ({_who(identity)}): {exc}")
+            await self._refuse(stream, "revoked", f"refused {peer} ({_who(identity)}): {exc}")
+            return
         if not await self._admit(domain):
-            return await self._refuse(stream, "unknown_domain",
-                                      f"refused {peer}: certificate for {domain!r} is not a registered domain")
+            await self._refuse(stream, "unknown_domain",
+                               f"refused {peer}: certificate for {domain!r} is not a registered domain")
+            return
         if not self.accepting:
-            return await self._refuse(stream, "shutting_down", f"refused {peer}: the hub is stopping")
+            await self._refuse(stream, "shutting_down", f"refused {peer}: the hub is stopping")
+            return
         if ticket.evicted:  # while its domain was being admitted
-            return await self._refuse(stream, "capacity", f"refused {peer}: newer connections needed its place")
+            await self._refuse(stream, "capacity", f"refused {peer}: newer connections needed its place")
+            return
         if not self.gate.authenticate(ticket, domain):
-            return await self._refuse(stream, "domain_capacity",
-                                      f"refused {peer}: {domain} has max_connections_per_domain"
-                                      f" ({self.config.max_connections_per_domain}) connections already")
+            await self._refuse(stream, "domain_capacity",
+                               f"refused {peer}: {domain} has max_connections_per_domain"
+                               f" ({self.config.max_connections_per_domain}) connections already")
+            return
         settings = Http2Settings(
             max_concurrent_streams=self.config.max_concurrent_streams,
             keepalive_interval=self.config.keepalive_interval,

@@ -90,7 +90,9 @@ async def _serve_relay(config: RelayConfig, app: RelayApp,
             nursery.cancel_scope.cancel()
 
 
-async def run_hub(config: HubConfig, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_hub(
+    config: HubConfig, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Run the hub until SIGTERM or SIGINT.  Raises `StoreBusy` when another
     process holds its state directory."""
     state = state_dir(config.state_dir)
