@@ -193,6 +193,11 @@ def test_hub_defaults(tmp_path):
     limits = (config.keepalive_interval, config.keepalive_timeout, config.max_concurrent_streams)
     assert limits == (20.0, 10.0, 100)
     assert config.expiry_interval == 30.0
+    bounds = (config.max_connections, config.max_connections_per_domain, config.max_handshakes,
+              config.handshake_timeout)
+    assert bounds == (2000, 4, 100, 10.0)
+    assert config.replay_window == 30 * 86400
+    assert config.metrics.listen is None
 
 
 def test_hub_every_key(tmp_path):
@@ -204,6 +209,14 @@ keepalive_interval = 5
 keepalive_timeout = 0.5
 max_concurrent_streams = 1000
 expiry_interval = 0.5
+max_connections = 50
+max_connections_per_domain = 2
+max_handshakes = 8
+handshake_timeout = 2.5
+replay_window = "60d"
+
+[metrics]
+listen = "127.0.0.1:9109"
 """
     config = load_hub_config(write(tmp_path, text, "hub.toml"))
 
@@ -214,6 +227,11 @@ expiry_interval = 0.5
     limits = (config.keepalive_interval, config.keepalive_timeout, config.max_concurrent_streams)
     assert limits == (5.0, 0.5, 1000)
     assert config.expiry_interval == 0.5
+    bounds = (config.max_connections, config.max_connections_per_domain, config.max_handshakes,
+              config.handshake_timeout)
+    assert bounds == (50, 2, 8, 2.5)
+    assert config.replay_window == 60 * 86400
+    assert config.metrics.listen == Address("127.0.0.1", 9109)
 
 
 @pytest.mark.parametrize(
@@ -420,6 +438,14 @@ def test_relay_problem(tmp_path, old, new, problem):
         ("keepalive_timeout = inf", "hub.toml: [hub].keepalive_timeout: expected seconds > 0, got inf"),
         ("expiry_interval = 0.01", "hub.toml: [hub].expiry_interval: expected seconds between 0.1 and 3600, got 0.01"),
         ("expiry_interval = 7200", "hub.toml: [hub].expiry_interval: expected seconds between 0.1 and 3600, got 7200"),
+        ("max_connections = 0", "hub.toml: [hub].max_connections: expected an integer 1..100000, got 0"),
+        ("max_connections_per_domain = 101",
+         "hub.toml: [hub].max_connections_per_domain: expected an integer 1..100, got 101"),
+        ("max_handshakes = true", "hub.toml: [hub].max_handshakes: expected an integer 1..10000, got True"),
+        ("handshake_timeout = 0.1", "hub.toml: [hub].handshake_timeout: expected seconds between 0.5 and 60, got 0.1"),
+        ('replay_window = "21d"', "hub.toml: [hub].replay_window: expected a duration of at least 22 days, got '21d'"),
+        ("replay_window = -1", "hub.toml: [hub].replay_window: expected a duration > 0 (seconds, or a string like"
+                               ' "15m", "12h", "7d"), got -1'),
     ],
 )
 def test_hub_problem(tmp_path, line, problem):

@@ -22,6 +22,7 @@ import random
 import re
 import sqlite3
 import subprocess
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -365,7 +366,7 @@ async def test_replayed_transaction_and_ack_create_nothing_twice(space: DemoSpac
 
     def transaction(txn: str, ident: str) -> routes.Request:
         return routes.transaction(txn, [Envelope(ident, "alice@chu-nord.test", bob, bob, "once only", None,
-                                                 "normal", 1.8e9)])
+                                                 "normal", time.time())])
 
     async with HubClient(space.directory, "chu-nord.test", hub_url) as a:
         first = await a.post(transaction("replay-txn-0001", "replayed-message-1"))

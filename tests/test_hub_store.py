@@ -319,3 +319,80 @@ def test_an_item_that_cannot_be_opened_is_fetched_as_none_then_dropped_with_a_tr
     assert conn.execute("SELECT action, peer, outcome FROM audit WHERE action = 'dropped'").fetchall() == [
         ("dropped", SUD, f"queue item {first} cannot be opened")]
     conn.close()
+
+
+# -- the replay window ------------------------------------------------------------------------
+
+WINDOW = 10 * 86400.0
+# The first moment at which a record made at NOW may be pruned.
+FORGET = NOW + WINDOW + hub_queue.CLOCK_AHEAD
+
+
+def replay_rows(conn) -> tuple[int, int]:
+    return (conn.execute("SELECT count(*) FROM seen").fetchone()[0],
+            conn.execute("SELECT count(*) FROM txn").fetchone()[0])
+
+
+def test_replay_records_are_pruned_only_past_the_window(conn) -> None:
+    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope(), envelope("msg-00000002", rcpt=[DAVE])],
+                                 now=NOW, replay_window=WINDOW)
+    hub_queue.accept_transaction(conn, NORD, "txn-00000002", [envelope("msg-00000003")], now=NOW + 1,
+                                 replay_window=WINDOW)
+    assert replay_rows(conn) == (3, 2)
+    assert hub_queue.prune_replays(conn, FORGET, WINDOW) == {"seen": 0, "txn": 0}
+    assert hub_queue.prune_replays(conn, FORGET + 0.5, WINDOW) == {"seen": 2, "txn": 1}
+    assert replay_rows(conn) == (1, 1)
+    assert hub_queue.prune_replays(conn, FORGET + 1.5, WINDOW) == {"seen": 1, "txn": 1}
+    assert replay_rows(conn) == (0, 0)
+
+
+def test_pruning_goes_in_batches(conn) -> None:
+    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope(f"msg-0000000{n}") for n in range(3)],
+                                 now=NOW, replay_window=WINDOW)
+    assert hub_queue.prune_replays(conn, FORGET + 1, WINDOW, limit=2) == {"seen": 2, "txn": 1}
+    assert hub_queue.prune_replays(conn, FORGET + 1, WINDOW, limit=2) == {"seen": 1, "txn": 0}
+
+
+@pytest.mark.parametrize("same_txn", [True, False], ids=["same transaction id", "new transaction id"])
+def test_a_replay_whose_records_are_pruned_is_refused_as_expired_never_queued_again(conn, same_txn) -> None:
+    hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope()], now=NOW, replay_window=WINDOW)
+    [(seq, *_)] = queue(conn)
+    hub_queue.apply_ack(conn, SUD, [seq], [], now=NOW + 10)  # delivered, then acknowledged
+    queued = queue(conn)
+    later = FORGET + 1
+    hub_queue.prune_replays(conn, later, WINDOW)
+    assert replay_rows(conn) == (0, 0)
+    txn = "txn-00000001" if same_txn else "txn-00000002"
+    outcomes, woken = hub_queue.accept_transaction(conn, NORD, txn, [envelope()], now=later, replay_window=WINDOW)
+    assert [(o.accepted, o.reason) for o in outcomes] == [(False, protocol.EXPIRED)]
+    assert woken == set() and queue(conn) == queued  # the delivery receipt only: nothing queued twice
+
+
+def test_an_envelope_older_than_the_window_is_refused_even_before_any_pruning(conn) -> None:
+    sent = 1_700_000_000.0  # the envelope's sent_at
+    outcomes, _ = hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope()], now=sent + WINDOW + 1,
+                                               replay_window=WINDOW)
+    assert [(o.accepted, o.reason) for o in outcomes] == [(False, protocol.EXPIRED)]
+    outcomes, _ = hub_queue.accept_transaction(conn, NORD, "txn-00000002", [envelope()], now=sent + WINDOW,
+                                               replay_window=WINDOW)
+    assert outcomes == [Outcome(True)]
+
+
+def test_an_envelope_sent_too_far_ahead_of_the_hubs_clock_is_refused(conn) -> None:
+    """Its filter entry would have to outlive the window by as much: the
+    bound on how far ahead it may be is what makes pruning safe."""
+    sent = 1_700_000_000.0
+    outcomes, _ = hub_queue.accept_transaction(conn, NORD, "txn-00000001", [envelope()],
+                                               now=sent - hub_queue.CLOCK_AHEAD - 1, replay_window=WINDOW)
+    assert [(o.accepted, o.reason) for o in outcomes] == [(False, protocol.INVALID_ENVELOPE)]
+    assert "ahead of the hub's clock" in outcomes[0].detail
+    outcomes, _ = hub_queue.accept_transaction(conn, NORD, "txn-00000002", [envelope()],
+                                               now=sent - hub_queue.CLOCK_AHEAD, replay_window=WINDOW)
+    assert outcomes == [Outcome(True)] and replay_rows(conn) == (1, 2)
+
+
+def test_backlog_per_domain_and_lane(conn) -> None:
+    hub_queue.accept_transaction(conn, NORD, "txn-00000001",
+                                 [envelope("msg-00000001", priority="urgent"), envelope("msg-00000002"),
+                                  envelope("msg-00000003"), envelope("msg-00000004", rcpt=[DAVE])], now=NOW)
+    assert hub_queue.backlog(conn) == {SUD: {URGENT: 1, NORMAL: 2}, EST: {URGENT: 0, NORMAL: 1}}

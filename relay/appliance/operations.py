@@ -40,6 +40,7 @@ from relay.appliance.uplink import Uplink, UplinkState
 from relay.config.model import RelayConfig, cleartext_listeners
 from relay.core import timeformat
 from relay.core.errors import describe_error
+from relay.core.timeformat import span
 from relay.net.admin_socket import AdminError, Handler
 from relay.net.sdnotify import notify
 from relay.net.wakeup import Signal
@@ -240,15 +241,6 @@ def assess(snapshot: dict[str, Any], config: RelayConfig, now: float) -> tuple[l
     warnings.extend(f"{listener} serves HTTP without TLS on the network (allow_cleartext_on_network = true):"
                     " anyone on the path can read what it carries" for listener in snapshot["cleartext"])
     return problems, warnings
-
-
-def span(seconds: float) -> str:
-    """A duration as an admin reads it: "3.2 h", "45 s"."""
-    seconds = max(0.0, seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f} {unit}"
-    return f"{seconds:.0f} s"
 
 
 class RelayOperations:

@@ -1,4 +1,4 @@
-"""``eimis-relay doctor``: a report on a relay's installation, line by line.
+"""``eimis-relay doctor``: a report on a relay's (or the hub's) installation, line by line.
 
 Each line is ``ok``, ``warning`` or ``failed``, says what was checked and,
 when something is wrong, the fix to try.  The checks go from the inside
@@ -17,6 +17,9 @@ handshake fails verification, doctor shakes hands again without verifying,
 looks at who issued what it got, and names the intercepting proxy when it
 was not the configured CA.
 
+Given a hub's configuration, doctor checks the hub instead
+(`run_hub_checks`).
+
 Nothing here writes anything; it is safe to run while the relay runs (its
 request to the hub is a ``GET`` of a path that does not exist, answered 404
 with a Date, which touches no queue).
@@ -31,6 +34,7 @@ import sqlite3
 import ssl
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -38,11 +42,19 @@ from pathlib import Path
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
 
-from relay.cli.arguments import add_config_option, config_path
+from relay.cli import hub_status
+from relay.cli.arguments import add_config_option, config_path, names_a_hub
 from relay.cli.ops import DB_NAME, store_dir
-from relay.config.model import RelayConfig, cleartext_listeners, is_loopback, load_relay_config
+from relay.config.model import (
+    HubConfig,
+    RelayConfig,
+    cleartext_listeners,
+    is_loopback,
+    load_hub_config,
+    load_relay_config,
+)
 from relay.config.reader import ConfigError
 from relay.core import protocol, timeformat
 from relay.core.errors import describe_error
@@ -51,7 +63,8 @@ from relay.net import admin_socket
 from relay.net.errors import reason
 from relay.net.h2connection import Http2Connection
 from relay.net.proxy import dial
-from relay.net.tls import relay_client_context
+from relay.net.revocation import RevocationList, Revoked
+from relay.net.tls import hub_server_context, relay_client_context
 from relay.pki import identity
 
 # Clock offset against the hub: the Date header has one-second resolution;
@@ -60,6 +73,8 @@ CLOCK_WARNING = 5.0
 CLOCK_FAILED = 240.0
 PROBE_PATH = "/v1/doctor"
 LEVELS = ("ok", "warning", "failed")
+# The hub's own listener, from its host: a loopback handshake takes milliseconds.
+HUB_PROBE_TIMEOUT = 5.0
 
 
 @dataclass
@@ -71,7 +86,8 @@ class Check:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("doctor", help="check the installation and the way to the hub; say what to fix")
+    parser = commands.add_parser("doctor", help="check the installation and the way to the hub (or, given its"
+                                                " config, the hub); say what to fix")
     add_config_option(parser)
     parser.set_defaults(func=main)
 
@@ -90,6 +106,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run_checks(path: Path) -> list[Check]:
+    if names_a_hub(path):
+        return run_hub_checks(path)
     try:
         config = load_relay_config(path)
     except ConfigError as exc:
@@ -133,8 +151,11 @@ def listeners(config: RelayConfig) -> list[Check]:
 
 
 def permissions(config: RelayConfig) -> list[Check]:
+    return _permissions(config.path, [config.uplink.key_file, config.local_api.tls_key_file], store_dir(config))
+
+
+def _permissions(config_file: Path, secrets: list[Path | None], state: Path) -> list[Check]:
     checks = []
-    secrets = [config.uplink.key_file, config.local_api.tls_key_file]
     for key in filter(None, secrets):
         try:
             info = key.stat()
@@ -146,14 +167,13 @@ def permissions(config: RelayConfig) -> list[Check]:
                                 f" (mode {stat.S_IMODE(info.st_mode):o})", f"chmod 600 {key}"))
         elif info.st_uid != os.geteuid() and os.geteuid() != 0:
             checks.append(Check("warning", "permissions", f"{key} belongs to uid {info.st_uid}, not to this user",
-                                f"chown the key to the relay's user (e.g. chown eimis-relay {key})"))
+                                f"chown the key to the daemon's user (e.g. chown eimis-relay {key})"))
         else:
             checks.append(Check("ok", "permissions", f"{key} is readable by its owner only"))
-    mode = stat.S_IMODE(config.path.stat().st_mode)
+    mode = stat.S_IMODE(config_file.stat().st_mode)
     if mode & 0o002:
-        checks.append(Check("failed", "permissions", f"{config.path} is writable by anyone (mode {mode:o})",
-                            f"chmod o-w {config.path}"))
-    state = store_dir(config)
+        checks.append(Check("failed", "permissions", f"{config_file} is writable by anyone (mode {mode:o})",
+                            f"chmod o-w {config_file}"))
     if state.is_dir() and stat.S_IMODE(state.stat().st_mode) & 0o077:
         checks.append(Check("warning", "permissions", f"the state directory {state} is open to others"
                             f" (mode {stat.S_IMODE(state.stat().st_mode):o}): it holds messages",
@@ -168,8 +188,13 @@ def certificate(config: RelayConfig) -> list[Check]:
            "warning": "renew it now: docs/operations.md, 'Renew a certificate'", "info": ""}
     checks = [Check(levels[f.level], "certificate", f.message, fix[f.level])
               for f in identity.check_identity(up.cert_file, up.key_file, up.ca_file, config.domain)]
+    return checks + key_size(up.key_file)
+
+
+def key_size(key_file: Path) -> list[Check]:
+    checks: list[Check] = []
     try:
-        key = load_pem_private_key(up.key_file.read_bytes(), password=None)
+        key = load_pem_private_key(key_file.read_bytes(), password=None)
     except (OSError, ValueError, TypeError):
         return checks  # check_identity has said why
     if isinstance(key, ec.EllipticCurvePrivateKey):
@@ -188,8 +213,12 @@ def certificate(config: RelayConfig) -> list[Check]:
 
 def tls_policy(config: RelayConfig) -> list[Check]:
     up = config.uplink
+    return _tls_policy(lambda: relay_client_context(up.cert_file, up.key_file, up.ca_file, up.tls))
+
+
+def _tls_policy(build: Callable[[], ssl.SSLContext]) -> list[Check]:
     try:
-        context = relay_client_context(up.cert_file, up.key_file, up.ca_file, up.tls)
+        context = build()
     except (OSError, ssl.SSLError, ValueError) as exc:
         return [Check("failed", "tls", f"the TLS context does not load: {describe_error(exc)}",
                       "fix the certificate findings above")]
@@ -320,7 +349,10 @@ async def _clock(config: RelayConfig, stream: trio.SSLStream) -> Check:
 
 
 def store(config: RelayConfig) -> list[Check]:
-    path = store_dir(config) / DB_NAME
+    return _store(store_dir(config) / DB_NAME)
+
+
+def _store(path: Path) -> list[Check]:
     if not path.exists():
         return [Check("warning", "store", f"no store at {path} yet", "it is created when the relay first starts")]
     try:
@@ -341,3 +373,81 @@ def daemon(config: RelayConfig) -> list[Check]:
         return [Check("warning", "daemon", "no relay is running on this store", "systemctl start eimis-relay")]
     return [Check("ok", "daemon", f"running as pid {holder.get('pid', '?')} ({holder.get('command', '?')});"
                   " `eimis-relay status` tells how it is doing")]
+
+
+# -- the hub -------------------------------------------------------------------------
+
+
+def run_hub_checks(path: Path) -> list[Check]:
+    """The hub's report: configuration, files, certificate, TLS and CRLs,
+    then its listener from this host (which certificate it presents: the
+    one on disk, or one a reload has not yet picked up), the store and the
+    daemon (``eimis-relay status`` tells the rest)."""
+    try:
+        config = load_hub_config(path)
+    except ConfigError as exc:
+        return [Check("failed", "config", problem, f"edit {path} (see hub.example.toml)") for problem in exc.problems]
+    state = hub_status.hub_store_dir(config)
+    checks = [Check("ok", "config", f"{config.path} is valid")]
+    checks += _permissions(config.path, [config.key_file], state)
+    levels = {"error": "failed", "warning": "warning", "info": "ok"}
+    fix = {"error": "issue the hub a certificate for its name from the national CA",
+           "warning": "renew it now, then reload the hub (SIGHUP)", "info": ""}
+    checks += [Check(levels[f.level], "certificate", f.message, fix[f.level])
+               for f in identity.check_identity(config.cert_file, config.key_file, config.ca_file, config.name)]
+    checks += key_size(config.key_file)
+    checks += _tls_policy(lambda: hub_server_context(config.cert_file, config.key_file, config.ca_file, config.tls))
+    checks += _crls(config)
+    checks += trio.run(_hub_listener, config)
+    checks += _store(state / hub_status.HUB_DB_NAME)
+    found = admin_socket.holder(state, admin_socket.HUB_LOCK_NAME)
+    if found is None:
+        checks.append(Check("warning", "daemon", "no hub is running on this store", "systemctl start eimis-relay-hub"))
+    else:
+        checks.append(Check("ok", "daemon", f"running as pid {found.get('pid', '?')} ({found.get('command', '?')});"
+                            " `eimis-relay status` tells how it is doing"))
+    return checks
+
+
+def _crls(config: HubConfig) -> list[Check]:
+    if not config.tls.crl_files:
+        return [Check("warning", "crl", "no crl_files: a revoked relay certificate is accepted until it expires",
+                      "list the national PKI's CRLs in crl_files")]
+    try:
+        RevocationList(config.tls, config.ca_file).check(identity.load_certificates(config.cert_file)[0]
+                                                         .public_bytes(Encoding.DER))
+    except Revoked as exc:
+        return [Check("failed", "crl", str(exc), "fetch the current CRLs of the national PKI")]
+    except (OSError, ValueError, IndexError):
+        return []  # the certificate lines have said why
+    return [Check("ok", "crl", f"{len(config.tls.crl_files)} CRL(s) load, are signed by the CA and current")]
+
+
+async def _hub_listener(config: HubConfig) -> list[Check]:
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(config.listen.host, config.listen.host)  # noqa: S104
+    where = f"{host}:{config.listen.port}"
+    context = ssl.create_default_context(cafile=config.ca_file)
+    context.set_alpn_protocols([protocol.ALPN])
+    stream = None
+    try:
+        with trio.fail_after(HUB_PROBE_TIMEOUT):
+            stream = trio.SSLStream(await trio.open_tcp_stream(host, config.listen.port), context,
+                                    server_hostname=config.name)
+            await stream.do_handshake()  # TLS 1.3: done before the hub asks for the certificate we lack
+    except (OSError, trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError) as exc:
+        return [Check("failed", "listen", f"no TLS handshake with the hub on {where}: {reason(exc)}",
+                      "start the hub (systemctl start eimis-relay-hub), or check [hub] listen and the firewall")]
+    finally:
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+    presented = identity.peer_identity(stream.getpeercert(binary_form=True))
+    try:
+        on_disk = identity.load_certificates(config.cert_file)[0].serial_number
+    except (OSError, ValueError, IndexError):
+        on_disk = None
+    if on_disk is not None and presented.serial != on_disk:
+        return [Check("warning", "listen", f"the hub on {where} presents certificate serial {presented.serial:x},"
+                      f" not the one in {config.cert_file}",
+                      "reload the hub (systemctl reload eimis-relay-hub) to use the renewed certificate")]
+    return [Check("ok", "listen", f"the hub answers on {where} with its certificate for {config.name},"
+                  f" valid until {timeformat.day(presented.not_after)}")]

@@ -1,7 +1,8 @@
 """The day-to-day commands: ``status``, ``queue``, ``enroll``, ``backup``, ``restore``.
 
 Each finds its relay from ``--config`` (default as for ``run``), so that
-several relays can live on one host.  ``status`` and ``queue`` ask the
+several relays can live on one host; ``status`` given a hub's
+configuration shows the hub (`relay.cli.hub_status`).  ``status`` and ``queue`` ask the
 running daemon over its admin channel (`relay.net.admin_socket`); with no daemon
 running, ``queue`` works on the store directly, holding the state
 directory's lock so that a daemon cannot start meanwhile, and refuses when
@@ -28,12 +29,14 @@ from typing import Any
 
 import trio
 
-from relay.appliance.operations import QueueTools, span
-from relay.cli.arguments import add_config_option, config_path
+from relay.appliance.operations import QueueTools
+from relay.cli import hub_status
+from relay.cli.arguments import add_config_option, config_path, names_a_hub
 from relay.config.model import RelayConfig, load_relay_config
 from relay.config.reader import ConfigError
 from relay.core import timeformat
 from relay.core.errors import describe_error
+from relay.core.timeformat import span
 from relay.net import admin_socket
 from relay.pki import authority
 from relay.runtime.paths import state_dir
@@ -53,7 +56,8 @@ class CommandFailed(Exception):
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    status = _command(commands, "status", "show what the running relay is doing; exit 0 when healthy")
+    status = _command(commands, "status", "show what the running relay (or hub, given its config) is doing;"
+                                          " exit 0 when healthy")
     status.add_argument("--json", action="store_true", help="print the whole status as JSON")
     status.set_defaults(func=_status)
 
@@ -192,11 +196,18 @@ def queue_op(config: RelayConfig, op: str, args: dict[str, Any]) -> Any:
 
 @_guarded
 def _status(args: argparse.Namespace) -> int:
-    snapshot = ask(args, "status")
+    path = config_path(args)
+    if names_a_hub(path):  # the hub's own status, over its admin socket
+        try:
+            snapshot, render = hub_status.ask_hub(path, "status"), hub_status.render_hub_status
+        except hub_status.HubCommandFailed as exc:
+            raise CommandFailed(str(exc)) from None
+    else:
+        snapshot, render = ask(args, "status"), render_status
     if args.json:
         print(json.dumps(snapshot, indent=2, ensure_ascii=False))
     else:
-        print(render_status(snapshot, time.time()))
+        print(render(snapshot, time.time()))
     return 0 if snapshot["healthy"] else 1
 
 

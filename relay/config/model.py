@@ -309,9 +309,43 @@ class HubConfig:
     # audit trail for old entries).  A message is failed at most this long
     # after its sweep time; a tenth of a second to an hour.
     expiry_interval: float = 30.0
+    # The hub's own bounds (docs/security.md): TCP connections held at once,
+    # authenticated connections per relay domain, TLS handshakes in progress
+    # at once and the time each may take.  A connection not yet
+    # authenticated is the first to go when a limit is reached.
+    max_connections: int = 2000
+    max_connections_per_domain: int = 4
+    max_handshakes: int = 100
+    handshake_timeout: float = 10.0
+    # How long transaction answers and the duplicate filter are kept, and
+    # so how old (by its sent_at) an envelope the hub still takes may be:
+    # longer than any relay retries (its message_ttl and expiry grace);
+    # docs/protocol.md, "Replays".  At least REPLAY_WINDOW_MIN.
+    replay_window: float = 30 * 86400
+    metrics: MetricsEndpoint = MetricsEndpoint()
 
 
 EXPIRY_INTERVALS = (0.1, 3600.0)
+HANDSHAKE_TIMEOUTS = (0.5, 60.0)
+# The reference relay, with its defaults, sends an envelope until 21 days
+# after accepting it (its ``sent_at``): its time-to-live (7 days), then a
+# `queue retry` within the retry window (7 days) gives it another 7.  A
+# shorter window would refuse those last retries as expired.
+REPLAY_WINDOW_MIN = 22 * 86400
+
+
+def _handshake_timeout(value: object) -> float:
+    low, high = HANDSHAKE_TIMEOUTS
+    if isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high:
+        return float(value)
+    raise expected(f"seconds between {low:g} and {high:g}", value)
+
+
+def _replay_window(value: object) -> float:
+    seconds = duration(value)
+    if seconds < REPLAY_WINDOW_MIN:
+        raise expected(f"a duration of at least {REPLAY_WINDOW_MIN // 86400} days", value)
+    return seconds
 
 
 def is_loopback(host: str) -> bool:
@@ -448,6 +482,13 @@ def load_hub_config(path: str | os.PathLike) -> HubConfig:
             "max_concurrent_streams", integer(1, 1000), HubConfig.max_concurrent_streams
         ),
         expiry_interval=hub.get("expiry_interval", _expiry_interval, HubConfig.expiry_interval),
+        max_connections=hub.get("max_connections", integer(1, 100_000), HubConfig.max_connections),
+        max_connections_per_domain=hub.get("max_connections_per_domain", integer(1, 100),
+                                           HubConfig.max_connections_per_domain),
+        max_handshakes=hub.get("max_handshakes", integer(1, 10_000), HubConfig.max_handshakes),
+        handshake_timeout=hub.get("handshake_timeout", _handshake_timeout, HubConfig.handshake_timeout),
+        replay_window=hub.get("replay_window", _replay_window, HubConfig.replay_window),
+        metrics=_read_metrics(file.root.table("metrics", required=False)),
     )
     file.finish()
     return HubConfig(path=file.path, domains=frozenset(domains), **values)

@@ -8,7 +8,8 @@ Each format has its reader, and so its reason:
   certificate's dates to the minute, status and audit reports to the
   second;
 * `day` (``2026-03-01``), when only the date matters;
-* `compact` (``20260301T083000Z``), for file names: no spaces or colons.
+* `compact` (``20260301T083000Z``), for file names: no spaces or colons;
+* `span`, a duration for people (``3.2 h``), in status reports.
 
 All are UTC: a hospital's systems and the hub may sit in different zones,
 and a log collector needs no zone to compare two lines.  A moment is a Unix
@@ -19,6 +20,15 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+
+
+def span(seconds: float) -> str:
+    """A duration as an admin reads it: "3.2 h", "45 s"."""
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def iso(moment: float | datetime) -> str:

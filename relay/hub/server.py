@@ -45,6 +45,8 @@ from relay.core.h2session import BodyTooLarge, Http2Settings, header
 from relay.core.priority import NORMAL, URGENT
 from relay.core.protocol import ProtocolViolation
 from relay.core.routes import Route
+from relay.hub.admission import Gate, Limits, Ticket
+from relay.hub.counters import HubCounters
 from relay.net.errors import reason
 from relay.net.h2connection import H2Stream, Http2Connection
 from relay.net.revocation import RevocationList, Revoked
@@ -62,9 +64,10 @@ log = logging.getLogger(__name__)
 # wait behind at the relay; and a stuck relay costs little memory.
 INBOX_WINDOW = 500
 INBOX_FETCH = 250
-HANDSHAKE_TIMEOUT = 10.0
 # A request's body must arrive within this.
 BODY_TIMEOUT = 30.0
+# After a failed accept (no file descriptor left): a pause, not a busy loop.
+ACCEPT_BACKOFF = 0.1
 
 
 @dataclass
@@ -74,18 +77,30 @@ class DomainLink:
     changed: Signal = field(default_factory=Signal)
     inbox_scope: trio.CancelScope | None = None
     unacked: set[int] = field(default_factory=set)
-    connected: int = 0
 
 
 class Hub:
-    def __init__(self, config: HubConfig, store: Store) -> None:
+    """Serves relays' connections (see the module docstring); its bounds are
+    `relay.hub.admission`'s, and it reports what happens to ``counters``."""
+
+    def __init__(self, config: HubConfig, store: Store, counters: HubCounters) -> None:
         self.config = config
         self.store = store
+        self.counters = counters
         self.links: dict[str, DomainLink] = {}
         self._ssl = hub_server_context(config.cert_file, config.key_file, config.ca_file, config.tls)
         self._revocation = RevocationList(config.tls, config.ca_file)
         self._known: set[str] = set()
         self._connections: set[Http2Connection] = set()
+        self.gate = Gate(_limits(config))
+        # True while the listeners take connections: set once they are
+        # bound, cleared first thing at shutdown.
+        self.accepting = False
+        self._accepting: trio.CancelScope | None = None
+        self._listeners_closed = trio.Event()
+        # The last sweep: when it ended, what it expired and pruned (status).
+        self.last_sweep: float | None = None
+        self.last_sweep_counts: dict[str, int] = {}
 
     async def stage_config(self, config: HubConfig,
                            commit: Callable[[Callable[[sqlite3.Connection], set[str]]], Awaitable[set[str]]],
@@ -106,8 +121,11 @@ class Hub:
 
         known = await commit(register)
 
+        limits = _limits(config)
+
         def swap() -> None:
             self.config, self._ssl, self._revocation = config, tls, revocation
+            self.gate.limits = limits  # new connection limits apply to new connections
             self._known = self._known | known  # with any domain learnt meanwhile
 
         return swap
@@ -125,31 +143,87 @@ class Hub:
         listen = self.config.listen
         listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
         try:
-            async with trio.open_nursery(strict_exception_groups=True) as nursery:
+            async with trio.open_nursery(strict_exception_groups=True) as connections:
+                async with trio.open_nursery(strict_exception_groups=True) as accepting:
+                    self._accepting = accepting.cancel_scope  # `stop_accepting` ends these, not the connections
+                    for listener in listeners:
+                        accepting.start_soon(self._accept, listener, connections)
+                    accepting.start_soon(self._sweep_periodically)
+                    self.accepting = True
+                    log.info("hub %s listening on %s", self.config.name,
+                             ", ".join(_sockname(listener) for listener in listeners))
+                    task_status.started(listeners)
                 for listener in listeners:
-                    nursery.start_soon(trio.serve_listeners, self._on_tcp, [listener])
-                nursery.start_soon(self._expire_periodically)
-                log.info("hub %s listening on %s", self.config.name,
-                         ", ".join(_sockname(listener) for listener in listeners))
-                task_status.started(listeners)
+                    await trio.aclose_forcefully(listener)
+                self._listeners_closed.set()
         finally:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
 
-    async def _expire_periodically(self) -> None:
+    async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        """Accept on ``listener`` until `stop_accepting`; each connection is
+        served in ``connections``, which outlives the accepting (a drain)."""
         while True:
-            woken = await self.store.run_patiently("expire", lambda c: hub_queue.expire(c, time.time()))
-            await self.store.run_patiently(
-                "prune_audit", lambda c: audit.prune(c, time.time(), self.config.audit_retention))
-            for domain in woken:
-                self.link(domain).changed.fire()
+            try:
+                tcp = await listener.accept()
+            except OSError as exc:  # out of file descriptors, say: the hub goes on
+                log.error("cannot accept a connection: %s", exc.strerror or exc)
+                await trio.sleep(ACCEPT_BACKOFF)
+                continue
+            connections.start_soon(self._on_tcp, tcp)
+
+    async def _sweep_periodically(self) -> None:
+        """Expire, prune the audit trail and the replay records, every
+        ``expiry_interval``.  A round that fails is logged and the next one
+        tried: the sweep never ends the hub."""
+        while True:
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("the hub's sweep failed; trying again in %g s", self.config.expiry_interval)
             await trio.sleep(self.config.expiry_interval)
 
+    async def sweep(self) -> None:
+        """One round: fail the expired messages, prune the audit trail and
+        the replay records past the window (a unit per batch)."""
+        config = self.config
+        woken = await self.store.run_patiently("expire", lambda c: hub_queue.expire(c, time.time()))
+        await self.store.run_patiently(
+            "prune_audit", lambda c: audit.prune(c, time.time(), config.audit_retention))
+        for domain in woken:
+            self.link(domain).changed.fire()
+        pruned = {"seen": 0, "txn": 0}
+        while True:  # a unit per batch: the writer is never held for long
+            batch = await self.store.run_patiently(
+                "prune_replays", lambda c: hub_queue.prune_replays(c, time.time(), config.replay_window))
+            for table, count in batch.items():
+                pruned[table] += count
+                self.counters.pruned.labels(table).inc(count)
+            if max(batch.values()) < hub_queue.PRUNE_BATCH:
+                break
+        expired = sum(woken.values())
+        self.counters.expired.inc(expired)
+        self.counters.sweeps.inc()
+        self.last_sweep = time.time()
+        self.last_sweep_counts = {"expired": expired, **pruned}
+
+    async def stop_accepting(self) -> None:
+        """Shutdown, first step: no new connection from now on (the
+        listening sockets are closed, handshakes in progress end)."""
+        self.accepting = False
+        if self._accepting is not None:
+            self._accepting.cancel()
+        self.gate.close_handshakes()
+        await self._listeners_closed.wait()
+        log.info("hub %s no longer accepts connections", self.config.name)
+
     async def shutdown(self) -> None:
-        """Graceful stop: GOAWAY on every connection, in-flight requests finish.
+        """Graceful stop: stop accepting, GOAWAY on every connection, then
+        in-flight requests finish (each connection within its drain time).
 
         Inbox streams never finish by themselves: they are ended once no new
         stream can replace them; relays resume them from their last ack."""
+        await self.stop_accepting()
         for conn in self._connections:
             conn.send_goaway()
         for link in self.links.values():
@@ -160,18 +234,48 @@ class Hub:
                 nursery.start_soon(conn.aclose_gracefully)
 
     async def _on_tcp(self, tcp: trio.SocketStream) -> None:
-        stream = trio.SSLStream(tcp, self._ssl, server_side=True)
+        """One relay connection, from TCP to its end.  Whatever goes wrong
+        with it (the store unavailable while admitting it, a certificate
+        that cannot be read...) ends this connection, never the hub."""
+        ticket = self.gate.enter()
+        if ticket is None:
+            self.counters.refused.labels("capacity").inc()
+            log.warning("refused %s: the hub holds max_connections (%d) already", _peer(tcp),
+                        self.config.max_connections)
+            await trio.aclose_forcefully(tcp)
+            return
         peer = _peer(tcp)
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
-                await stream.do_handshake()
-        except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as exc:
-            log.warning("TLS handshake with %s failed: %s", peer, reason(exc))
+            await self._serve_tcp(tcp, ticket, peer)
+        except Exception:
+            self.counters.refused.labels("error").inc()
+            log.exception("connection from %s failed", peer)
+        finally:
+            self.gate.leave(ticket)
+            await trio.aclose_forcefully(tcp)
+
+    async def _serve_tcp(self, tcp: trio.SocketStream, ticket: Ticket, peer: str) -> None:
+        stream = trio.SSLStream(tcp, self._ssl, server_side=True)
+        with ticket.scope:
+            try:
+                with trio.fail_after(self.config.handshake_timeout):
+                    await stream.do_handshake()
+            except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as exc:
+                outcome = "timed_out" if isinstance(exc, trio.TooSlowError) else "failed"
+                self.counters.handshakes.labels(outcome).inc()
+                log.warning("TLS handshake with %s failed: %s", peer, reason(exc))
+                await trio.aclose_forcefully(stream)
+                return
+        if ticket.scope.cancelled_caught or ticket.evicted:
+            self.counters.handshakes.labels("evicted").inc()
+            log.warning("dropped the TLS handshake of %s: %s", peer,
+                        "the hub is stopping" if not self.accepting else
+                        "newer connections needed its place (max_handshakes or max_connections reached)")
             await trio.aclose_forcefully(stream)
             return
+        self.counters.handshakes.labels("ok").inc()
         if stream.selected_alpn_protocol() != protocol.ALPN:
-            log.warning("%s did not negotiate ALPN h2; closing", peer)
-            await trio.aclose_forcefully(stream)
+            await self._refuse(stream, "no_alpn", f"{peer} did not negotiate ALPN h2; closing")
             return
         der = stream.getpeercert(binary_form=True)
         identity = peer_identity(der)
@@ -179,12 +283,22 @@ class Hub:
         try:
             self._revocation.check(der)
         except Revoked as exc:
-            log.warning("refused %s (%s): %s", peer, _who(identity), exc)
-            await trio.aclose_forcefully(stream)
+            await self._refuse(stream, "revoked", f"refused {peer} ({_who(identity)}): {exc}")
             return
         if not await self._admit(domain):
-            log.warning("refused %s (%s): not a registered domain", peer, _who(identity))
-            await trio.aclose_forcefully(stream)
+            await self._refuse(stream, "unknown_domain",
+                               f"refused {peer} ({_who(identity)}): not a registered domain")
+            return
+        if not self.accepting:
+            await self._refuse(stream, "shutting_down", f"refused {peer}: the hub is stopping")
+            return
+        if ticket.evicted:  # while its domain was being admitted
+            await self._refuse(stream, "capacity", f"refused {peer}: newer connections needed its place")
+            return
+        if not self.gate.authenticate(ticket, domain):
+            await self._refuse(stream, "domain_capacity",
+                               f"refused {peer}: {domain} has max_connections_per_domain"
+                               f" ({self.config.max_connections_per_domain}) connections already")
             return
         settings = Http2Settings(
             max_concurrent_streams=self.config.max_concurrent_streams,
@@ -192,16 +306,18 @@ class Hub:
             keepalive_timeout=self.config.keepalive_timeout,
         )
         conn = Http2Connection(stream, client=False, settings=settings, name=f"{domain} ({peer})")
-        link = self.link(domain)
-        link.connected += 1
         self._connections.add(conn)
         log.info("relay %s connected from %s (org %s)", domain, peer, identity.org_id or "-")
         try:
             await conn.run(HubConnection(self, domain, identity, der, conn).handle)
         finally:
             self._connections.discard(conn)
-            link.connected -= 1
             log.info("relay %s disconnected", domain)
+
+    async def _refuse(self, stream: trio.SSLStream, why: str, message: str) -> None:
+        self.counters.refused.labels(why).inc()
+        log.warning("%s", message)
+        await trio.aclose_forcefully(stream)
 
     async def _admit(self, domain: str) -> bool:
         if domain in self._known:
@@ -213,6 +329,10 @@ class Hub:
         self._known.add(domain)
         log.info("learnt new domain %s", domain)
         return True
+
+
+def _limits(config: HubConfig) -> Limits:
+    return Limits(config.max_connections, config.max_connections_per_domain, config.max_handshakes)
 
 
 class HubConnection:
@@ -270,9 +390,13 @@ class HubConnection:
         raw = protocol.decode_transaction(body)
         outcomes, woken = await self.hub.store.run(
             "accept_transaction",
-            lambda c: hub_queue.accept_transaction(c, self.domain, txn_id, raw, self.org_id, now=time.time()),
+            lambda c: hub_queue.accept_transaction(c, self.domain, txn_id, raw, self.org_id, now=time.time(),
+                                                   replay_window=self.hub.config.replay_window),
             urgent=all(isinstance(e, dict) and e.get("priority") == "urgent" for e in raw),
         )
+        self.hub.counters.transactions.inc()
+        for outcome in outcomes:
+            self.hub.counters.envelopes.labels(outcome.reason if not outcome.accepted else "accepted").inc()
         forged = sum(outcome.reason == protocol.SENDER_NOT_AUTHENTICATED for outcome in outcomes)
         if forged:
             log.warning("refused %d envelope(s) with a sender not of %s from %s", forged, self.domain,
@@ -286,6 +410,7 @@ class HubConnection:
         woken = await self.hub.store.run(
             "apply_ack", lambda c: hub_queue.apply_ack(c, self.domain, seqs, failures, now=time.time())
         )
+        self.hub.counters.acked.inc(len(seqs))
         link = self.hub.link(self.domain)
         link.unacked.difference_update(seqs)
         link.changed.fire()
@@ -298,7 +423,10 @@ class HubConnection:
         outcomes, woken = await self.hub.store.run(
             "accept_receipts", lambda c: hub_queue.accept_receipts(c, self.domain, raw, now=time.time())
         )
-        if not all(o.accepted for o in outcomes):
+        refused = sum(not o.accepted for o in outcomes)
+        self.hub.counters.read_receipts.labels("routed").inc(len(outcomes) - refused)
+        self.hub.counters.read_receipts.labels("refused").inc(refused)
+        if refused:
             log.warning("refused %d receipt(s) about messages never received from %s",
                         sum(not o.accepted for o in outcomes), _who(self.identity))
         for origin in woken:

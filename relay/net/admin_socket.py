@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 Two things on disk tell a command about the daemon of a configuration:
 
-* ``relay.lock`` in the state directory.  The daemon holds an exclusive
+* ``relay.lock`` (the hub's: ``hub.lock``) in the state directory.  The daemon holds an exclusive
   ``flock`` on it for as long as it has the store open, and writes its pid
   and its admin socket's path into it.  The kernel drops the lock when the
   process dies, however it dies, so the lock is the reliable answer to "is a
@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = "relay.lock"
 SOCKET_NAME = "admin.sock"
+# The hub's: a hub and a relay left to the same default state directory
+# must not take each other's lock or socket.
+HUB_LOCK_NAME = "hub.lock"
+HUB_SOCKET_NAME = "hub.sock"
 # A request is a small JSON document; anything larger is not from our tools.
 MAX_REQUEST = 64 * 1024
 # Server side: a connection has this long to send its request.  Client side:
@@ -90,9 +94,9 @@ class StateLock:
     Resource handling: `acquire` opens the file and keeps it open; `release`
     (or the process's death) closes it, which drops the lock."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, name: str = LOCK_NAME) -> None:
         self.directory = directory
-        self.path = directory / LOCK_NAME
+        self.path = directory / name
         self._fd: int | None = None
 
     def acquire(self, command: str, admin_socket: Path | None = None) -> None:
@@ -127,9 +131,9 @@ class StateLock:
         self.release()
 
 
-def holder(directory: Path) -> dict[str, Any] | None:
-    """Who holds the lock of ``directory`` right now; None when nobody does."""
-    path = directory / LOCK_NAME
+def holder(directory: Path, name: str = LOCK_NAME) -> dict[str, Any] | None:
+    """Who holds the lock ``name`` of ``directory`` right now; None when nobody does."""
+    path = directory / name
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -151,11 +155,11 @@ def read_holder(path: Path) -> dict[str, Any]:
     return found if isinstance(found, dict) else {}
 
 
-def socket_path(domain: str, state: Path) -> Path:
+def socket_path(domain: str, state: Path, name: str = SOCKET_NAME) -> Path:
     """Where the daemon of ``domain`` puts its admin socket (module docstring)."""
     if directory := os.environ.get("RUNTIME_DIRECTORY"):
-        return Path(directory.split(":")[0]) / f"{domain}.{SOCKET_NAME}"
-    return state / SOCKET_NAME
+        return Path(directory.split(":")[0]) / f"{domain}.{name}"
+    return state / name
 
 
 class AdminServer:
@@ -191,6 +195,8 @@ class AdminServer:
             self.path.unlink(missing_ok=True)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        """One command's connection; whatever fails in it ends it, never
+        the daemon (this runs in the daemon's own nursery)."""
         async with stream:
             try:
                 with trio.fail_after(REQUEST_TIMEOUT):
@@ -199,7 +205,12 @@ class AdminServer:
                 return
             answer = await self.answer(request)
             try:
-                await stream.send_all(json.dumps(answer, ensure_ascii=False).encode() + b"\n")
+                data = json.dumps(answer, ensure_ascii=False).encode() + b"\n"
+            except (TypeError, ValueError):
+                log.exception("admin answer to %r cannot be encoded", request[:80])
+                data = b'{"ok": false, "error": "the daemon could not encode its answer; its log says why"}\n'
+            try:
+                await stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the command gave up waiting
 
@@ -262,13 +273,14 @@ def call(path: Path, op: str, args: dict[str, Any] | None = None, *, timeout: fl
     return answer.get("result")
 
 
-def find_daemon(state: Path) -> Path:
-    """The admin socket of the daemon that holds ``state``'s store.
+def find_daemon(state: Path, lock: str = LOCK_NAME) -> Path:
+    """The admin socket of the daemon that holds ``state``'s store (its
+    lock file ``lock``: the relay's, or `HUB_LOCK_NAME`).
 
     Raises `DaemonUnreachable` when no daemon holds it, or when the holder
     is not a daemon with an admin channel (a command working on the store,
     or a daemon whose socket could not be bound)."""
-    found = holder(state)
+    found = holder(state, lock)
     if found is None:
         raise DaemonUnreachable(f"no eimis-relay daemon is running on the store in {state}")
     if not found.get("admin_socket"):

@@ -20,6 +20,9 @@ from relay.appliance.metrics import RelayCounters, RelayMetrics
 from relay.appliance.operations import QueueTools, RelayOperations, StatusReporter
 from relay.appliance.uplink import Uplink
 from relay.config.model import HubConfig, RelayConfig, load_hub_config, load_relay_config
+from relay.hub.counters import HubCounters
+from relay.hub.metrics import HubMetrics
+from relay.hub.operations import HubOperations
 from relay.hub.server import Hub
 from relay.net.admin_socket import AdminServer
 from relay.net.local_server import HttpServer
@@ -95,13 +98,25 @@ class RelayApp:
 
 
 class HubApp:
-    """The hub's parts: the hub itself, and what reloads its configuration."""
+    """The hub's parts: the hub itself, what reloads its configuration, its
+    admin channel and its metrics.  ``counters`` are the ones ``store``
+    already reports its commits to."""
 
-    def __init__(self, config: HubConfig, store: Store) -> None:
+    def __init__(self, config: HubConfig, store: Store, counters: HubCounters, admin_socket: Path) -> None:
         self.store = store
-        self.hub = Hub(config, store)
+        self.hub = Hub(config, store, counters)
         self.reloader = Reloader(config, load=load_hub_config, prepare=prepare_hub, stage=self._stage,
                                  files=hub_files)
+        current = self.current_config
+        operations = HubOperations(current, store, self.hub, lambda: self.reloader.last)
+        self.admin = AdminServer(admin_socket, operations.handlers())
+        self.metrics = HubMetrics(counters, current, store, self.hub)
+        self.metrics_server = HttpServer(self.metrics, max_body=METRICS_MAX_BODY,
+                                         too_large=too_large(METRICS_MAX_BODY), max_connections=METRICS_MAX_CONNECTIONS)
+
+    def current_config(self) -> HubConfig:
+        """The configuration in force: the last one a reload applied."""
+        return self.reloader.config
 
     async def _stage(self, new: HubConfig) -> Callable[[], None]:
         swap_hub = await self.hub.stage_config(new, lambda register: record_reload(self.store, register))

@@ -23,7 +23,8 @@ from relay.appliance.metrics import RelayCounters
 from relay.appliance.operations import watch_own_certificate
 from relay.config.model import HubConfig, RelayConfig, cleartext_problems
 from relay.config.reader import ConfigError
-from relay.net.admin_socket import StateLock, socket_path
+from relay.hub.counters import HubCounters
+from relay.net.admin_socket import HUB_LOCK_NAME, HUB_SOCKET_NAME, StateLock, socket_path
 from relay.net.sdnotify import notify, watchdog
 from relay.runtime.apps import HubApp, RelayApp
 from relay.runtime.paths import state_dir
@@ -74,7 +75,7 @@ async def _serve_relay(config: RelayConfig, app: RelayApp,
             app.webhooks.stage(config.local_systems)()
             nursery.start_soon(app.uplink.run)
             nursery.start_soon(app.housekeeping.run)
-            nursery.start_soon(app.reloader.run)
+            await nursery.start(app.reloader.run)  # SIGHUP is handled before READY
             try:
                 await nursery.start(app.admin.serve)
             except OSError as exc:  # the relay works without it; `status` will say it cannot ask
@@ -98,22 +99,47 @@ async def _serve_relay(config: RelayConfig, app: RelayApp,
 async def run_hub(
     config: HubConfig, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    path = state_dir(config.state_dir) / "hub.db"
-    async with Store.open(path, hub_queue.MIGRATIONS, _key_ring(path.parent)) as store:
-        app = HubApp(config, store)
-        with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
-            async with trio.open_nursery(strict_exception_groups=True) as nursery:
-                listeners = await nursery.start(app.hub.serve)
-                nursery.start_soon(app.reloader.run)
-                nursery.start_soon(watch_own_certificate, "hub", lambda: app.reloader.config.cert_file,
-                                   app.reloader.reloaded)
-                nursery.start_soon(watchdog)
-                notify("READY=1", f"STATUS=hub {config.name} serving")
-                task_status.started(listeners)
-                await _until_stopped(signals)
-                await app.hub.shutdown()
-                nursery.cancel_scope.cancel()
+    """Run the hub until SIGTERM or SIGINT.  Raises `StoreBusy` when another
+    process holds its state directory."""
+    state = state_dir(config.state_dir)
+    path = state / "hub.db"
+    admin_socket = socket_path(config.name, state, HUB_SOCKET_NAME)
+    counters = HubCounters()
+    with StateLock(state, HUB_LOCK_NAME) as lock:
+        lock.acquire("eimis-relay hub", admin_socket)
+        async with Store.open(path, hub_queue.MIGRATIONS, _key_ring(state),
+                              on_commit=counters.observe_commit) as store:
+            await _serve_hub(config, HubApp(config, store, counters, admin_socket), task_status)
     log.info("hub %s stopped", config.name)
+
+
+async def _serve_hub(config: HubConfig, app: HubApp,
+                     task_status: trio.TaskStatus[list[trio.SocketListener]]) -> None:
+    metrics_listeners = []
+    if config.metrics.listen is not None:
+        metrics_listeners = await trio.open_tcp_listeners(config.metrics.listen.port, host=config.metrics.listen.host)
+    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+        async with trio.open_nursery(strict_exception_groups=True) as nursery:
+            await nursery.start(app.reloader.run)  # SIGHUP is handled before READY
+            listeners = await nursery.start(app.hub.serve)
+            if metrics_listeners:
+                await nursery.start(app.metrics_server.serve, metrics_listeners)
+            try:
+                await nursery.start(app.admin.serve)
+            except OSError as exc:  # the hub works without it; `status` will say it cannot ask
+                log.error("admin channel off: cannot listen on %s: %s", app.admin.path, exc.strerror or exc)
+            nursery.start_soon(watch_own_certificate, "hub", lambda: app.reloader.config.cert_file,
+                               app.reloader.reloaded)
+            nursery.start_soon(watchdog)
+            if metrics_listeners:
+                log.info("hub %s: metrics on %s", config.name, _names(metrics_listeners))
+            notify("READY=1", f"STATUS=hub {config.name} serving")
+            task_status.started(listeners)
+            await _until_stopped(signals)
+            await app.hub.shutdown()  # stops accepting first, then GOAWAY, then the drain
+            if metrics_listeners:
+                await app.metrics_server.shutdown(0)
+            nursery.cancel_scope.cancel()
 
 
 async def _until_stopped(signals) -> None:

@@ -93,15 +93,19 @@ class Reloader(Generic[C]):
         self.reloaded = Signal()
         self.last: dict[str, Any] = {"at": None, "trigger": None, "ok": None, "errors": []}
 
-    async def run(self) -> None:
-        async with trio.open_nursery(strict_exception_groups=True) as nursery:
-            nursery.start_soon(self._on_sighup)
-            nursery.start_soon(self._watch_files)
-
-    async def _on_sighup(self) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Reload on SIGHUP and on changed files; started once SIGHUP is
+        handled, so that a daemon that says READY only after this is never
+        killed by a reload (SIGHUP's default action ends the process)."""
         with trio.open_signal_receiver(signal.SIGHUP) as signals:
-            async for _ in signals:
-                await self.reload("SIGHUP")
+            async with trio.open_nursery(strict_exception_groups=True) as nursery:
+                nursery.start_soon(self._on_sighup, signals)
+                nursery.start_soon(self._watch_files)
+                task_status.started()
+
+    async def _on_sighup(self, signals) -> None:
+        async for _ in signals:
+            await self.reload("SIGHUP")
 
     async def _watch_files(self) -> None:
         applied = seen = self._stamp()
@@ -297,6 +301,7 @@ def prepare_hub(old: HubConfig, new: HubConfig) -> HubConfig:
     if problems:
         raise ReloadRefused(problems)
     if _restart_only({"[hub].listen": (old.listen, new.listen),
-                                "[hub].state_dir": (old.state_dir, new.state_dir)}):
-        return replace(new, listen=old.listen, state_dir=old.state_dir)
+                      "[hub].state_dir": (old.state_dir, new.state_dir),
+                      "[metrics].listen": (old.metrics, new.metrics)}):
+        return replace(new, listen=old.listen, state_dir=old.state_dir, metrics=old.metrics)
     return new

@@ -9,6 +9,7 @@ Tables
                 per-envelope duplicate filter that makes retries harmless
   txn           the answer to each transaction, so a replayed transaction
                 gets the same answer and changes nothing
+                (both kept for the replay window: `prune_replays`)
   queue         store-and-forward items per destination domain, in two
                 lanes (1 = urgent and receipts, 0 = normal); an item leaves
                 only when the destination relay acknowledges its position
@@ -47,6 +48,11 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE seen ADD COLUMN delivered INTEGER NOT NULL DEFAULT 0",
     ],
     audit.MIGRATION,
+    [
+        # The replay window: the filter and the answers are pruned by age.
+        "CREATE INDEX seen_by_age ON seen (at)",
+        "CREATE INDEX txn_by_age ON txn (at)",
+    ],
 ]
 
 # Positions looked up per statement: well under SQLite's limit on bound parameters.
@@ -55,6 +61,16 @@ ACK_CHUNK = 500
 # a map header, the position and the kind, under 64 bytes) it stays within
 # `protocol.MAX_ITEM_BYTES`, so the destination relay can always decode it.
 MAX_PAYLOAD = protocol.MAX_ITEM_BYTES - 64
+# How far ahead of the hub's clock an envelope's sent_at may be.  It bounds
+# how long a duplicate-filter entry must outlive its envelope's sent_at, so
+# that pruning by the hub's clock stays safe (`prune_replays`).
+CLOCK_AHEAD = 86400.0
+# The reference relay's window (`HubConfig.replay_window`), for callers
+# that do not say.
+REPLAY_WINDOW = 30 * 86400.0
+# Rows one `prune_replays` unit deletes per table: the writer is not held
+# for long; the sweep runs units until the backlog is gone.
+PRUNE_BATCH = 5000
 
 
 def register_domains(conn: sqlite3.Connection, names: frozenset[str], learnt: bool, *, now: float) -> None:
@@ -70,12 +86,14 @@ def known_domains(conn: sqlite3.Connection) -> set[str]:
 
 def accept_transaction(
     conn: sqlite3.Connection, origin: str, txn_id: str, raw_envelopes: list[object], origin_org: str = "", *,
-    now: float,
+    now: float, replay_window: float = REPLAY_WINDOW,
 ) -> tuple[list[Outcome], set[str]]:
     """Queue a relay's envelopes; return the per-envelope answers and the
     destination domains that got something new (to wake their streams).
 
     A transaction seen before returns its stored answer and queues nothing.
+    An envelope sent (``sent_at``) more than ``replay_window`` ago is
+    refused as expired: its duplicate-filter entry may be pruned already.
     """
     row = conn.execute("SELECT results FROM txn WHERE origin = ? AND id = ?", (origin, txn_id)).fetchone()
     if row is not None:
@@ -91,7 +109,7 @@ def accept_transaction(
     woken: set[str] = set()
     trail: list[audit.Entry] = []
     for raw in raw_envelopes:
-        outcome, dest = _accept_one(conn, origin, origin_org, raw, known, now)
+        outcome, dest = _accept_one(conn, origin, origin_org, raw, known, now, replay_window)
         outcomes.append(outcome)
         # Only a well-formed id goes into the shared audit trail (a refused
         # envelope's may be anything up to the body limit).
@@ -109,7 +127,8 @@ def accept_transaction(
 
 
 def _accept_one(
-    conn: sqlite3.Connection, origin: str, origin_org: str, raw: object, known: set[str], now: float
+    conn: sqlite3.Connection, origin: str, origin_org: str, raw: object, known: set[str], now: float,
+    replay_window: float,
 ) -> tuple[Outcome, str | None]:
     try:
         envelope = Envelope.from_wire(raw)
@@ -127,6 +146,12 @@ def _accept_one(
     payload = protocol.pack(stamped.to_wire())
     if len(payload) > MAX_PAYLOAD:  # not within the field limits; checked so that changing them cannot wedge a relay
         return Outcome(False, protocol.INVALID_ENVELOPE, f"envelope: larger than {MAX_PAYLOAD} bytes"), None
+    if envelope.sent_at > now + CLOCK_AHEAD:
+        return Outcome(False, protocol.INVALID_ENVELOPE,
+                       "envelope.sent_at is more than a day ahead of the hub's clock"), None
+    if envelope.sent_at < now - replay_window:
+        return Outcome(False, protocol.EXPIRED,
+                       f"sent more than the hub's replay window ({replay_window / 86400:g} days) ago"), None
     expired = envelope.expires_at is not None and envelope.expires_at < now
     if expired:
         seen = conn.execute("SELECT 1 FROM seen WHERE origin = ? AND id = ? AND dest = ?",
@@ -191,15 +216,16 @@ def accept_receipts(
     return outcomes, woken
 
 
-def expire(conn: sqlite3.Connection, now: float) -> set[str]:
+def expire(conn: sqlite3.Connection, now: float) -> dict[str, int]:
     """Fail the queued messages past their time-to-live and its grace (no
     inbox stream sends them once expired, and one sent just before has been
     acknowledged by then): each origin gets a ``failed`` receipt with reason
-    ``expired``.  Returns the domains to wake."""
+    ``expired``.  Returns the domains to wake, with how many of their
+    messages expired."""
     rows = conn.execute(
         "SELECT seq, origin, domain, payload FROM queue WHERE kind = 'message' AND sweep_at < ?", (now,)
     ).fetchall()
-    woken: set[str] = set()
+    woken: dict[str, int] = {}
     for seq, origin, domain, sealed in rows:
         conn.execute("DELETE FROM queue WHERE seq = ?", (seq,))
         envelope = _open_envelope(conn, sealed, domain)
@@ -208,8 +234,30 @@ def expire(conn: sqlite3.Connection, now: float) -> set[str]:
             continue
         _queue_receipt(conn, origin, Receipt(envelope.id, envelope.rcpt, "failed", protocol.EXPIRED))
         audit.record(conn, "hub", "expired", envelope.id, origin, "failed", now=now)
-        woken.add(origin)
+        woken[origin] = woken.get(origin, 0) + 1
     return woken
+
+
+def prune_replays(conn: sqlite3.Connection, now: float, replay_window: float,
+                  limit: int = PRUNE_BATCH) -> dict[str, int]:
+    """Forget transaction answers and duplicate-filter entries recorded
+    more than ``replay_window`` + `CLOCK_AHEAD` ago, at most ``limit`` rows
+    of each table; return how many of each went.
+
+    Safe: an entry was recorded at hub time ``at`` for an envelope whose
+    ``sent_at`` is at most ``at`` + `CLOCK_AHEAD` (`_accept_one` refuses
+    the others), so once the entry is pruned the envelope's ``sent_at`` is
+    older than ``now`` - ``replay_window``, and a replay of it is refused as
+    expired rather than queued a second time.  A replayed transaction whose
+    answer is pruned is answered afresh: each envelope ``expired``."""
+    cutoff = now - replay_window - CLOCK_AHEAD
+    seen = conn.execute(
+        "DELETE FROM seen WHERE (origin, id, dest) IN"
+        " (SELECT origin, id, dest FROM seen WHERE at < ? ORDER BY at LIMIT ?)", (cutoff, limit)).rowcount
+    txn = conn.execute(
+        "DELETE FROM txn WHERE (origin, id) IN (SELECT origin, id FROM txn WHERE at < ? ORDER BY at LIMIT ?)",
+        (cutoff, limit)).rowcount
+    return {"seen": seen, "txn": txn}
 
 
 def _open(conn: sqlite3.Connection, sealed: object, domain: str) -> bytes | None:
@@ -340,3 +388,12 @@ def _queue_receipt(conn: sqlite3.Connection, origin: str, receipt: Receipt) -> N
 
 def queue_depths(conn: sqlite3.Connection) -> dict[str, int]:
     return dict(conn.execute("SELECT domain, count(*) FROM queue GROUP BY domain"))
+
+
+def backlog(conn: sqlite3.Connection) -> dict[str, dict[int, int]]:
+    """Items waiting per domain and lane (read only: metrics and status);
+    a scan of the (domain, lane, seq) index."""
+    found: dict[str, dict[int, int]] = {}
+    for domain, lane, count in conn.execute("SELECT domain, lane, count(*) FROM queue GROUP BY domain, lane"):
+        found.setdefault(domain, {URGENT: 0, NORMAL: 0})[lane] = count
+    return found
