@@ -17,7 +17,8 @@ import pytest
 import trio
 
 from relay.cli.main import demo
-from relay.config.model import Address, HubConfig, RelayConfig, load_hub_config, load_relay_config
+from relay.config.model import HubConfig, RelayConfig, load_hub_config, load_relay_config
+from relay.config.vocabulary import Address
 from relay.net import admin_socket
 from relay.runtime.daemon import run_hub, run_relay
 from relay.store import relay_queue

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from relay.config.model import Address, LocalApi, LocalSystem, Proxy, load_hub_config, load_relay_config
+from relay.config.model import LocalApi, LocalSystem, load_hub_config, load_relay_config
 from relay.config.reader import ConfigError
+from relay.config.vocabulary import Address, Proxy
 
 ROOT = Path(__file__).parent.parent
 

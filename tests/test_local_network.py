@@ -20,8 +20,9 @@ from test_reload_atomic import apps  # noqa: F401 (a fixture)
 
 from relay.cli import demo, doctor
 from relay.cli.main import main
-from relay.config.model import Address, MetricsEndpoint, load_relay_config
+from relay.config.model import MetricsEndpoint, load_relay_config
 from relay.config.reader import ConfigError
+from relay.config.vocabulary import Address
 from relay.runtime.daemon import run_relay
 
 SETTING = "allow_cleartext_on_network"

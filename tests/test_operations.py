@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay.cli.demo import HUB_NAME
 from relay.core.protocol import Envelope, Outcome
 from relay.pki import authority, identity
-from relay.store import relay_queue
+from relay.store import relay_admin, relay_queue
 from relay.store.engine import Store
 from relay.store.sealing import KEY_FILE, KeyRing
 
@@ -144,7 +144,7 @@ async def test_queue_tools_through_the_running_daemon(ops: OpsSpace) -> None:
     assert purged.returncode == 0, purged.stderr
     assert (await ops.a.status(ident)) == "failed"
     [notice] = await ops.a.events(1)
-    assert notice["type"] == "failed" and notice["notice"]["recipients"] == {BOB: relay_queue.PURGED}
+    assert notice["type"] == "failed" and notice["notice"]["recipients"] == {BOB: relay_admin.PURGED}
     assert "relay.net.admin_socket" not in ops.a.process.log.read_text()  # no admin request failed
 
 

@@ -18,7 +18,7 @@ import trio
 from relay.appliance import operations
 from relay.core.protocol import Envelope, Outcome
 from relay.net import admin_socket, sdnotify
-from relay.store import relay_queue
+from relay.store import relay_admin, relay_queue
 from relay.store.relay_queue import Submission
 
 HOME = "chu-nord.test"
@@ -47,17 +47,17 @@ def test_list_and_show_filter_by_state_and_domain(conn) -> None:
     submit(conn, "msg-00000002", to=(BOB,), priority="urgent")
     refuse(conn, "msg-00000001", "late.test")
 
-    assert [m["id"] for m in relay_queue.queue_messages(conn, None, None, 10)] == ["msg-00000001", "msg-00000002"]
-    assert [m["id"] for m in relay_queue.queue_messages(conn, "failed", None, 10)] == ["msg-00000001"]
-    assert [m["id"] for m in relay_queue.queue_messages(conn, "queued", "clinique-sud.test", 10)] == \
+    assert [m["id"] for m in relay_admin.queue_messages(conn, None, None, 10)] == ["msg-00000001", "msg-00000002"]
+    assert [m["id"] for m in relay_admin.queue_messages(conn, "failed", None, 10)] == ["msg-00000001"]
+    assert [m["id"] for m in relay_admin.queue_messages(conn, "queued", "clinique-sud.test", 10)] == \
         ["msg-00000001", "msg-00000002"]
-    assert relay_queue.queue_messages(conn, None, "nowhere.test", 10) == []
-    assert relay_queue.queue_messages(conn, None, "late_test", 10) == []  # "_" is no wildcard
-    shown = relay_queue.queue_message(conn, "msg-00000001", False)
+    assert relay_admin.queue_messages(conn, None, "nowhere.test", 10) == []
+    assert relay_admin.queue_messages(conn, None, "late_test", 10) == []  # "_" is no wildcard
+    shown = relay_admin.queue_message(conn, "msg-00000001", False)
     assert shown["recipients"][ZOE]["status"] == "failed" and shown["waiting_for_hub"] == ["clinique-sud.test"]
     assert "body" not in shown and shown["body_kept"]
-    assert relay_queue.queue_message(conn, "msg-00000001", True)["body"] == "Bonjour"
-    assert relay_queue.queue_message(conn, "nope", False) is None
+    assert relay_admin.queue_message(conn, "msg-00000001", True)["body"] == "Bonjour"
+    assert relay_admin.queue_message(conn, "nope", False) is None
 
 
 def test_retry_queues_failed_recipients_again_while_the_body_is_kept(conn) -> None:
@@ -65,12 +65,12 @@ def test_retry_queues_failed_recipients_again_while_the_body_is_kept(conn) -> No
     refuse(conn, "msg-00000001", "late.test")
     now = NOW + 60
 
-    assert relay_queue.retry_failed(conn, None, 3600, now) == {"msg-00000001": relay_queue.RETRIED}
-    assert relay_queue.queue_message(conn, "msg-00000001", False)["recipients"][ZOE]["status"] == "queued"
+    assert relay_admin.retry_failed(conn, None, 3600, now) == {"msg-00000001": relay_admin.RETRIED}
+    assert relay_admin.queue_message(conn, "msg-00000001", False)["recipients"][ZOE]["status"] == "queued"
     assert sorted(d for (d,) in conn.execute("SELECT dest FROM outbox")) == ["clinique-sud.test", "late.test"]
     expires, = conn.execute("SELECT expires_at FROM message").fetchone()
     assert expires == now + 3600
-    assert relay_queue.retry_failed(conn, ["msg-00000001"], 3600, now) == {"msg-00000001": "no failed recipient"}
+    assert relay_admin.retry_failed(conn, ["msg-00000001"], 3600, now) == {"msg-00000001": "no failed recipient"}
 
 
 def test_retry_explains_a_body_that_is_gone(conn) -> None:
@@ -79,24 +79,24 @@ def test_retry_explains_a_body_that_is_gone(conn) -> None:
     assert relay_queue.drop_bodies(conn, NOW + 600, 600) == 0
     assert relay_queue.drop_bodies(conn, NOW + 601, 600) == 1
 
-    assert "body no longer kept" in relay_queue.retry_failed(conn, None, 3600, NOW + 601)["msg-00000001"]
+    assert "body no longer kept" in relay_admin.retry_failed(conn, None, 3600, NOW + 601)["msg-00000001"]
 
 
 def test_purge_fails_queued_recipients_and_notifies_the_sender(conn) -> None:
     submit(conn, "msg-00000001")
 
-    assert relay_queue.purge(conn, "msg-00000001", now=NOW) == (2, {"messenger"})
-    assert {r["reason"] for r in relay_queue.queue_message(conn, "msg-00000001", False)["recipients"].values()} \
-        == {relay_queue.PURGED}
+    assert relay_admin.purge(conn, "msg-00000001", now=NOW) == (2, {"messenger"})
+    assert {r["reason"] for r in relay_admin.queue_message(conn, "msg-00000001", False)["recipients"].values()} \
+        == {relay_admin.PURGED}
     assert conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == 0
     assert conn.execute("SELECT type FROM event").fetchall() == [("failed",)]
-    assert relay_queue.purge(conn, "nope", now=NOW) is None
+    assert relay_admin.purge(conn, "nope", now=NOW) is None
 
 
 def test_summary_counts_what_status_shows(conn) -> None:
     submit(conn, "msg-00000001")
     submit(conn, "msg-00000002", to=(BOB,), priority="urgent")
-    summary = relay_queue.queue_summary(conn)
+    summary = relay_admin.queue_summary(conn)
     assert summary["outbound"] == {"urgent": 1, "normal": 2}
     assert summary["recipients"] == {"queued": 3, "sent": 0, "failed": 0}
     assert summary["oldest_queued_at"] == NOW

@@ -10,7 +10,7 @@ import trio
 from conftest import Space
 from peers import LoopbackServer, pipe, read_head
 
-from relay.config.model import Proxy
+from relay.config.vocabulary import Proxy
 
 
 class ConnectProxy(LoopbackServer):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from relay.core import protocol
 from relay.core.protocol import Envelope, InboxItem, Outcome, Receipt
-from relay.store import hub_queue, relay_inbox, relay_queue
+from relay.store import hub_queue, relay_admin, relay_inbox, relay_queue
 from relay.store.engine import connect, migrate
 from relay.store.relay_queue import Submission
 
@@ -49,7 +49,7 @@ def test_a_message_the_hub_failed_after_taking_it_is_retried_under_a_new_envelop
 
     # Every envelope has left, and the body is kept for the retry window.
     assert relay_queue.drop_bodies(conn, NOW + 3 + 600, 600) == 0
-    assert relay_queue.retry_failed(conn, [IDENT], 3600, NOW + 10) == {IDENT: relay_queue.RETRIED}
+    assert relay_admin.retry_failed(conn, [IDENT], 3600, NOW + 10) == {IDENT: relay_admin.RETRIED}
     [(seq, again)] = relay_queue.next_batch(conn, HOME, 10, now=NOW + 10).envelopes
     assert (again.id, again.retry_of, again.rcpt) == (f"{IDENT}-r1", IDENT, (CAROL,))  # not Bob again
     relay_queue.apply_outcomes(conn, [(seq, again, Outcome(True))], now=NOW + 11)

@@ -16,7 +16,7 @@ from relay.cli.ops import check_backup
 from relay.core import protocol
 from relay.core.priority import NORMAL, URGENT
 from relay.core.protocol import Envelope, InboxItem
-from relay.store import hub_queue, relay_inbox, relay_queue, sealing
+from relay.store import hub_queue, relay_admin, relay_inbox, relay_queue, sealing
 from relay.store.engine import backup, connect, migrate
 from relay.store.relay_queue import Submission
 
@@ -105,10 +105,10 @@ def test_queue_show_and_retry_of_a_message_whose_body_does_not_open(tmp_path: Pa
     conn = open_relay(tmp_path / "relay.db")
     submit(conn, "msg-00000001")
     damage(conn, "message", "body", "id = ?", ("msg-00000001",))
-    shown = relay_queue.queue_message(conn, "msg-00000001", True)
+    shown = relay_admin.queue_message(conn, "msg-00000001", True)
     assert (shown["body_kept"], shown["body_unreadable"], shown["body"]) == (True, True, None)
     relay_queue.fail_damaged(conn, relay_queue.next_batch(conn, HOME, 10, now=NOW).damaged, now=NOW)
-    assert "cannot be opened" in relay_queue.retry_failed(conn, None, 3600, NOW)["msg-00000001"]
+    assert "cannot be opened" in relay_admin.retry_failed(conn, None, 3600, NOW)["msg-00000001"]
     conn.close()
 
 

@@ -39,7 +39,7 @@ from relay.appliance.webhook import WebhookPusher
 from relay.config.model import RelayConfig
 from relay.core.priority import PRIORITIES
 from relay.net.local_server import Request, Response
-from relay.store import relay_queue
+from relay.store import relay_admin
 from relay.store.engine import Store, StoreUnavailable
 
 # Group commits take milliseconds (one fsync); seconds mean a sick disk.
@@ -104,7 +104,7 @@ class RelayMetrics:
             return Response(405, b"GET only\n", [("allow", "GET"), ("content-type", "text/plain")])
         if request.path == "/metrics":
             try:
-                self.queues = await self.store.read("queue_summary", relay_queue.queue_summary)
+                self.queues = await self.store.read("queue_summary", relay_admin.queue_summary)
             except StoreUnavailable:
                 pass  # the store cannot commit: the last figures read, and the rest, still tell a story
             return Response(200, generate_latest(self.registry), [("content-type", CONTENT_TYPE_LATEST)])

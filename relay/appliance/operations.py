@@ -45,7 +45,7 @@ from relay.net.admin_socket import AdminError, Handler
 from relay.net.sdnotify import notify
 from relay.net.wakeup import Signal
 from relay.pki import identity
-from relay.store import relay_queue
+from relay.store import relay_admin, relay_queue
 from relay.store.engine import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -91,13 +91,13 @@ class QueueTools:
 
     async def list(self, args: dict[str, Any]) -> list[dict]:
         state, to, limit = args.get("state"), args.get("to"), int(args.get("limit") or DEFAULT_LIMIT)
-        if state not in (None, *relay_queue.QUEUE_STATES):
-            raise AdminError(f"--state: expected one of {', '.join(relay_queue.QUEUE_STATES)}")
-        return await self.store.run("queue_list", lambda c: relay_queue.queue_messages(c, state, to, limit))
+        if state not in (None, *relay_admin.QUEUE_STATES):
+            raise AdminError(f"--state: expected one of {', '.join(relay_admin.QUEUE_STATES)}")
+        return await self.store.run("queue_list", lambda c: relay_admin.queue_messages(c, state, to, limit))
 
     async def show(self, args: dict[str, Any]) -> dict:
         ident, body = str(args.get("id")), bool(args.get("body"))
-        found = await self.store.run("queue_show", lambda c: relay_queue.queue_message(c, ident, body))
+        found = await self.store.run("queue_show", lambda c: relay_admin.queue_message(c, ident, body))
         if found is None:
             raise AdminError(f"no message {ident} was sent from this relay (or it was forgotten after the retention)")
         found["in_flight"] = self._is_in_flight(ident)
@@ -106,11 +106,11 @@ class QueueTools:
     async def retry(self, args: dict[str, Any]) -> dict[str, str]:
         idents = None if args.get("all_failed") else [str(args.get("id"))]
         ttl, now = self._ttl(), self.clock()
-        results = await self.store.run("queue_retry", lambda c: relay_queue.retry_failed(c, idents, ttl, now))
-        if relay_queue.RETRIED in results.values():
+        results = await self.store.run("queue_retry", lambda c: relay_admin.retry_failed(c, idents, ttl, now))
+        if relay_admin.RETRIED in results.values():
             self._on_requeued()
         if idents is not None and results.get(idents[0]) == "no failed recipient":
-            queued = await self.store.run("queue_show", lambda c: relay_queue.queue_message(c, idents[0], False))
+            queued = await self.store.run("queue_show", lambda c: relay_admin.queue_message(c, idents[0], False))
             if queued and "queued" in (r["status"] for r in queued["recipients"].values()):
                 results[idents[0]] = "queued: the relay dials the hub now rather than after its backoff"
         self._retry_now()
@@ -118,7 +118,7 @@ class QueueTools:
 
     async def purge(self, args: dict[str, Any]) -> dict[str, Any]:
         ident, now = str(args.get("id")), self.clock()
-        outcome = await self.store.run("queue_purge", lambda c: relay_queue.purge(c, ident, now=now))
+        outcome = await self.store.run("queue_purge", lambda c: relay_admin.purge(c, ident, now=now))
         if outcome is None:
             raise AdminError(f"no message {ident} was sent from this relay")
         purged, notified = outcome
@@ -259,7 +259,7 @@ class RelayOperations:
         # The last queue figures read: what status shows while the store
         # cannot commit (a full disk), which is when it is needed most.
         self._queues: dict[str, Any] = {"outbound": {"urgent": 0, "normal": 0}, "oldest_queued_at": None,
-                                        "recipients": dict.fromkeys(relay_queue.QUEUE_STATES, 0), "unread": {},
+                                        "recipients": dict.fromkeys(relay_admin.QUEUE_STATES, 0), "unread": {},
                                         "webhook_backlog": {}}
 
     def handlers(self) -> dict[str, Handler]:
@@ -270,7 +270,7 @@ class RelayOperations:
         config, now = self._config(), time.time()
         store_error = None
         try:
-            self._queues = await self.store.read("queue_summary", relay_queue.queue_summary)
+            self._queues = await self.store.read("queue_summary", relay_admin.queue_summary)
         except StoreUnavailable as exc:
             store_error = str(exc)
         up = self.uplink
@@ -331,7 +331,7 @@ class StatusReporter:
             wakers = [self.uplink.changed.watch(), self.outbox_changed.watch(), self.reloaded.watch()]
             config = self._config()
             try:
-                queues = await self.store.read("queue_summary", relay_queue.queue_summary)
+                queues = await self.store.read("queue_summary", relay_admin.queue_summary)
                 line = status_line(config, self.uplink, queues)
             except StoreUnavailable as exc:
                 line = f"{status_line(config, self.uplink, None)}; {exc}"

@@ -12,7 +12,7 @@ from pathlib import Path
 import trio
 
 from relay import __version__
-from relay.cli import check_config, demo, doctor, ops, pki
+from relay.cli import audit_verify, check_config, demo, doctor, ops, pki
 from relay.cli.arguments import add_config_option, config_path
 from relay.config.model import load_hub_config, load_relay_config
 from relay.config.reader import ConfigError, NotConfigured
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     rotate.add_argument("--state-dir", type=Path, required=True, metavar="DIR",
                         help=f"the stopped relay's or hub's state directory, holding {KEY_FILE}")
     rotate.set_defaults(func=_rotate_key)
-    audit.register(commands)
+    audit_verify.register(commands)
     ops.register(commands)
     doctor.register(commands)
 

@@ -40,7 +40,7 @@ from relay.core.timeformat import span
 from relay.net import admin_socket
 from relay.pki import authority
 from relay.runtime.paths import state_dir
-from relay.store import audit, relay_queue
+from relay.store import audit, relay_admin, relay_queue
 from relay.store.engine import Store, backup
 from relay.store.sealing import KEY_FILE, KeyRing, KeyRingError, SealedConnection, Unreadable, install, unseal
 
@@ -64,7 +64,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     queue = commands.add_parser("queue", help="look at and act on the messages sent from this relay")
     actions = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = _command(actions, "list", "messages not yet delivered to everyone, oldest first")
-    listing.add_argument("--state", choices=relay_queue.QUEUE_STATES, help="only those with a recipient in STATE")
+    listing.add_argument("--state", choices=relay_admin.QUEUE_STATES, help="only those with a recipient in STATE")
     listing.add_argument("--to", metavar="DOMAIN", help="only those with a recipient at DOMAIN")
     listing.add_argument("--limit", type=int, default=100, metavar="N", help="at most N (default 100)")
     listing.add_argument("--json", action="store_true")
@@ -290,7 +290,7 @@ def _queue_retry(args: argparse.Namespace) -> int:
         print(f"{ident}: {outcome}")
     if not results:
         print("no message has a failed recipient")
-    done = [o for o in results.values() if o == relay_queue.RETRIED or o.startswith("queued")]
+    done = [o for o in results.values() if o == relay_admin.RETRIED or o.startswith("queued")]
     return 0 if done or (args.all_failed and not results) else 1
 
 

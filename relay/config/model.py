@@ -15,16 +15,13 @@ import hashlib
 import hmac
 import ipaddress
 import os
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Generic, TypeVar
-from urllib.parse import SplitResult, unquote, urlsplit
+from typing import Any
 
+from relay.config import vocabulary
 from relay.config.reader import (
     ConfigFile,
-    Invalid,
-    Parser,
     Table,
     boolean,
     duration,
@@ -34,79 +31,11 @@ from relay.config.reader import (
     non_negative,
     seconds,
     size,
-    string,
 )
-from relay.core.addresses import domain_of, is_address, is_domain, is_host
+from relay.config.vocabulary import Address, Proxy, Secret
+from relay.core.addresses import domain_of, is_address
 
-_LOG_LEVELS = ("debug", "info", "warning", "error")
 _DEFAULT_LOG_LEVEL = "info"
-
-_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
-_SYSTEM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-# What a `Secret` hides: a password (text) or a signing key (bytes).
-Hidden = TypeVar("Hidden", str, bytes)
-
-
-class Secret(Generic[Hidden]):
-    """A value that must never be printed (a password, a signing key).
-
-    Its repr and str are redacted, so that a configuration object, a log
-    line or an exception message that happens to include it shows
-    ``<redacted>``; the one way to the value is `reveal`, which the code
-    that sends or uses it calls at the last moment."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: Hidden) -> None:
-        self._value: Hidden = value
-
-    def reveal(self) -> Hidden:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret(<redacted>)"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and hmac.compare_digest(_as_bytes(self._value), _as_bytes(other._value))
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-
-def _as_bytes(value: str | bytes) -> bytes:
-    return value.encode() if isinstance(value, str) else value
-
-
-def _secret(instance: object, name: str) -> None:
-    """Wrap a field given as a plain value (objects built by hand) in `Secret`."""
-    value = getattr(instance, name)
-    if value is not None and not isinstance(value, Secret):
-        object.__setattr__(instance, name, Secret(value))
-
-
-@dataclass(frozen=True)
-class Address:
-    """A TCP host and port; port 0 asks the system for any free port (tests use it)."""
-
-    host: str
-    port: int
-
-
-@dataclass(frozen=True)
-class Proxy:
-    """An HTTP proxy reached with CONNECT, with optional Basic credentials."""
-
-    host: str
-    port: int
-    username: str | None
-    password: Secret[str] | None  # a plain str given here is wrapped
-
-    def __post_init__(self) -> None:
-        _secret(self, "password")
 
 
 @dataclass(frozen=True)
@@ -137,7 +66,7 @@ class LocalSystem:
     max_message_bytes: int = 256 * 1024
 
     def __post_init__(self) -> None:
-        _secret(self, "webhook_secret")
+        vocabulary.wrap_secret(self, "webhook_secret")
 
     def may_send_as(self, address: str) -> bool:
         """Whether this system may send messages from `address`."""
@@ -410,10 +339,10 @@ def load_relay_config(path: str | os.PathLike) -> RelayConfig:
     """Read and check a relay's configuration file; raise ConfigError listing every problem."""
     file = ConfigFile(path)
     relay = file.root.table("relay")
-    domain = relay.get("domain", _domain)
+    domain = relay.get("domain", vocabulary.domain)
     state_dir = relay.get("state_dir", file.resolve, None)
-    log_level = relay.get("log_level", _log_level, _DEFAULT_LOG_LEVEL)
-    log_format = relay.get("log_format", _log_format, "logfmt")
+    log_level = relay.get("log_level", vocabulary.log_level, _DEFAULT_LOG_LEVEL)
+    log_format = relay.get("log_format", vocabulary.log_format, "logfmt")
     delivery = Delivery(
         message_ttl=relay.get("message_ttl", duration, Delivery.message_ttl),
         delay_warning=relay.get("delay_warning", duration, Delivery.delay_warning),
@@ -463,13 +392,13 @@ def load_hub_config(path: str | os.PathLike) -> HubConfig:
     """Read and check the hub's configuration file; raise ConfigError listing every problem."""
     file = ConfigFile(path, example="hub.example.toml")
     hub = file.root.table("hub")
-    domains = hub.get_list("domains", _domain, ())
+    domains = hub.get_list("domains", vocabulary.domain, ())
     values: dict[str, Any] = dict(
-        name=hub.get("name", _domain),
-        listen=hub.get("listen", _address),
+        name=hub.get("name", vocabulary.domain),
+        listen=hub.get("listen", vocabulary.address),
         state_dir=hub.get("state_dir", file.resolve, None),
-        log_level=hub.get("log_level", _log_level, _DEFAULT_LOG_LEVEL),
-        log_format=hub.get("log_format", _log_format, "logfmt"),
+        log_level=hub.get("log_level", vocabulary.log_level, _DEFAULT_LOG_LEVEL),
+        log_format=hub.get("log_format", vocabulary.log_format, "logfmt"),
         ca_file=hub.get("ca_file", file.resolve),
         cert_file=hub.get("cert_file", file.resolve),
         key_file=hub.get("key_file", file.resolve),
@@ -495,8 +424,8 @@ def load_hub_config(path: str | os.PathLike) -> HubConfig:
 
 
 def _read_uplink(table: Table) -> Uplink | None:
-    hub = table.get("hub_url", _hub_url)
-    server_name = table.get("server_name", _host, None)
+    hub = table.get("hub_url", vocabulary.hub_url)
+    server_name = table.get("server_name", vocabulary.host, None)
     backoff_initial = table.get("backoff_initial", seconds, Uplink.backoff_initial)
     backoff_max = table.get("backoff_max", seconds, Uplink.backoff_max)
     if None not in (backoff_initial, backoff_max) and backoff_max < backoff_initial:
@@ -507,14 +436,14 @@ def _read_uplink(table: Table) -> Uplink | None:
         ca_file=table.get("ca_file", table.file.resolve),
         cert_file=table.get("cert_file", table.file.resolve),
         key_file=table.get("key_file", table.file.resolve),
-        proxy=table.get("proxy", _proxy, None),
+        proxy=table.get("proxy", vocabulary.proxy, None),
         connect_timeout=table.get("connect_timeout", seconds, Uplink.connect_timeout),
         keepalive_interval=table.get("keepalive_interval", seconds, Uplink.keepalive_interval),
         keepalive_timeout=table.get("keepalive_timeout", seconds, Uplink.keepalive_timeout),
         request_timeout=table.get("request_timeout", seconds, Uplink.request_timeout),
         batch_max=table.get("batch_max", integer(1, 500), Uplink.batch_max),
         tls=_read_tls_policy(table),
-        hub_org_ids=frozenset(table.get_list("hub_org_ids", _org_id, ()) or ()),  # None: already reported
+        hub_org_ids=frozenset(table.get_list("hub_org_ids", vocabulary.org_id, ()) or ()),  # None: already reported
     )
     if not table.valid:  # the load fails; there is nothing to build
         return None
@@ -534,7 +463,7 @@ def _read_tls_policy(table: Table) -> TlsPolicy:
     return TlsPolicy(
         allow_tls12=table.get("allow_tls12", boolean, False),
         crl_files=table.get_list("crl_files", table.file.resolve, ()),
-        crl_stale=table.get("crl_stale", _crl_stale, "fail"),
+        crl_stale=table.get("crl_stale", vocabulary.crl_stale, "fail"),
     )
 
 
@@ -544,7 +473,7 @@ def _read_local_api(table: Table) -> LocalApi | None:
         if other in table and key not in table:
             table.problem(key, f"missing, required when {other} is set")
     values: dict[str, Any] = dict(
-        listen=table.get("listen", _address, LocalApi.listen),
+        listen=table.get("listen", vocabulary.address, LocalApi.listen),
         tls_cert_file=table.get("tls_cert_file", table.file.resolve, None),
         tls_key_file=table.get("tls_key_file", table.file.resolve, None),
         tls_client_ca_file=table.get("tls_client_ca_file", table.file.resolve, None),
@@ -564,7 +493,7 @@ def _read_store(table: Table) -> StoreLimits | None:
 
 
 def _read_metrics(table: Table) -> MetricsEndpoint | None:
-    listen = table.get("listen", _address, None)
+    listen = table.get("listen", vocabulary.address, None)
     allow = table.get("allow_cleartext_on_network", boolean, False)
     return MetricsEndpoint(listen, allow) if table.valid else None
 
@@ -575,17 +504,17 @@ def _read_local_systems(tables: list[Table], domain: str | None) -> tuple[LocalS
     Names must be unique so that logs are unambiguous, token hashes so that a
     token identifies one system.
     """
-    parse_user = _user_parser(domain)
+    parse_user = vocabulary.user_parser(domain)
     names: dict[str, Table] = {}
     tokens: dict[bytes, Table] = {}
     systems = []
     for table in tables:
-        name = table.get("name", _system_name)
-        token_sha256 = table.get("token_sha256", _sha256_hex)
+        name = table.get("name", vocabulary.system_name)
+        token_sha256 = table.get("token_sha256", vocabulary.sha256_hex)
         users = table.get_list("users", parse_user)
         if users == ():
             table.problem("users", 'expected at least one address or "*", got []')
-        webhook_url = table.get("webhook_url", _webhook_url, None)
+        webhook_url = table.get("webhook_url", vocabulary.webhook_url, None)
         secret_file = table.get("webhook_secret_file", table.file.resolve, None)
         if webhook_url is not None and secret_file is None:
             table.problem("webhook_secret_file", "missing, required when webhook_url is set")
@@ -636,114 +565,3 @@ def _read_secret(table: Table, key: str, path: Path) -> bytes | None:
     return secret
 
 
-# Parsers of the relay's own vocabulary (names, addresses, URLs): each turns a
-# TOML value into a typed one, or raises Invalid saying what was expected. The
-# generic ones (numbers, durations, sizes) are in config_reader.
-
-_domain = string("a DNS name", is_domain, fold_case=True)
-_host = string("a host name or IP address", is_host, fold_case=True)
-_log_level = string(f"one of {', '.join(_LOG_LEVELS)}", _LOG_LEVELS.__contains__)
-_log_format = string('"logfmt" or "json"', ("logfmt", "json").__contains__)
-_system_name = string("a name of letters, digits, '.', '_' and '-'", _SYSTEM_NAME.fullmatch)
-
-
-def _user_parser(domain: str | None) -> Parser[str]:
-    """A parser of the users of a local system: addresses of the relay's domain, or "*".
-
-    When the domain is itself invalid (None), any domain is accepted, so
-    that the addresses are still checked for syntax.
-    """
-
-    def accept(text: str) -> bool:
-        return text == "*" or (is_address(text) and domain in (None, domain_of(text)))
-
-    where = f" at {domain}" if domain else ""
-    return string(f'an address{where} or "*"', accept, fold_case=True)
-
-
-def _sha256_hex(value: object) -> bytes:
-    if isinstance(value, str) and _SHA256_HEX.fullmatch(value):
-        return bytes.fromhex(value)
-    # Not repeated: a token pasted here instead of its hash would reach the logs.
-    what = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__
-    raise Invalid(f"expected 64 hexadecimal digits (the SHA-256 hash of the token, never the token), got {what}")
-
-
-def _without_userinfo(value: object) -> object:
-    """A URL as a problem may repeat it: any USER:PASSWORD@ replaced."""
-    return re.sub(r"//[^/?#]*@", "//<redacted>@", value) if isinstance(value, str) else value
-
-
-def _address(value: object) -> Address:
-    """Parse "HOST:PORT", or "[IPV6]:PORT" since an IPv6 address has colons of its own."""
-    if isinstance(value, str):
-        host, _, port = value.lower().rpartition(":")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-            valid_host = ":" in host and is_host(host)  # a bracketed host must be IPv6
-        else:
-            valid_host = ":" not in host and is_host(host)
-        if valid_host and port.isascii() and port.isdigit() and int(port) <= 65535:
-            return Address(host, int(port))
-    raise expected("HOST:PORT", value)
-
-
-def _server_url(text: str, scheme: str) -> SplitResult | None:
-    """Split SCHEME://[USER:PASSWORD@]HOST[:PORT][/], a URL naming a server rather than a resource."""
-    try:
-        url = urlsplit(text)
-        valid = (
-            url.scheme == scheme
-            and is_host(url.hostname or "")
-            and url.port != 0
-            and url.path in ("", "/")
-            and not url.query
-            and not url.fragment
-        )
-    except ValueError:  # a bad port or IPv6 literal
-        return None
-    return url if valid else None
-
-
-def _hub_url(value: object) -> SplitResult:
-    if not (isinstance(value, str) and value.lower().startswith("https://")):
-        raise expected("an https:// URL", _without_userinfo(value))
-    url = _server_url(value, "https")
-    if url is None or url.username is not None:
-        raise expected("https://HOST or https://HOST:PORT", _without_userinfo(value))
-    return url
-
-
-def _proxy(value: object) -> Proxy:
-    url = _server_url(value, "http") if isinstance(value, str) else None
-    if url is None or url.port is None or (url.username is None) != (url.password is None):
-        # The value is not repeated: it may hold a password, and problems get logged.
-        raise Invalid("expected http://HOST:PORT or http://USER:PASSWORD@HOST:PORT")
-    assert url.hostname is not None  # _server_url checked it
-    if url.username is None:
-        return Proxy(url.hostname, url.port, None, None)
-    assert url.password is not None  # both or neither, checked above
-    return Proxy(url.hostname, url.port, unquote(url.username), Secret(unquote(url.password)))
-
-
-_crl_stale = string('"fail" or "warn"', ("fail", "warn").__contains__)
-_org_id = string("an organisation identifier: 1 + FINESS or 3 + SIRET digits",
-                 lambda text: re.fullmatch(r"1[0-9]{9}|3[0-9]{14}", text) is not None)
-
-
-def _webhook_url(value: object) -> str:
-    try:
-        url = urlsplit(value) if isinstance(value, str) else None
-        valid = (
-            url is not None
-            and url.scheme in ("http", "https")
-            and is_host(url.hostname or "")
-            and url.port != 0
-            and url.username is None
-            and not url.fragment
-        )
-    except ValueError:  # a bad port or IPv6 literal
-        valid = False
-    if not valid or not isinstance(value, str):
-        raise expected("an http:// or https:// URL, without USER:PASSWORD@", _without_userinfo(value))
-    return value

@@ -130,6 +130,11 @@ class Hub:
 
         return swap
 
+    def check_revocation(self, der: bytes) -> None:
+        """Raise `Revoked` if the certificate ``der`` is revoked by the CRLs
+        in force now (they may have changed since its handshake)."""
+        self._revocation.check(der)
+
     def link(self, domain: str) -> DomainLink:
         return self.links.setdefault(domain, DomainLink())
 
@@ -356,7 +361,7 @@ class HubConnection:
         method = header(headers, b":method")
         path = (header(headers, b":path") or b"").decode("ascii", "replace")
         try:
-            self.hub._revocation.check(self._der)  # a CRL that changed also ends open connections
+            self.hub.check_revocation(self._der)  # a CRL that changed also ends open connections
         except Revoked as exc:
             log.warning("refused a request from %s: %s; closing its connection", _who(self.identity), exc)
             self.conn.abort()

@@ -12,7 +12,7 @@ import base64
 import h11
 import trio
 
-from relay.config.model import Proxy
+from relay.config.vocabulary import Proxy
 
 
 class ProxyError(ConnectionError):

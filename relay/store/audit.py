@@ -16,7 +16,6 @@ the rest of the chain still verifies.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import sqlite3
 from json.encoder import encode_basestring_ascii as _quote  # json's own (C) string encoder
@@ -138,27 +137,3 @@ def _chain(previous: str, seq: int, at: float, actor: str, action: str, message_
 
 def _text(value: str | None) -> str:
     return "null" if value is None else _quote(value)
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("audit-verify", help="check that the audit trail has not been altered")
-    parser.add_argument("--db", type=Path, required=True, metavar="FILE",
-                        help="the relay's relay.db or the hub's hub.db (read only; the daemon may run)")
-    parser.set_defaults(func=_verify_command)
-
-
-def _verify_command(args: argparse.Namespace) -> int:
-    try:
-        conn = sqlite3.connect(f"{args.db.absolute().as_uri()}?mode=ro", uri=True)
-        try:
-            checked, problem = verify(conn)
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        print(f"{args.db}: cannot read the audit trail: {exc}")
-        return 1
-    if problem is not None:
-        print(f"{args.db}: audit trail BROKEN after {checked} good entries: {problem}")
-        return 1
-    print(f"{args.db}: audit trail intact ({checked} entries)")
-    return 0
