@@ -9,6 +9,7 @@ relay holding a valid certificate)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -53,7 +54,7 @@ def rogue(space: Space) -> HubClient:
 
 def envelope(ident: str, *, sender: str = MALLORY, rcpt: tuple[str, ...] = (BOB,), body: str = "rogue",
              **fields) -> Envelope:
-    return Envelope(ident, sender, rcpt, rcpt, body, None, "normal", 1.8e9, **fields)
+    return Envelope(ident, sender, rcpt, rcpt, body, None, "normal", time.time(), **fields)
 
 
 async def status_of(client: HubClient, request: routes.Request) -> tuple[int, bytes]:

@@ -195,3 +195,9 @@ def test_a_huge_declared_item_is_refused_once_the_decoder_holds_its_bound() -> N
             assert decoder.feed(b"x" * chunk) == []
             fed += chunk
     assert 2 * protocol.MAX_ITEM_BYTES - chunk <= fed <= 2 * protocol.MAX_ITEM_BYTES
+
+
+def test_an_error_answer_is_cut_to_a_line_in_the_log() -> None:
+    long = routes.error_text(protocol.encode_error("bad_request", "x" * 100_000))
+    assert long.startswith("bad_request: xxx") and len(long) == routes.ERROR_TEXT_CHARS + 1
+    assert routes.error_text(protocol.encode_error("bad_request", "why")) == "bad_request: why"

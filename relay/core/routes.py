@@ -119,11 +119,17 @@ def check_inbox_status(status: int) -> None:
         raise HubAnswerError(status, f"hub answered {status} to the inbox request")
 
 
+# What of an error answer reaches the relay's log and status: the hub words
+# its details in a line; anything longer is cut, whoever wrote it.
+ERROR_TEXT_CHARS = 300
+
+
 def error_text(body: bytes) -> str:
     """An error body, for the log and the relay's status: ``reason: detail``."""
     try:
         answer = protocol.unpack(body, "error")
-        return f"{answer.get('error')}: {answer.get('detail')}"
+        text = f"{answer.get('error')}: {answer.get('detail')}"
+        return text if len(text) <= ERROR_TEXT_CHARS else text[:ERROR_TEXT_CHARS] + "…"
     except (ProtocolViolation, AttributeError):
         return f"{len(body)} bytes of unreadable answer"
 
