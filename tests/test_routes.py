@@ -185,16 +185,17 @@ def test_what_the_decoder_refuses(data: bytes, error: str) -> None:
 
 def test_a_huge_declared_item_is_refused_once_the_decoder_holds_its_bound() -> None:
     """A str claiming three times the largest item: the decoder holds what
-    comes, up to twice the largest item, then gives up."""
+    comes, up to twice the largest item, then gives up (msgpack 1.0.3,
+    Debian 12's, refuses the declared length at once: over the string cap)."""
     decoder = routes.InboxDecoder()
     chunk = 64 * 1024  # a DATA frame
     fed = 0
-    with pytest.raises(ProtocolViolation, match=r"^inbox stream: undecodable item \(BufferFull\)$"):
+    with pytest.raises(ProtocolViolation, match=r"^inbox stream: undecodable item \((BufferFull|ValueError)\)$"):
         decoder.feed(b"\xdb" + (protocol.MAX_ITEM_BYTES * 3).to_bytes(4, "big"))
         while fed < 3 * protocol.MAX_ITEM_BYTES:
             assert decoder.feed(b"x" * chunk) == []
             fed += chunk
-    assert 2 * protocol.MAX_ITEM_BYTES - chunk <= fed <= 2 * protocol.MAX_ITEM_BYTES
+    assert fed <= 2 * protocol.MAX_ITEM_BYTES
 
 
 def test_an_error_answer_is_cut_to_a_line_in_the_log() -> None:
