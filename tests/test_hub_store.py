@@ -255,12 +255,7 @@ def test_acking_a_receipt_deletes_it_and_sends_nothing(conn) -> None:
     assert domain == NORD
     assert hub_queue.apply_ack(conn, NORD, [receipt_seq], [], now=NOW) == set()
     assert queue(conn) == []
-    assert hub_queue.queue_depths(conn) == {}
-
-
-def test_queue_depths(conn) -> None:
-    fill(conn)
-    assert hub_queue.queue_depths(conn) == {SUD: 5, EST: 1}
+    assert hub_queue.backlog(conn) == {}
 
 
 # -- through a real Store ------------------------------------------------------------------------

@@ -386,10 +386,6 @@ def _queue_receipt(conn: sqlite3.Connection, origin: str, receipt: Receipt) -> N
     _queue_receipts(conn, [(origin, receipt)])
 
 
-def queue_depths(conn: sqlite3.Connection) -> dict[str, int]:
-    return dict(conn.execute("SELECT domain, count(*) FROM queue GROUP BY domain"))
-
-
 def backlog(conn: sqlite3.Connection) -> dict[str, dict[int, int]]:
     """Items waiting per domain and lane (read only: metrics and status);
     a scan of the (domain, lane, seq) index."""
