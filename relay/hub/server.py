@@ -114,14 +114,13 @@ class Hub:
         raises, or what ``commit`` raises, having changed nothing."""
         tls = hub_server_context(config.cert_file, config.key_file, config.ca_file, config.tls)
         revocation = RevocationList(config.tls, config.ca_file)
+        limits = _limits(config)
 
         def register(conn: sqlite3.Connection) -> set[str]:
             hub_queue.register_domains(conn, config.domains, learnt=False, now=time.time())
             return hub_queue.known_domains(conn)
 
         known = await commit(register)
-
-        limits = _limits(config)
 
         def swap() -> None:
             self.config, self._ssl, self._revocation = config, tls, revocation
