@@ -16,10 +16,12 @@ import httpx
 import pytest
 import trio
 
-from relay.cli.main import demo
+from relay.appliance.local_api import LocalApi
+from relay.cli import demo
 from relay.config.model import HubConfig, RelayConfig, load_hub_config, load_relay_config
 from relay.config.vocabulary import Address
 from relay.net import admin_socket
+from relay.net.wakeup import Signal, Signals
 from relay.runtime.daemon import run_hub, run_relay
 from relay.store import relay_queue
 from relay.store.engine import connect, migrate
@@ -166,6 +168,17 @@ class Space:
         """What ``eimis-relay status`` shows, asked over the admin socket."""
         socket = admin_socket.find_daemon(relay.config.state_dir)
         return await trio.to_thread.run_sync(admin_socket.call, socket, "status")
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> LocalApi:
+    """Relay A's local API of a demo configuration, with no store: for what
+    it decides before anything is stored (validation, bounds)."""
+    directory = tmp_path_factory.mktemp("api")
+    demo.init(directory)
+    config = load_relay_config(directory / "relay-a.toml")
+    return LocalApi(config, store=None, outbox_changed=Signal(), events=Signals(), uplink_state=lambda: "down",
+                    on_accepted=lambda priority: None)
 
 
 @pytest.fixture

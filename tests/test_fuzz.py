@@ -12,12 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.appliance.local_api import ApiError, LocalApi, _json_body
-from relay.cli.main import demo
-from relay.config.model import load_relay_config
 from relay.core import protocol
 from relay.core.protocol import Envelope, InboxItem, ProtocolViolation
 from relay.net.local_server import Request
-from relay.net.wakeup import Signal, Signals
 
 plain = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=40)
@@ -78,15 +75,6 @@ def test_the_inbox_stream_decoder_refuses_or_yields_items(data: bytes) -> None:
             _only_violations(InboxItem.from_wire, obj)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, msgpack.BufferFull):
         pass  # the uplink turns these into a ProtocolViolation and reconnects
-
-
-@pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> LocalApi:
-    directory = tmp_path_factory.mktemp("fuzz")
-    demo.init(directory)
-    config = load_relay_config(directory / "relay-a.toml")
-    return LocalApi(config, store=None, outbox_changed=Signal(), events=Signals(), uplink_state=lambda: "down",
-                    on_accepted=lambda priority: None)
 
 
 json_values = st.recursive(

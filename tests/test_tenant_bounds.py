@@ -15,11 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.appliance.local_api import ApiError, LocalApi
-from relay.cli.main import demo
-from relay.config.model import load_relay_config
 from relay.core import protocol, routes
 from relay.core.protocol import Envelope, Failure, InboxItem, Outcome, ProtocolViolation, Receipt
-from relay.net.wakeup import Signal, Signals
 from relay.store import hub_queue
 from relay.store.engine import connect, migrate
 
@@ -263,15 +260,6 @@ def test_a_body_cannot_decode_into_millions_of_objects(shape: dict) -> None:
 
 
 # -- the local side: what a local system submits, the hub takes ----------------------------------
-
-
-@pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> LocalApi:
-    directory = tmp_path_factory.mktemp("bounds")
-    demo.init(directory)
-    config = load_relay_config(directory / "relay-a.toml")
-    return LocalApi(config, store=None, outbox_changed=Signal(), events=Signals(), uplink_state=lambda: "down",
-                    on_accepted=lambda priority: None)
 
 
 @settings(max_examples=200, deadline=None)

@@ -43,7 +43,7 @@ import trio
 from relay.appliance.uplink_connection import Progress
 from relay.config.model import RelayConfig
 from relay.core import protocol, routes
-from relay.core.priority import URGENT
+from relay.core.priority import priority_of
 from relay.net.wakeup import Signal
 from relay.store import relay_queue
 from relay.store.engine import Store
@@ -75,7 +75,7 @@ class LaneSender:
         self._outbox_changed = outbox_changed
         self._on_events = on_events
         self._counts = counts
-        name = "urgent" if lane == URGENT else "normal"
+        name = priority_of(lane)
         # Whether the hub answers the lane's transactions (`HubSession.post`).
         self.progress = Progress(name, f"the {name} lane")
         # The transaction sent and not answered yet: replayed with the same
