@@ -241,14 +241,13 @@ class Hub:
         """One relay connection, from TCP to its end.  Whatever goes wrong
         with it (the store unavailable while admitting it, a certificate
         that cannot be read...) ends this connection, never the hub."""
+        peer = _peer(tcp)
         ticket = self.gate.enter()
         if ticket is None:
             self.counters.refused.labels("capacity").inc()
-            log.warning("refused %s: the hub holds max_connections (%d) already", _peer(tcp),
-                        self.config.max_connections)
+            log.warning("refused %s: the hub holds max_connections (%d) already", peer, self.config.max_connections)
             await trio.aclose_forcefully(tcp)
             return
-        peer = _peer(tcp)
         try:
             await self._serve_tcp(tcp, ticket, peer)
         except Exception:
